@@ -1,0 +1,299 @@
+"""InternLM2 language model with partial LoRA on MindSpore: RMSNorm, RoPE (plain/linear/dynamic NTK), GQA over fused wqkv."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import initializer
+
+from .config import IXCConfig
+from .plora import PLoRA, Linear
+
+MS_DTYPES = {"float32": ms.float32, "fp32": ms.float32, "float16": ms.float16, "fp16": ms.float16,
+             "bfloat16": ms.bfloat16, "bf16": ms.bfloat16}
+NP_DTYPES = {ms.float32: np.float32, ms.float16: np.float16}
+
+
+def ms_dtype(dtype) -> "ms.dtype":
+    if isinstance(dtype, str):
+        if dtype not in MS_DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(MS_DTYPES)}")
+        return MS_DTYPES[dtype]
+    return dtype
+
+
+# ------------------------------------------------------------------------------------------------ RoPE
+class RotaryTable:
+    """Host-side RoPE state with the official semantics (fp32 arithmetic as torch does it).
+
+    'dynamic': the table starts at max_position_embeddings with the original base; a call with a longer
+    sequence rebuilds inv_freq with base' = base*((f*L/max)-(f-1))^(d/(d-2)), and that state sticks.
+    'linear': positions divided by the factor. cos/sin for given positions are computed on the host.
+    """
+
+    def __init__(self, head_dim: int, base: float, max_position_embeddings: int, scaling: Optional[dict] = None):
+        self.dim, self.base, self.max_pos = head_dim, float(base), max_position_embeddings
+        self.type = scaling["type"] if scaling else None
+        self.factor = float(scaling["factor"]) if scaling else 1.0
+        self.reset()
+
+    def reset(self):
+        """Back to the state of a freshly loaded model."""
+        self._set(self.max_pos)
+
+    def _set(self, seq_len: int):
+        self.cached_len = seq_len
+        base = self.base
+        if self.type == "dynamic" and seq_len > self.max_pos:
+            base = self.base * ((self.factor * seq_len / self.max_pos) - (self.factor - 1)) ** (self.dim / (self.dim - 2))
+        exps = np.arange(0, self.dim, 2, dtype=np.int64).astype(np.float32) / np.float32(self.dim)
+        self.inv_freq = (np.float32(1.0) / np.power(np.float32(base), exps, dtype=np.float32)).astype(np.float32)
+
+    def ensure(self, seq_len: int):
+        """Official: the cache is rebuilt only when a longer sequence than cached is seen."""
+        if seq_len > self.cached_len:
+            self._set(seq_len)
+
+    def cos_sin(self, position_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """position_ids (B, L) -> cos, sin (B, L, head_dim) float32."""
+        t = position_ids.astype(np.float32)
+        if self.type == "linear":
+            t = t / np.float32(self.factor)
+        freqs = t[..., None] * self.inv_freq  # fp32 product, as torch.outer
+        emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)
+        return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return ops.cat([-x[..., half:], x[..., :half]], axis=-1)
+
+
+# ------------------------------------------------------------------------------------------------ layers
+class Embedding(nn.Cell):
+    """Token embedding with parameter `weight` (vocab, hidden), as the checkpoint."""
+
+    def __init__(self, vocab: int, hidden: int, dtype=ms.float32):
+        super().__init__()
+        self.weight = Parameter(initializer("zeros", (vocab, hidden), dtype), name="weight")
+
+    def construct(self, ids):
+        return ops.gather(self.weight, ids, 0)
+
+
+class RMSNorm(nn.Cell):
+    """weight * (x * rsqrt(mean(x^2) + eps)) computed in fp32, cast back to the input dtype."""
+
+    def __init__(self, hidden: int, eps: float, dtype=ms.float32):
+        super().__init__()
+        self.weight = Parameter(initializer("ones", (hidden,), dtype), name="weight")
+        self.eps = eps
+
+    def construct(self, x):
+        in_dtype = x.dtype
+        h = x.astype(ms.float32)
+        var = ops.mean(h * h, -1, True)
+        h = h * ops.rsqrt(var + self.eps)
+        return self.weight * h.astype(in_dtype)
+
+
+class Attention(nn.Cell):
+    """GQA over the fused wqkv laid out per KV group: [q_g0 .. q_g(G-1), k_g, v_g] for each group g."""
+
+    def __init__(self, cfg: IXCConfig, dtype):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.groups = cfg.num_kv_groups
+        kw = dict(bias=cfg.bias, lora_r=cfg.lora_r, lora_scaling=cfg.lora_scaling, web_r=cfg.web_lora_r, dtype=dtype)
+        self.wqkv = PLoRA(cfg.hidden_size, cfg.qkv_out, **kw)
+        self.wo = PLoRA(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, **kw)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    def construct(self, x, im_mask, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode):
+        """x (B,L,H); cos/sin (B,L,d); attn_mask (B,1,L,C) additive fp32 over the C cache slots.
+        Prefill (k_cache None): the new keys fill slots [0, L) of a fresh cache of `cap` slots (cap >= L).
+        Decode (L=1): k_cache/v_cache (B,kvh,C,d), written at the (1,1,C,1) bool one-hot `write_pos`."""
+        b, l, _ = x.shape
+        qkv = self.wqkv(x, im_mask, infer_mode).reshape(b, l, self.kv_heads, self.groups + 2, self.head_dim)
+        q = qkv[:, :, :, : self.groups, :].reshape(b, l, self.heads, self.head_dim).swapaxes(1, 2)
+        k = qkv[:, :, :, self.groups, :].swapaxes(1, 2)  # (B, kvh, L, d)
+        v = qkv[:, :, :, self.groups + 1, :].swapaxes(1, 2)
+        cos = cos.astype(q.dtype).expand_dims(1)
+        sin = sin.astype(q.dtype).expand_dims(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if k_cache is None:
+            if cap > l:  # prefill into a fresh cache of `cap` slots
+                pad = ops.zeros((b, self.kv_heads, cap - l, self.head_dim), k.dtype)
+                k_all, v_all = ops.cat([k, pad], 2), ops.cat([v, pad], 2)
+            else:
+                k_all, v_all = k, v
+        else:  # decode: write slot `write_pos`
+            k_all = ops.where(write_pos, k, k_cache)
+            v_all = ops.where(write_pos, v, v_cache)
+        # GQA: kv head g serves query heads g*G .. g*G+G-1
+        c = k_all.shape[2]
+        qg = q.reshape(b, self.kv_heads, self.groups * l, self.head_dim)
+        scores = ops.matmul(qg, k_all.swapaxes(2, 3)).reshape(b, self.heads, l, c)
+        scores = scores.astype(ms.float32) * self.scale + attn_mask
+        probs = ops.softmax(scores, -1).astype(v_all.dtype)
+        out = ops.matmul(probs.reshape(b, self.kv_heads, self.groups * l, c), v_all)
+        out = out.reshape(b, self.heads, l, self.head_dim).swapaxes(1, 2).reshape(b, l, self.heads * self.head_dim)
+        return self.wo(out, im_mask, infer_mode), k_all, v_all
+
+
+class FeedForward(nn.Cell):
+    """w2(silu(w1 x) * w3 x), every linear a PLoRA."""
+
+    def __init__(self, cfg: IXCConfig, dtype):
+        super().__init__()
+        kw = dict(bias=False, lora_r=cfg.lora_r, lora_scaling=cfg.lora_scaling, web_r=cfg.web_lora_r, dtype=dtype)
+        self.w1 = PLoRA(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.w3 = PLoRA(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.w2 = PLoRA(cfg.intermediate_size, cfg.hidden_size, **kw)
+
+    def construct(self, x, im_mask, infer_mode):
+        return self.w2(ops.silu(self.w1(x, im_mask, infer_mode)) * self.w3(x, im_mask, infer_mode), im_mask, infer_mode)
+
+
+class DecoderLayer(nn.Cell):
+    def __init__(self, cfg: IXCConfig, dtype):
+        super().__init__()
+        self.attention = Attention(cfg, dtype)
+        self.feed_forward = FeedForward(cfg, dtype)
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def construct(self, x, im_mask, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode):
+        a, k, v = self.attention(self.attention_norm(x), im_mask, cos, sin, attn_mask, k_cache, v_cache,
+                                 write_pos, cap, infer_mode)
+        x = x + a
+        x = x + self.feed_forward(self.ffn_norm(x), im_mask, infer_mode)
+        return x, k, v
+
+
+class InternLM2Model(nn.Cell):
+    """tok_embeddings, layers, norm (checkpoint prefix `model.`)."""
+
+    def __init__(self, cfg: IXCConfig, dtype=ms.float32):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nn.CellList([DecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def construct(self, h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode):
+        """Runs every layer; returns (normed hidden (B,L,H), new k caches, new v caches)."""
+        ks, vs = (), ()
+        for i, layer in enumerate(self.layers):
+            kc = None if k_caches is None else k_caches[i]
+            vc = None if v_caches is None else v_caches[i]
+            h, k, v = layer(h, im_mask, cos, sin, attn_mask, kc, vc, write_pos, cap, infer_mode)
+            ks = ks + (k,)
+            vs = vs + (v,)
+        return self.norm(h), ks, vs
+
+
+# ------------------------------------------------------------------------------------------------ host-side masks
+MASK_MIN = float(np.finfo(np.float32).min)
+
+
+def prefill_mask(attention_mask: np.ndarray, cap: int) -> np.ndarray:
+    """(B, L) 0/1 padding mask -> (B, 1, L, cap) additive fp32: causal, padded keys and empty slots masked."""
+    b, l = attention_mask.shape
+    allowed = np.tril(np.ones((l, cap), dtype=bool))[None] & (np.pad(attention_mask, ((0, 0), (0, cap - l))) > 0)[:, None, :]
+    return np.where(allowed, 0.0, MASK_MIN).astype(np.float32)[:, None]
+
+
+def decode_mask(key_valid: np.ndarray) -> np.ndarray:
+    """(B, C) 0/1 valid cache slots (the new slot included) -> (B, 1, 1, C) additive fp32."""
+    return np.where(key_valid > 0, 0.0, MASK_MIN).astype(np.float32)[:, None, None, :]
+
+
+def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
+    """Official generate: cumsum(mask)-1, padded positions set to 1."""
+    pos = np.cumsum(attention_mask, -1) - 1
+    return np.where(attention_mask == 0, 1, pos).astype(np.int64)
+
+
+class InternLM2ForCausalLM(nn.Cell):
+    """`model.*` + untied `output` head, with uncached forward and cached prefill/decode steps.
+
+    The steps run eagerly (PyNative) or compiled with `mindspore.jit` (`use_jit=True`): the decode step
+    has fixed shapes for a given batch and cache capacity, so it compiles once per generation setup.
+    """
+
+    def __init__(self, cfg: IXCConfig, dtype="float32", use_jit: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.compute_dtype = ms_dtype(dtype)
+        self.model = InternLM2Model(cfg, self.compute_dtype)
+        self.output = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=self.compute_dtype)
+        self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
+        self.use_jit = use_jit
+
+    # -- graph bodies ------------------------------------------------------------------------------
+    def _body(self, h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode, last_only):
+        h, ks, vs = self.model(h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode)
+        if last_only:
+            h = h[:, -1:, :]
+        logits = self.output(h).astype(ms.float32)
+        return logits, h, ks, vs
+
+    @ms.jit
+    def _body_jit(self, h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode, last_only):
+        return self._body(h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode, last_only)
+
+    def _run(self, *args):
+        return self._body_jit(*args) if self.use_jit else self._body(*args)
+
+    # -- public steps -------------------------------------------------------------------------------
+    def embed(self, input_ids) -> Tensor:
+        """input_ids (B, L) ints -> embeddings (B, L, H) in the compute dtype."""
+        ids = Tensor(np.asarray(input_ids, dtype=np.int32))
+        return self.model.tok_embeddings(ids)
+
+    def _im_mask(self, im_mask, b, l):
+        if im_mask is None:
+            return None
+        m = np.asarray(im_mask.asnumpy() if hasattr(im_mask, "asnumpy") else im_mask).reshape(b, l)
+        if not m.any():
+            return None  # no image position: the PLoRA branch adds nothing (official adds *0)
+        return Tensor(m.astype(NP_DTYPES.get(self.compute_dtype, np.float32))[..., None])
+
+    def _cos_sin(self, position_ids, kv_len):
+        self.rope.ensure(kv_len)
+        cos, sin = self.rope.cos_sin(position_ids)
+        return Tensor(cos), Tensor(sin)
+
+    def prefill(self, inputs_embeds: Tensor, im_mask=None, attention_mask=None, infer_mode: str = "base",
+                cap: Optional[int] = None, last_only: bool = True):
+        """Runs the prompt. Returns (logits fp32 (B,1|L,V), hidden, k caches, v caches) with caches of
+        `cap` slots (default L). attention_mask (B, L) 0/1, left padding allowed."""
+        b, l = int(inputs_embeds.shape[0]), int(inputs_embeds.shape[1])
+        cap = l if cap is None else int(cap)
+        if cap < l:
+            raise ValueError(f"cache capacity {cap} is smaller than the prompt length {l}")
+        am = np.ones((b, l), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64).reshape(b, l)
+        cos, sin = self._cos_sin(position_ids_from_mask(am), l)
+        mask = Tensor(prefill_mask(am, cap))
+        return self._run(inputs_embeds.astype(self.compute_dtype), self._im_mask(im_mask, b, l), cos, sin, mask,
+                         None, None, None, cap, infer_mode, last_only)
+
+    def decode(self, inputs_embeds: Tensor, position_ids: np.ndarray, slot: int, key_valid: np.ndarray,
+               k_caches, v_caches, infer_mode: str = "base"):
+        """One cached step for (B,1,H) embeddings written at cache slot `slot`; key_valid (B,C) marks valid
+        slots (the new one included). Generated tokens carry no image mask. Returns (logits (B,1,V), hidden, ks, vs)."""
+        c = int(k_caches[0].shape[2])
+        cos, sin = self._cos_sin(np.asarray(position_ids).reshape(-1, 1), slot + 1)
+        write_pos = Tensor((np.arange(c) == slot).reshape(1, 1, c, 1))
+        mask = Tensor(decode_mask(key_valid))
+        return self._run(inputs_embeds.astype(self.compute_dtype), None, cos, sin, mask, tuple(k_caches),
+                         tuple(v_caches), write_pos, c, infer_mode, True)
+
+    def construct(self, inputs_embeds, im_mask=None, attention_mask=None, infer_mode="base"):
+        """Uncached forward over the whole sequence: logits fp32 (B, L, V)."""
+        return self.prefill(inputs_embeds, im_mask, attention_mask, infer_mode, last_only=False)[0]

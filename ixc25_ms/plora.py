@@ -1,0 +1,61 @@
+"""Linear layers named as the checkpoint, and partial LoRA (image tokens only) plus the write/web LoRAs."""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import initializer
+
+INFER_MODES = ("base", "write", "web")
+
+
+class Linear(nn.Cell):
+    """y = x W^T (+ b); parameters `weight` (out, in) and `bias` as in torch.nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=ms.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Parameter(initializer("zeros", (out_features, in_features), dtype), name="weight")
+        self.bias = Parameter(initializer("zeros", (out_features,), dtype), name="bias") if bias else None
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(shape[:-1] + (self.out_features,))
+
+
+class PLoRA(Linear):
+    """Partial LoRA linear (official `PLoRA(nn.Linear)`).
+
+    res = x W^T (+b); 'web' adds lora_web on all tokens, 'write' adds lora_sft + lora_dpo on all tokens;
+    then Plora_B(Plora_A(x)) * scaling is added where im_mask is 1 — a dense masked add, no boolean indexing.
+    """
+
+    def __init__(self, in_features, out_features, bias=False, lora_r=256, lora_scaling=1.0, web_r=512,
+                 dtype=ms.float32):
+        super().__init__(in_features, out_features, bias, dtype)
+        self.lora_scaling = float(lora_scaling)
+        self.Plora_A = Linear(in_features, lora_r, dtype=dtype)
+        self.Plora_B = Linear(lora_r, out_features, dtype=dtype)
+        self.lora_sft_A = Linear(in_features, lora_r, dtype=dtype)
+        self.lora_sft_B = Linear(lora_r, out_features, dtype=dtype)
+        self.lora_dpo_A = Linear(in_features, lora_r, dtype=dtype)
+        self.lora_dpo_B = Linear(lora_r, out_features, dtype=dtype)
+        self.lora_web_A = Linear(in_features, web_r, dtype=dtype)
+        self.lora_web_B = Linear(web_r, out_features, dtype=dtype)
+
+    def construct(self, x, im_mask=None, infer_mode="base"):
+        """x (B, L, in); im_mask (B, L, 1) in x's dtype (0/1) or None when no position is an image token."""
+        res = super().construct(x)
+        if infer_mode == "web":
+            res = res + self.lora_web_B(self.lora_web_A(x))
+        elif infer_mode == "write":
+            res = res + self.lora_sft_B(self.lora_sft_A(x)) + self.lora_dpo_B(self.lora_dpo_A(x))
+        if im_mask is not None:
+            part = self.Plora_B(self.Plora_A(x))
+            if self.lora_scaling != 1.0:
+                part = part * self.lora_scaling
+            res = res + part * im_mask
+        return res
