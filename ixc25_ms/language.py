@@ -113,7 +113,7 @@ class Attention(nn.Cell):
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
     def construct(self, x, im_mask, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode):
-        """x (B,L,H); cos/sin (B,L,d); attn_mask (B,1,L,C) additive fp32 over the C cache slots.
+        """x (B,L,H); cos/sin (B,L,d); attn_mask (B,1,L,L) in prefill, (B,1,1,C) over the cache slots in decode.
         Prefill (k_cache None): the new keys fill slots [0, L) of a fresh cache of `cap` slots (cap >= L).
         Decode (L=1): k_cache/v_cache (B,kvh,C,d), written at the (1,1,C,1) bool one-hot `write_pos`."""
         b, l, _ = x.shape
@@ -125,13 +125,9 @@ class Attention(nn.Cell):
         sin = sin.astype(q.dtype).expand_dims(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if k_cache is None:
-            if cap > l:  # prefill into a fresh cache of `cap` slots
-                pad = ops.zeros((b, self.kv_heads, cap - l, self.head_dim), k.dtype)
-                k_all, v_all = ops.cat([k, pad], 2), ops.cat([v, pad], 2)
-            else:
-                k_all, v_all = k, v
-        else:  # decode: write slot `write_pos`
+        if k_cache is None:  # prefill: attend over the L new tokens
+            k_all, v_all = k, v
+        else:  # decode: write slot `write_pos`, attend over the whole cache
             k_all = ops.where(write_pos, k, k_cache)
             v_all = ops.where(write_pos, v, v_cache)
         # GQA: kv head g serves query heads g*G .. g*G+G-1
@@ -142,6 +138,9 @@ class Attention(nn.Cell):
         probs = ops.softmax(scores, -1).astype(v_all.dtype)
         out = ops.matmul(probs.reshape(b, self.kv_heads, self.groups * l, c), v_all)
         out = out.reshape(b, self.heads, l, self.head_dim).swapaxes(1, 2).reshape(b, l, self.heads * self.head_dim)
+        if k_cache is None and cap > l:  # a fresh cache of `cap` slots, the prompt in [0, L)
+            pad = ops.zeros((b, self.kv_heads, cap - l, self.head_dim), k.dtype)
+            k_all, v_all = ops.cat([k, pad], 2), ops.cat([v, pad], 2)
         return self.wo(out, im_mask, infer_mode), k_all, v_all
 
 
@@ -201,10 +200,10 @@ class InternLM2Model(nn.Cell):
 MASK_MIN = float(np.finfo(np.float32).min)
 
 
-def prefill_mask(attention_mask: np.ndarray, cap: int) -> np.ndarray:
-    """(B, L) 0/1 padding mask -> (B, 1, L, cap) additive fp32: causal, padded keys and empty slots masked."""
+def prefill_mask(attention_mask: np.ndarray) -> np.ndarray:
+    """(B, L) 0/1 padding mask -> (B, 1, L, L) additive fp32: causal, padded keys masked."""
     b, l = attention_mask.shape
-    allowed = np.tril(np.ones((l, cap), dtype=bool))[None] & (np.pad(attention_mask, ((0, 0), (0, cap - l))) > 0)[:, None, :]
+    allowed = np.tril(np.ones((l, l), dtype=bool))[None] & (attention_mask > 0)[:, None, :]
     return np.where(allowed, 0.0, MASK_MIN).astype(np.float32)[:, None]
 
 
@@ -279,7 +278,7 @@ class InternLM2ForCausalLM(nn.Cell):
             raise ValueError(f"cache capacity {cap} is smaller than the prompt length {l}")
         am = np.ones((b, l), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64).reshape(b, l)
         cos, sin = self._cos_sin(position_ids_from_mask(am), l)
-        mask = Tensor(prefill_mask(am, cap))
+        mask = Tensor(prefill_mask(am))
         return self._run(inputs_embeds.astype(self.compute_dtype), self._im_mask(im_mask, b, l), cos, sin, mask,
                          None, None, None, cap, infer_mode, last_only)
 
@@ -291,8 +290,11 @@ class InternLM2ForCausalLM(nn.Cell):
         cos, sin = self._cos_sin(np.asarray(position_ids).reshape(-1, 1), slot + 1)
         write_pos = Tensor((np.arange(c) == slot).reshape(1, 1, c, 1))
         mask = Tensor(decode_mask(key_valid))
-        return self._run(inputs_embeds.astype(self.compute_dtype), None, cos, sin, mask, tuple(k_caches),
-                         tuple(v_caches), write_pos, c, infer_mode, True)
+        ks, vs = tuple(k_caches), tuple(v_caches)
+        if self.use_jit:  # a plain tuple of graph outputs would be re-specialised (recompiled) every call
+            ks, vs = ms.mutable(ks), ms.mutable(vs)
+        return self._run(inputs_embeds.astype(self.compute_dtype), None, cos, sin, mask, ks, vs, write_pos, c,
+                         infer_mode, True)
 
     def construct(self, inputs_embeds, im_mask=None, attention_mask=None, infer_mode="base"):
         """Uncached forward over the whole sequence: logits fp32 (B, L, V)."""

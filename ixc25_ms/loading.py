@@ -45,5 +45,5 @@ def assign_state_dict(cell, state: Dict[str, np.ndarray], source: str = "state d
         if p.dtype == ms.bfloat16:
             t = Tensor(arr.astype(np.float32)).astype(ms.bfloat16)
         else:
-            t = Tensor(arr.astype(ms.dtype_to_nptype(p.dtype), copy=False))
+            t = Tensor(arr.astype({ms.float32: np.float32, ms.float16: np.float16}[p.dtype], copy=False))
         p.set_data(t)
