@@ -74,6 +74,8 @@ def load_image(x) -> Image.Image:
                 img = im.copy()
         except UnidentifiedImageError:
             raise ImageError(f"{name}: not a recognised image file") from None
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"{name}: refused by PIL's decompression-bomb limit ({e})") from None
         except (OSError, ValueError, SyntaxError) as e:
             raise ImageError(f"{name}: cannot decode image (truncated or corrupt: {e})") from None
     elif isinstance(x, Image.Image):

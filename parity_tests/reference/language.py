@@ -53,7 +53,7 @@ class RefLM:
     def __init__(self, cfg, state: Dict[str, np.ndarray], dtype=torch.float32):
         self.cfg = cfg
         self.dtype = dtype
-        self.w = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype) for k, v in state.items()
+        self.w = {k: torch.from_numpy(np.array(v)).to(dtype) for k, v in state.items()
                   if k.startswith("model.") or k.startswith("output.")}
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
 

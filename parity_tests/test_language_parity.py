@@ -1,0 +1,198 @@
+"""Language-model parity rows: MindSpore port vs our PyTorch reference, and vs the official golden case."""
+import json
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+
+from ixc25_ms.generate import generate
+from ixc25_ms.language import RMSNorm, RotaryTable
+from parity_tests.helpers import GOLDEN, build_ms_lm, load_golden, random_lm_state, tiny_config
+from parity_tests.reference.language import RefLM, Rope, rms_norm
+from parity_tests.tolerance import assert_close
+
+MODES = ("base", "write", "web")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tiny_config()
+    state = random_lm_state(cfg, seed=1)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 12, cfg.hidden_size)).astype(np.float32)
+    im = np.zeros((2, 12), bool)
+    im[:, 2:7] = True
+    im[1, 9] = True
+    return cfg, state, x, im
+
+
+def test_rmsnorm_row():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 64)).astype(np.float32) * 3
+    w = rng.standard_normal(64).astype(np.float32)
+    n = RMSNorm(64, 1e-5)
+    n.weight.set_data(ms.Tensor(w))
+    assert_close(n(ms.Tensor(x)), rms_norm(torch.from_numpy(x), torch.from_numpy(w), 1e-5), "fp32", "rmsnorm")
+
+
+@pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0}])
+def test_rope_row(scaling):
+    ours, ref = RotaryTable(16, 10000.0, 32, scaling), Rope(16, 10000.0, 32, scaling)
+    for seq_len in (20, 50, 40):  # 50 > max_pos: dynamic NTK rebuilds; 40 afterwards keeps the 50 state
+        pos = np.arange(seq_len)[None]
+        ours.ensure(seq_len)
+        c, s = ours.cos_sin(pos)
+        rc, rs = ref(torch.from_numpy(pos), seq_len)
+        assert_close(c, rc, "fp32", f"rope cos {scaling} L={seq_len}")
+        assert_close(s, rs, "fp32", f"rope sin {scaling} L={seq_len}")
+    if scaling and scaling["type"] == "dynamic":
+        fresh = RotaryTable(16, 10000.0, 32, scaling)
+        assert not np.allclose(fresh.inv_freq, ours.inv_freq), "dynamic NTK state should stick after L=50"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("with_image", [True, False])
+def test_plora_row(tiny, mode, with_image):
+    cfg, state, x, im = tiny
+    lm = build_ms_lm(cfg, state)
+    ref = RefLM(cfg, state)
+    im = im if with_image else np.zeros_like(im)
+    m = ms.Tensor(im.astype(np.float32)[..., None]) if with_image else None
+    ours = lm.model.layers[0].attention.wqkv(ms.Tensor(x), m, mode)
+    theirs = ref.plora("model.layers.0.attention.wqkv", torch.from_numpy(x), torch.from_numpy(im), mode)
+    assert_close(ours, theirs, "fp32", f"plora wqkv {mode} image={with_image}")
+    if with_image:  # the image LoRA must change image rows only
+        base = lm.model.layers[0].attention.wqkv(ms.Tensor(x), None, mode).asnumpy()
+        diff = np.abs(ours.asnumpy() - base).max(-1)
+        assert (diff[~im] == 0).all() and (diff[im] > 0).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decoder_layer_row(tiny, mode):
+    cfg, state, x, im = tiny
+    lm = build_ms_lm(cfg, state)
+    ref = RefLM(cfg, state)
+    l = x.shape[1]
+    pos = np.tile(np.arange(l), (2, 1))
+    cos, sin = lm.rope.cos_sin(pos)
+    from ixc25_ms.language import prefill_mask
+    mask = prefill_mask(np.ones((2, l), np.int64))
+    ours, _, _ = lm.model.layers[0](ms.Tensor(x), ms.Tensor(im.astype(np.float32)[..., None]), ms.Tensor(cos),
+                                   ms.Tensor(sin), ms.Tensor(mask), None, None, None, l, mode)
+    rc, rs = ref.rope(torch.from_numpy(pos), l)
+    rmask = torch.from_numpy(mask)
+    theirs, _ = ref.layer(0, torch.from_numpy(x), torch.from_numpy(im), rc, rs, rmask, None, mode)
+    assert_close(ours, theirs, "fp32", f"decoder layer 0 {mode}")
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_full_lm_row(tiny, mode, use_jit):
+    cfg, state, x, im = tiny
+    lm = build_ms_lm(cfg, state, use_jit=use_jit)
+    ref = RefLM(cfg, state)
+    ours = lm(ms.Tensor(x), im, None, mode)
+    theirs, _, _ = ref.forward(torch.from_numpy(x), torch.from_numpy(im), None, mode)
+    assert_close(ours, theirs, "fp32", f"full LM {mode} jit={use_jit}")
+
+
+def test_full_lm_fp16_row(tiny):
+    cfg, state, x, im = tiny
+    lm = build_ms_lm(cfg, state, dtype="float16")
+    ref = RefLM(cfg, state)
+    theirs, _, _ = ref.forward(torch.from_numpy(x), torch.from_numpy(im))
+    assert_close(lm(ms.Tensor(x), im), theirs, "fp16", "full LM fp16 vs fp32 reference")
+
+
+def test_padding_mask_row(tiny):
+    """Left-padded rows: the logits of real positions equal the unpadded run (ours and reference)."""
+    cfg, state, x, im = tiny
+    lm = build_ms_lm(cfg, state)
+    am = np.ones((2, 12), np.int64)
+    am[1, :4] = 0
+    ours = lm(ms.Tensor(x), im, am).asnumpy()
+    ref = RefLM(cfg, state)
+    theirs, _, _ = ref.forward(torch.from_numpy(x), torch.from_numpy(im), torch.from_numpy(am))
+    assert_close(ours[1, 4:], theirs[1, 4:], "fp32", "left-padded row vs reference")
+    alone = lm(ms.Tensor(x[1:, 4:]), im[1:, 4:]).asnumpy()
+    assert_close(ours[1, 4:], alone[0], "fp32", "left-padded row vs unpadded run")
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_cached_decode_equals_uncached(tiny, use_jit):
+    cfg, state, x, im = tiny
+    lm = build_ms_lm(cfg, state, use_jit=use_jit)
+    full = lm(ms.Tensor(x), im).asnumpy()
+    p = 7
+    logits, _, ks, vs = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=16, last_only=True)
+    assert_close(logits.asnumpy()[:, 0], full[:, p - 1], "fp32", "prefill last logits")
+    key_valid = np.zeros((2, 16), np.int64)
+    key_valid[:, :p] = 1
+    for t in range(p, 12):  # positions >= 7 carry no image mask except row 1 pos 9: drop it for this check
+        key_valid[:, t] = 1
+        logits, _, ks, vs = lm.decode(ms.Tensor(x[:, t:t + 1]), np.array([t, t]), t, key_valid, ks, vs)
+        ref_full = lm(ms.Tensor(x[:, : t + 1]), np.concatenate([im[:, :p], np.zeros((2, t + 1 - p), bool)], 1))
+        assert_close(logits.asnumpy()[:, 0], ref_full.asnumpy()[:, t], "fp32", f"decode step {t} jit={use_jit}")
+
+
+def test_dynamic_ntk_past_max_positions():
+    """Prefill and cached decode across max_position_embeddings with dynamic NTK, against the reference."""
+    cfg = tiny_config(max_position_embeddings=16, rope_scaling={"type": "dynamic", "factor": 2.0})
+    state = random_lm_state(cfg, seed=3)
+    x = np.random.default_rng(4).standard_normal((1, 20, cfg.hidden_size)).astype(np.float32)
+    lm, ref = build_ms_lm(cfg, state), RefLM(cfg, state)
+    ours = lm(ms.Tensor(x[:, :12])).asnumpy()
+    theirs, _, past = ref.forward(torch.from_numpy(x[:, :12]))
+    assert_close(ours, theirs, "fp32", "dynamic NTK prefill below max")
+    logits, _, ks, vs = lm.prefill(ms.Tensor(x[:, :12]), cap=32)
+    kv = np.zeros((1, 32), np.int64)
+    kv[:, :12] = 1
+    for t in range(12, 20):  # crosses 16: each step rebuilds the table for the longer length
+        kv[:, t] = 1
+        logits, _, ks, vs = lm.decode(ms.Tensor(x[:, t:t + 1]), np.array([t]), t, kv, ks, vs)
+        r, _, past = ref.forward(torch.from_numpy(x[:, t:t + 1]), past=past,
+                                 attention_mask=torch.ones(1, t + 1, dtype=torch.long))
+        assert_close(logits.asnumpy()[:, 0], r[:, -1], "fp32", f"dynamic NTK decode t={t}")
+    assert lm.rope.cached_len == 20 and ref.rope.cached == 20
+
+
+# ------------------------------------------------------------------------------------ the official golden case
+@pytest.fixture(scope="module")
+def golden():
+    return load_golden()
+
+
+@pytest.mark.parametrize("mode,key,zero", [("base", "logits", False), ("write", "logits_infer_write", False),
+                                           ("web", "logits_infer_web", False), ("base", "logits_im_mask_zero", True)])
+def test_golden_logits(golden, mode, key, zero):
+    cfg, state, exp = golden
+    im = exp["im_mask"].astype(bool) & (not zero)
+    lm = build_ms_lm(cfg, state)
+    m = assert_close(lm(ms.Tensor(exp["inputs_embeds"]), im, None, mode), exp[key], "fp32", f"golden {key} ms")
+    assert m["rel_fro"] < 1e-6
+    ref = RefLM(cfg, state)
+    r, _, _ = ref.forward(torch.from_numpy(exp["inputs_embeds"]), torch.from_numpy(im), None, mode)
+    assert_close(r, exp[key], "fp32", f"golden {key} torch reference")
+
+
+def test_golden_last_hidden_state(golden):
+    cfg, state, exp = golden
+    lm = build_ms_lm(cfg, state)
+    _, h, _, _ = lm.prefill(ms.Tensor(exp["inputs_embeds"]), exp["im_mask"], last_only=False)
+    assert_close(h, exp["last_hidden_state"], "fp32", "golden last_hidden_state")
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_golden_greedy_ids(golden, use_jit):
+    cfg, state, exp = golden
+    case = json.load(open(os.path.join(GOLDEN, "case.json")))
+    g = case["generate"]
+    lm = build_ms_lm(cfg, state, use_jit=use_jit)
+    ids = generate(lm, ms.Tensor(exp["inputs_embeds"]), exp["im_mask"], max_new_tokens=g["max_new_tokens"],
+                   do_sample=False, repetition_penalty=g["repetition_penalty"], eos_token_id=g["eos_token_id"])
+    assert ids[0].tolist() == exp["gen_ids"][0, 1:].tolist() == case["new_token_ids"]
+    ids = generate(lm, ms.Tensor(exp["inputs_embeds"]), exp["im_mask"], max_new_tokens=8, repetition_penalty=1.0,
+                   eos_token_id=g["eos_token_id"])
+    assert ids[0].tolist() == exp["gen_ids_norep"][0, 1:].tolist()
