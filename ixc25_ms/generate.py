@@ -108,42 +108,72 @@ def _to_np(x):
     return x.asnumpy() if hasattr(x, "asnumpy") else np.asarray(x)
 
 
-def generate(lm, inputs_embeds, im_mask=None, attention_mask=None, gen: Optional[GenerationConfig] = None,
-             streamer=None, **kwargs) -> np.ndarray:
-    """Generate from prompt embeddings (B, L, H) with an `InternLM2ForCausalLM`-like `lm`.
-
-    attention_mask (B, L) 0/1 for left-padded batches. Returns the new token ids (B, n) int64; rows that
-    stopped early are padded with pad_token_id. `streamer.put(ids)`/`.end()` as transformers' streamers.
-    """
-    gen = gen or GenerationConfig(**kwargs)
+def _prepare(inputs_embeds, im_mask, attention_mask):
     if not isinstance(inputs_embeds, Tensor):
         inputs_embeds = Tensor(np.asarray(inputs_embeds))
     b, l = int(inputs_embeds.shape[0]), int(inputs_embeds.shape[1])
     am = np.ones((b, l), np.int64) if attention_mask is None else np.asarray(_to_np(attention_mask), np.int64).reshape(b, l)
     if im_mask is not None:
         im_mask = _to_np(im_mask).reshape(b, l)
+    return inputs_embeds, im_mask, am
+
+
+def _seed_seqs(gen, b, prompt_ids):
+    """The ids transformers' logits processors see before the first new token."""
+    if prompt_ids is not None:
+        return np.asarray(prompt_ids, np.int64).reshape(b, -1)
+    return np.full((b, 1), gen.bos_token_id, np.int64)  # placeholder BOS of generate(inputs_embeds=...)
+
+
+def generate(lm, inputs_embeds, im_mask=None, attention_mask=None, gen: Optional[GenerationConfig] = None,
+             streamer=None, prompt_ids=None, **kwargs) -> np.ndarray:
+    """Generate from prompt embeddings (B, L, H) with an `InternLM2ForCausalLM`-like `lm`.
+
+    attention_mask (B, L) 0/1 for left-padded batches; prompt_ids (B, L) when the prompt came from ids
+    (they join the repetition-penalty set and the beam length, as in transformers). Returns the new
+    token ids (B, n) int64; rows that stopped early are padded with pad_token_id.
+    `streamer.put(ids)` / `.end()` as transformers' streamers (greedy and sampling only).
+    """
+    gen = gen or GenerationConfig(**kwargs)
+    inputs_embeds, im_mask, am = _prepare(inputs_embeds, im_mask, attention_mask)
     if gen.num_beams > 1:
         if streamer is not None:
             raise ValueError("streaming is not supported with beam search (num_beams > 1)")
-        return _beam_search(lm, inputs_embeds, im_mask, am, gen)
-    return _greedy_or_sample(lm, inputs_embeds, im_mask, am, gen, streamer)
+        return _beam_search(lm, inputs_embeds, im_mask, am, gen, prompt_ids)
+    new_tokens = []
+    for nxt in _sample_steps(lm, inputs_embeds, im_mask, am, gen, prompt_ids):
+        new_tokens.append(nxt)
+        if streamer is not None:
+            streamer.put(nxt)
+    if streamer is not None:
+        streamer.end()
+    return np.stack(new_tokens, 1)
+
+
+def iter_generate(lm, inputs_embeds, im_mask=None, attention_mask=None, gen: Optional[GenerationConfig] = None,
+                  prompt_ids=None, **kwargs):
+    """Greedy/sampling generation as an iterator of each step's new ids (B,)."""
+    gen = gen or GenerationConfig(**kwargs)
+    if gen.num_beams > 1:
+        raise ValueError("streaming is not supported with beam search (num_beams > 1)")
+    inputs_embeds, im_mask, am = _prepare(inputs_embeds, im_mask, attention_mask)
+    return _sample_steps(lm, inputs_embeds, im_mask, am, gen, prompt_ids)
 
 
 def _step_positions(am: np.ndarray) -> np.ndarray:
     return (am.sum(-1) - 1).astype(np.int64)  # position id of the last real token per row
 
 
-def _greedy_or_sample(lm, embeds, im_mask, am, gen, streamer):
+def _sample_steps(lm, embeds, im_mask, am, gen, prompt_ids):
     b, l = am.shape
     cap = _capacity(l + gen.max_new_tokens)
     rng = np.random.default_rng(gen.seed)
     logits, _, ks, vs = lm.prefill(embeds, im_mask, am, gen.infer_mode, cap=cap, last_only=True)
-    seqs = np.full((b, 1), gen.bos_token_id, np.int64)  # transformers' placeholder BOS
+    seqs = _seed_seqs(gen, b, prompt_ids)
     key_valid = np.zeros((b, cap), np.int64)
     key_valid[:, :l] = am
     pos = _step_positions(am)
     unfinished = np.ones(b, bool)
-    new_tokens = []
     for step in range(gen.max_new_tokens):
         scores = _to_np(logits)[:, -1, :].astype(np.float32)
         scores = repetition_penalty(scores, seqs, gen.repetition_penalty)
@@ -160,20 +190,15 @@ def _greedy_or_sample(lm, embeds, im_mask, am, gen, streamer):
             nxt = scores.argmax(-1).astype(np.int64)
         nxt = np.where(unfinished, nxt, gen.pad_token_id)
         seqs = np.concatenate([seqs, nxt[:, None]], 1)
-        new_tokens.append(nxt)
-        if streamer is not None:
-            streamer.put(nxt)
+        yield nxt
         if gen.eos_ids:
             unfinished &= ~np.isin(nxt, gen.eos_ids)
         if not unfinished.any() or step == gen.max_new_tokens - 1:
-            break
+            return
         slot = l + step
         key_valid[:, slot] = 1
         pos = pos + 1
         logits, _, ks, vs = lm.decode(lm.embed(nxt[:, None]), pos, slot, key_valid, ks, vs, gen.infer_mode)
-    if streamer is not None:
-        streamer.end()
-    return np.stack(new_tokens, 1)
 
 
 class _Hyps:
@@ -199,7 +224,7 @@ class _Hyps:
         return self.worst >= best_sum_logprobs / cur_len ** self.lp
 
 
-def _beam_search(lm, embeds, im_mask, am, gen):
+def _beam_search(lm, embeds, im_mask, am, gen, prompt_ids=None):
     b, l = am.shape
     nb = gen.num_beams
     cap = _capacity(l + gen.max_new_tokens)
@@ -208,7 +233,8 @@ def _beam_search(lm, embeds, im_mask, am, gen):
     am = am[rep]
     im_mask = None if im_mask is None else im_mask[rep]
     logits, _, ks, vs = lm.prefill(embeds, im_mask, am, gen.infer_mode, cap=cap, last_only=True)
-    seqs = np.full((b * nb, 1), gen.bos_token_id, np.int64)
+    seqs = _seed_seqs(gen, b, prompt_ids)[rep]
+    n_prefix = seqs.shape[1]
     beam_scores = np.zeros((b, nb), np.float32)
     beam_scores[:, 1:] = -1e9
     beam_scores = beam_scores.reshape(-1)
@@ -217,7 +243,7 @@ def _beam_search(lm, embeds, im_mask, am, gen):
     key_valid = np.zeros((b * nb, cap), np.int64)
     key_valid[:, :l] = am
     pos = _step_positions(am)
-    max_len = 1 + gen.max_new_tokens
+    max_len = n_prefix + gen.max_new_tokens
     n_top = max(2, 1 + len(gen.eos_ids)) * nb
     for step in range(gen.max_new_tokens):
         scores = log_softmax(_to_np(logits)[:, -1, :])
@@ -275,4 +301,4 @@ def _beam_search(lm, embeds, im_mask, am, gen):
         out[r, : len(x)] = x
         if len(x) < width and gen.eos_ids:
             out[r, len(x)] = gen.eos_ids[0]
-    return out[:, 1:]
+    return out[:, n_prefix:]

@@ -1,0 +1,168 @@
+"""InternLMXComposer2ForCausalLM on MindSpore: vision tower + projector + InternLM2, with the official public API."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, ops
+from mindspore.common.initializer import initializer
+
+from . import chat as _chat
+from .checkpoint import CheckpointError, load_state_dict
+from .config import IXCConfig
+from .generate import GenerationConfig, generate as _generate, iter_generate
+from .language import InternLM2ForCausalLM
+from .loading import assign_state_dict
+from .processing import preprocess_image
+from .video import is_video_path, preprocess_video
+from .vision import CLIPVisionTower, build_vision_proj, encode_pixels
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor
+
+
+class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
+    """IXC2.5: `vit` (CLIP ViT-L/14-560), `vision_proj`, `plora_glb_GN`/`plora_sub_GN`, `model` + `output`.
+
+    Parameter names equal the official checkpoint's, so loading is the identity. Methods mirror the
+    official remote code: `encode_img`, `img2emb`, `interleav_wrap_chat`, `generate`, `chat`, plus
+    `stream_chat` and the composition helpers in `ixc25_ms.chat`.
+    """
+
+    def __init__(self, cfg: IXCConfig, dtype="float32", use_jit: bool = False):
+        super().__init__(cfg, dtype=dtype, use_jit=use_jit)
+        c4 = cfg.vit_merged_dim
+        self.vit = CLIPVisionTower(cfg.vision, self.compute_dtype)
+        self.vision_proj = build_vision_proj(c4, cfg.hidden_size, self.compute_dtype)
+        self.plora_glb_GN = Parameter(initializer("zeros", (1, 1, c4), self.compute_dtype), name="plora_glb_GN")
+        self.plora_sub_GN = Parameter(initializer("zeros", (1, 1, 1, c4), self.compute_dtype), name="plora_sub_GN")
+        self.tokenizer = None
+        self.hd_num = 24
+        self.font_path = None  # video headers; None = the default font (see notes/vision.md)
+        self.max_length = cfg.max_length
+        self.timings = {}
+
+    # ------------------------------------------------------------------------------------------ vision
+    def img2emb(self, pixel_values: np.ndarray) -> Tensor:
+        """(1,3,H,W) normalised pixels -> image embeddings (1, N, hidden)."""
+        return encode_pixels(self.vit, self.vision_proj, self.plora_glb_GN, self.plora_sub_GN,
+                             pixel_values, use_jit=self.use_jit)
+
+    def encode_img(self, image, hd_num: int = 24) -> Tensor:
+        """A path (image or video), PIL image or HxWx3 uint8 array -> image embeddings (1, N, hidden)."""
+        t = time.perf_counter()
+        if isinstance(image, (str, os.PathLike)) and is_video_path(image):
+            pv = preprocess_video(image, font_path=self.font_path)
+        else:
+            pv = preprocess_image(image, hd_num=hd_num)
+        self.timings["preprocess_s"] = self.timings.get("preprocess_s", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        emb = self.img2emb(pv)
+        self.timings["vision_s"] = self.timings.get("vision_s", 0.0) + time.perf_counter() - t
+        return emb
+
+    # ------------------------------------------------------------------------------------------ prompts
+    def interleav_wrap_chat(self, query: str, image, history=(), meta_instruction: str = "",
+                            max_length: int = 16384, hd_num: int = 24):
+        """Official prompt assembly -> ({'inputs_embeds': Tensor(1,L,H)}, im_mask Tensor(1,L) bool, L)."""
+        return _chat.interleav_wrap_chat(self, query, image, history, meta_instruction, max_length, hd_num)
+
+    interleave_wrap_chat = interleav_wrap_chat
+
+    # ------------------------------------------------------------------------------------------ forward / generate
+    def construct(self, inputs_embeds=None, im_mask=None, attention_mask=None, infer_mode="base", input_ids=None):
+        """Uncached forward: returns an object with `.logits` fp32 (B, L, V)."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("forward needs inputs_embeds or input_ids")
+            inputs_embeds = self.embed(input_ids)
+        logits = self.prefill(inputs_embeds, im_mask, attention_mask, infer_mode, last_only=False)[0]
+        return CausalLMOutput(logits=logits)
+
+    def generate(self, inputs_embeds=None, im_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
+                 num_beams: int = 1, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
+                 repetition_penalty: float = 1.0, eos_token_id=None, infer_mode: str = "base", streamer=None,
+                 attention_mask=None, input_ids=None, seed: Optional[int] = None, min_new_tokens: int = 0,
+                 length_penalty: float = 1.0, **unused) -> np.ndarray:
+        """Returns the new token ids (B, n). With `input_ids` (text only) the prompt ids also seed the
+        repetition-penalty set, as transformers does; with `inputs_embeds` a placeholder BOS does."""
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+                               num_beams=num_beams, temperature=temperature, top_p=top_p, top_k=top_k,
+                               repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+                               eos_token_id=self.cfg.eos_token_id if eos_token_id is None else eos_token_id,
+                               pad_token_id=self.cfg.pad_token_id, bos_token_id=self.cfg.bos_token_id,
+                               infer_mode=infer_mode, seed=seed)
+        prompt_ids = None
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("generate needs inputs_embeds or input_ids")
+            prompt_ids = np.asarray(input_ids.asnumpy() if hasattr(input_ids, "asnumpy") else input_ids, np.int64)
+            inputs_embeds = self.embed(prompt_ids)
+        t = time.perf_counter()
+        out = _generate(self, inputs_embeds, im_mask, attention_mask, gen, streamer, prompt_ids=prompt_ids)
+        self.timings["generate_s"] = time.perf_counter() - t
+        return out
+
+    def iter_generate(self, inputs_embeds, im_mask=None, **kwargs) -> Iterator[np.ndarray]:
+        """Greedy/sampling generation yielding each step's new ids (B,) as soon as it is chosen."""
+        gen = GenerationConfig(pad_token_id=self.cfg.pad_token_id, bos_token_id=self.cfg.bos_token_id, **kwargs)
+        return iter_generate(self, inputs_embeds, im_mask, None, gen)
+
+    # ------------------------------------------------------------------------------------------ chat
+    def chat(self, tokenizer, query: str, image=(), hd_num: int = 24, history=(), streamer=None,
+             max_new_tokens: int = 1024, do_sample: bool = True, num_beams: int = 1, temperature: float = 1.0,
+             top_p: float = 0.8, repetition_penalty: float = 1.005, infer_mode: str = "base", use_meta: bool = False,
+             meta_instruction: str = _chat.META_INSTRUCTION, **kwargs):
+        """One chat turn -> (response, history + [(query, response)]). Defaults as the official chat()."""
+        return _chat.chat(self, tokenizer, query, image=image, hd_num=hd_num, history=history, streamer=streamer,
+                          max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
+                          temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                          infer_mode=infer_mode, use_meta=use_meta, meta_instruction=meta_instruction, **kwargs)
+
+    def stream_chat(self, tokenizer, query: str, image=(), **kwargs) -> Iterator[str]:
+        """Like chat(), yielding text pieces as they decode (greedy or sampling)."""
+        return _chat.stream_chat(self, tokenizer, query, image=image, **kwargs)
+
+    def write_artical(self, *args, **kwargs):
+        return _chat.write_artical(self, *args, **kwargs)
+
+    def write_webpage(self, *args, **kwargs):
+        return _chat.write_webpage(self, *args, **kwargs)
+
+    def resume_2_webpage(self, *args, **kwargs):
+        return _chat.resume_2_webpage(self, *args, **kwargs)
+
+    def screen_2_webpage(self, *args, **kwargs):
+        return _chat.screen_2_webpage(self, *args, **kwargs)
+
+
+def read_weights(path: str, allow_pickle: bool = False):
+    """State dict (numpy fp32) from an official-layout directory or one our converter wrote."""
+    from .ms_checkpoint import is_converted_dir, load_converted
+    if os.path.isdir(path) and is_converted_dir(path):
+        return load_converted(path)
+    return load_state_dict(path, allow_pickle=allow_pickle)
+
+
+def load(path: str, dtype: str = "float32", allow_pickle: bool = False, use_jit: bool = False):
+    """Load a checkpoint directory -> (InternLMXComposer2ForCausalLM, InternLM2Tokenizer).
+
+    `path` holds config.json, tokenizer.model and weights (official layout: model.safetensors, sharded
+    safetensors + index, or pytorch_model*.bin with allow_pickle=True; or our converted layout)."""
+    from .tokenizer import InternLM2Tokenizer
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory (expected config.json, tokenizer.model and weights)")
+    cfg = IXCConfig.from_file(path)
+    tok = InternLM2Tokenizer.from_pretrained(path)
+    state = read_weights(path, allow_pickle)
+    model = InternLMXComposer2ForCausalLM(cfg, dtype=dtype, use_jit=use_jit)
+    assign_state_dict(model, state, path)
+    del state
+    model.tokenizer = tok
+    return model, tok
