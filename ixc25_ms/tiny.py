@@ -54,6 +54,7 @@ Symbols: -> => != == <= >= * _ + = / ; :
 """
 
 MARKERS = ["[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_130]"]
+MIN_VOCAB, MAX_VOCAB = 355, 1530  # measured with sentencepiece 0.2.3 for CORPUS
 
 
 def train_tiny_tokenizer(out_path, vocab_size=400):
@@ -63,8 +64,11 @@ def train_tiny_tokenizer(out_path, vocab_size=400):
     identity normalizer, no dummy prefix, whitespace kept, <unk>=0 <s>=1 </s>=2, then the
     USER_DEFINED markers [UNUSED_TOKEN_146]=3, [UNUSED_TOKEN_145]=4, [UNUSED_TOKEN_130]=5.
     Deterministic (one thread, fixed corpus): equal arguments give byte-identical files.
-    Returns out_path.
+    vocab_size must lie in [MIN_VOCAB, MAX_VOCAB] (the corpus' characters + 262 meta/byte pieces, and the
+    number of merges the corpus allows). Returns out_path.
     """
+    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise ValueError(f"vocab_size must be in [{MIN_VOCAB}, {MAX_VOCAB}] for the built-in corpus, got {vocab_size}")
     buf = io.BytesIO()
     with open(os.devnull, "w") as devnull:
         spm.SentencePieceTrainer.train(
