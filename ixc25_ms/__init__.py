@@ -9,10 +9,12 @@ from .checkpoint import CheckpointError  # noqa: E402
 __version__ = "0.1.0"
 
 
-def load(path, dtype="float32", allow_pickle=False):
-    """Load an official-layout (or converted) checkpoint directory -> (model, tokenizer)."""
+def load(path, dtype="float32", allow_pickle=False, use_jit=False):
+    """Load an official-layout (or converted) checkpoint directory -> (model, tokenizer).
+
+    use_jit compiles the ViT, prefill and decode steps with mindspore.jit (graph mode)."""
     from .model import load as _load
-    return _load(path, dtype=dtype, allow_pickle=allow_pickle)
+    return _load(path, dtype=dtype, allow_pickle=allow_pickle, use_jit=use_jit)
 
 
 def __getattr__(name):

@@ -1,6 +1,7 @@
 """Deterministic tiny InternLM2-style sentencepiece tokenizer, trained on the spot for tests and demos."""
 import io
 import os
+import sys
 
 import sentencepiece as spm
 
@@ -71,11 +72,17 @@ def train_tiny_tokenizer(out_path, vocab_size=400):
         raise ValueError(f"vocab_size must be in [{MIN_VOCAB}, {MAX_VOCAB}] for the built-in corpus, got {vocab_size}")
     buf = io.BytesIO()
     with open(os.devnull, "w") as devnull:
+        # sentencepiece's log redirection needs a real stderr fd (absent under pytest capture or a GUI)
+        try:
+            sys.stderr.fileno()
+            quiet = {"logstream": devnull}
+        except (AttributeError, OSError, ValueError):
+            quiet = {"minloglevel": 2}
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(CORPUS.splitlines()),
             model_writer=buf,
             model_prefix="",
-            logstream=devnull,
+            **quiet,
             model_type="bpe",
             vocab_size=vocab_size,
             character_coverage=1.0,

@@ -1,0 +1,85 @@
+"""ixc25-chat: chat with an IXC2.5 checkpoint on MindSpore — one answer, or an interactive session with history."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _answer(model, tok, query, images, history, args, out=sys.stdout):
+    pieces = []
+    for piece in model.stream_chat(tok, query, images, history=history, max_new_tokens=args.max_new_tokens,
+                                   do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                                   repetition_penalty=args.repetition_penalty, hd_num=args.hd_num, seed=args.seed):
+        pieces.append(piece)
+        print(piece, end="", file=out, flush=True)
+    print(file=out, flush=True)
+    return "".join(pieces)
+
+
+def main(argv=None, stdin=None, out=None):
+    ap = argparse.ArgumentParser(prog="ixc25-chat", description=__doc__)
+    ap.add_argument("--model", required=True, help="checkpoint directory (official layout or converted)")
+    ap.add_argument("--image", action="append", default=[], help="image path (repeatable)")
+    ap.add_argument("--video", action="append", default=[], help="video path (repeatable)")
+    ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--jit", action="store_true", help="compile with mindspore.jit (graph mode)")
+    ap.add_argument("--sample", dest="do_sample", action="store_true", help="sample (default: greedy)")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=0.8)
+    ap.add_argument("--repetition-penalty", type=float, default=1.005)
+    ap.add_argument("--hd-num", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("question", nargs="?", help="ask once and exit; without it: interactive")
+    args = ap.parse_args(argv)
+    stdin = stdin or sys.stdin
+    out = out or sys.stdout
+    for p in args.image + args.video:
+        if not os.path.isfile(p):
+            print(f"ixc25-chat: error: {p}: no such file", file=sys.stderr)
+            return 2
+    import ixc25_ms
+    try:
+        model, tok = ixc25_ms.load(args.model, dtype=args.dtype, use_jit=args.jit)
+    except (ixc25_ms.CheckpointError, ixc25_ms.ConfigError, OSError) as e:
+        print(f"ixc25-chat: error: {e}", file=sys.stderr)
+        return 2
+    images = args.image + args.video
+    if args.question:
+        _answer(model, tok, args.question, images, [], args, out)
+        return 0
+    history = []
+    print("ixc25-chat: /image PATH adds an image, /reset clears history and images, /quit exits", file=out)
+    while True:
+        print(">>> ", end="", file=out, flush=True)
+        line = stdin.readline()
+        if not line:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            history, images = [], []
+            print("(history and images cleared)", file=out)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if not os.path.isfile(path):
+                print(f"(no such file: {path})", file=out)
+            else:
+                images.append(path)
+                print(f"(image added: {path}; {len(images)} in all)", file=out)
+            continue
+        try:
+            response = _answer(model, tok, line, images, history, args, out)
+        except ValueError as e:
+            print(f"(error: {e})", file=out)
+            continue
+        history.append((line, response))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
