@@ -104,7 +104,7 @@ class IXCConfig:
     lora_r: int = 256
     lora_alpha: int = 256
     web_lora_r: int = 512
-    vision_config: Optional[dict] = None
+    vision_config: Optional[dict] = field(default=None, compare=False)  # raw dict; `vision` is parsed
     where: str = field(default="config.json", repr=False, compare=False)
     vision: VisionConfig = field(init=False)
 
