@@ -1,0 +1,431 @@
+"""ixc25-bench: MindSpore PyNative vs MindSpore jit vs our PyTorch reference, one config, side by side.
+
+Each contender runs in its own worker process (so peak RSS is per contender) with the same seeded random
+weights (param_spec), the same image and prompt, and the same number of CPU threads. Repeats are
+interleaved across contenders (round robin) so machine noise hits all of them alike.
+
+Per contender: ViT ms per view (global view + crops, projector included), prefill tokens/s, decode
+tokens/s, time to first token (ViT + prefill + first argmax), peak RSS, speed-ups against torch, and the
+share of the decode physical bound = measured memory bandwidth / bytes of LLM weights read per token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+MARK = "@@BENCH "
+CONTENDERS = ("ms-pynative", "ms-jit", "torch-ref")
+
+DEFAULT_CFG = {
+    "vocab_size": 92544, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
+    "num_attention_heads": 16, "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 1000000,
+    "max_position_embeddings": 32768, "bias": False,
+    "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4,
+                      "num_attention_heads": 16, "image_size": 560, "patch_size": 14},
+}
+QUICK_CFG = {
+    "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 1000000,
+    "max_position_embeddings": 32768, "bias": False, "lora_r": 8, "web_lora_r": 8,
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "image_size": 560, "patch_size": 14},
+}
+
+
+# ------------------------------------------------------------------------------------------ shared inputs
+def make_image(width=700, height=300) -> np.ndarray:
+    """A deterministic HxWx3 uint8 picture (700x300 -> 1 global view + 2 crops, 1,241 image tokens)."""
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)), ((x + y) % 256)], -1)
+    return img.astype(np.uint8)
+
+
+def make_state(cfg, seed: int):
+    """Seeded random weights for every official key (norm weights 1, biases 0, others N(0, 0.02))."""
+    from ixc25_ms.param_spec import expected_parameters
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, shape in expected_parameters(cfg).items():
+        if name.endswith(("norm.weight", "layer_norm1.weight", "layer_norm2.weight", "layrnorm.weight",
+                          "layernorm.weight")):
+            state[name] = np.ones(shape, np.float32)
+        elif name.endswith("bias"):
+            state[name] = np.zeros(shape, np.float32)
+        else:
+            a = rng.standard_normal(shape, dtype=np.float32)
+            a *= 0.02
+            state[name] = a
+    return state
+
+
+def decode_weight_bytes(cfg, dtype_bytes: int) -> int:
+    """Bytes of weights one decoded token must read: every LLM linear (base mode: no LoRA) + output head."""
+    from ixc25_ms.param_spec import linear_dims
+    per_layer = sum(i * o for i, o in linear_dims(cfg).values())
+    return (cfg.num_hidden_layers * per_layer + cfg.vocab_size * cfg.hidden_size) * dtype_bytes
+
+
+def memory_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Best of `repeats` numpy copies of an `mb` MiB array: (bytes read + bytes written) / s."""
+    src = np.ones(mb * (1 << 20) // 8, np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.nbytes / best
+
+
+def _vm(field: str) -> float:
+    """VmRSS / VmHWM of this process in MiB (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------ workers
+class _Prompt:
+    """[BOS] + image tokens + `n_text` text ids (the layout interleav_wrap_chat builds for one image)."""
+
+    def __init__(self, cfg, n_text: int, seed: int):
+        rng = np.random.default_rng(seed + 1)
+        self.pre = np.array([[cfg.bos_token_id]], np.int64)
+        self.post = rng.integers(3, cfg.vocab_size, size=(1, n_text)).astype(np.int64)
+
+
+class MSWorker:
+    def __init__(self, cfg, state, args, use_jit: bool):
+        import mindspore as ms
+        from ixc25_ms.loading import assign_state_dict
+        from ixc25_ms.model import InternLMXComposer2ForCausalLM
+        self.ms = ms
+        self.model = InternLMXComposer2ForCausalLM(cfg, dtype=args.dtype, use_jit=use_jit)
+        assign_state_dict(self.model, state, "bench weights")
+
+    def run(self, pv, prompt, n_new):
+        from mindspore import ops
+        from ixc25_ms.generate import GenerationConfig, iter_generate
+        m = self.model
+        t0 = time.perf_counter()
+        img = m.img2emb(pv)
+        img.asnumpy()
+        t1 = time.perf_counter()
+        embeds = ops.cat([m.embed(prompt.pre), img.astype(m.compute_dtype), m.embed(prompt.post)], 1)
+        n_img = int(img.shape[1])
+        im_mask = np.concatenate([np.zeros(1, bool), np.ones(n_img, bool), np.zeros(prompt.post.shape[1], bool)])[None]
+        gen = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, pad_token_id=m.cfg.pad_token_id)
+        t2 = time.perf_counter()
+        steps, ids = [], []
+        t = t2
+        for nxt in iter_generate(m, embeds, im_mask, None, gen):
+            now = time.perf_counter()
+            steps.append(now - t)
+            ids.append(int(nxt[0]))
+            t = now
+        return dict(vision_s=t1 - t0, prep_s=t2 - t1, prefill_s=steps[0], steps_s=steps[1:], L=int(embeds.shape[1]),
+                    ids=ids)
+
+
+class TorchWorker:
+    def __init__(self, cfg, state, args):
+        import torch
+        from parity_tests.reference.language import RefLM
+        from parity_tests.reference.vision import VisionReference
+        self.torch = torch
+        dt = torch.float16 if args.dtype == "float16" else torch.float32
+        self.lm = RefLM(cfg, state, dtype=dt)
+        vstate = {k: v for k, v in state.items() if k.startswith(("vit.", "vision_proj.", "plora_"))}
+        self.vis = VisionReference(vstate, cfg.vision, dtype=dt)
+        self.cfg = cfg
+
+    def _forward(self, embeds, im_mask, am, past):
+        """RefLM.forward with the output head on the last position only (as the MindSpore prefill)."""
+        import torch
+        from parity_tests.reference.language import rms_norm
+        lm = self.lm
+        b, l, _ = embeds.shape
+        past_len = 0 if past is None else past[0][0].shape[2]
+        total = past_len + l
+        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)[:, past_len:]
+        cos, sin = lm.rope(pos, total)
+        causal = torch.ones(l, total, dtype=torch.bool).tril(past_len)
+        allowed = causal[None] & (am[:, None, :] > 0)
+        mask = torch.zeros(b, 1, l, total).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        h, new = embeds.to(lm.dtype), []
+        for i in range(self.cfg.num_hidden_layers):
+            h, kv = lm.layer(i, h, im_mask, cos, sin, mask, None if past is None else past[i], "base")
+            new.append(kv)
+        h = rms_norm(h[:, -1:], lm.w["model.norm.weight"], self.cfg.rms_norm_eps)
+        return (h @ lm.w["output.weight"].T).float(), new
+
+    def run(self, pv, prompt, n_new):
+        torch = self.torch
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            _, img = self.vis.encode(pv)
+            t1 = time.perf_counter()
+            lm = self.lm
+            embeds = torch.cat([lm.embed(prompt.pre), img.to(lm.dtype), lm.embed(prompt.post)], 1)
+            n_img = int(img.shape[1])
+            im_mask = torch.cat([torch.zeros(1), torch.ones(n_img), torch.zeros(prompt.post.shape[1])])[None]
+            l = embeds.shape[1]
+            am = torch.ones(1, l, dtype=torch.long)
+            t2 = time.perf_counter()
+            logits, past = self._forward(embeds, im_mask, am, None)
+            nxt = int(logits[0, -1].argmax())
+            t = time.perf_counter()
+            steps, ids = [t - t2], [nxt]
+            for _ in range(n_new - 1):
+                am = torch.ones(1, am.shape[1] + 1, dtype=torch.long)
+                logits, past = self._forward(lm.embed([[nxt]]), None, am, past)
+                nxt = int(logits[0, -1].argmax())
+                now = time.perf_counter()
+                steps.append(now - t)
+                ids.append(nxt)
+                t = now
+        return dict(vision_s=t1 - t0, prep_s=t2 - t1, prefill_s=steps[0], steps_s=steps[1:], L=int(l), ids=ids)
+
+
+def _emit(obj):
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def worker_main(name: str, spec: dict):
+    """Worker process: build, report ready, then one timed repeat per 'run' line on stdin."""
+    threads = spec["threads"]
+    import torch
+    torch.set_num_threads(threads)
+    from ixc25_ms.config import IXCConfig
+    from ixc25_ms.processing import preprocess_image
+    args = argparse.Namespace(**spec)
+    cfg = IXCConfig.from_dict(spec["cfg"])
+    t = time.perf_counter()
+    if name.startswith("ms"):
+        import mindspore as ms
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+        ms.device_context.cpu.op_tuning.threads_num(threads)
+    state = make_state(cfg, spec["seed"])
+    worker = TorchWorker(cfg, state, args) if name == "torch-ref" else MSWorker(cfg, state, args, name == "ms-jit")
+    del state
+    import gc
+    gc.collect()
+    pv = preprocess_image(make_image(*spec["image"]), hd_num=24)
+    prompt = _Prompt(cfg, spec["text_tokens"], spec["seed"])
+    setup_s = time.perf_counter() - t
+    rss_load = _vm("VmRSS")
+    peak_ok = _reset_peak()
+    _emit({"ready": True, "setup_s": setup_s, "rss_after_load_mb": rss_load, "views": int(pv.shape[2] // 560 * pv.shape[3] // 560 + 1)})
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "run":
+            res = worker.run(pv, prompt, spec["new_tokens"])
+            _emit(res)
+        elif cmd == "quit":
+            _emit({"peak_rss_mb": _vm("VmHWM"), "peak_since_load": peak_ok, "rss_end_mb": _vm("VmRSS")})
+            return 0
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ driver
+class _Proc:
+    def __init__(self, name, spec):
+        self.name = name
+        self.err = tempfile.TemporaryFile(mode="w+")
+        env = dict(os.environ, GLOG_v="3", OMP_NUM_THREADS=str(spec["threads"]))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        self.p = subprocess.Popen([sys.executable, "-m", "scripts.bench", "--worker", name, "--spec", json.dumps(spec)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True, cwd=root,
+                                  env=env)
+
+    def read(self):
+        for line in self.p.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        self.err.seek(0)
+        raise RuntimeError(f"worker {self.name} died (rc {self.p.wait()}):\n{self.err.read()[-4000:]}")
+
+    def send(self, cmd):
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+
+
+def _stats(xs):
+    return {"min": min(xs), "median": statistics.median(xs)}
+
+
+def summarise(name, runs, ready, final, views, bound_tps, compile_note):
+    warm, timed = runs[0], runs[1:]
+    L = timed[0]["L"]
+    vis = [r["vision_s"] * 1000 / views for r in timed]
+    pre = [L / r["prefill_s"] for r in timed]
+    dec = [len(r["steps_s"]) / sum(r["steps_s"]) if r["steps_s"] else float("nan") for r in timed]
+    ttft = [r["vision_s"] + r["prep_s"] + r["prefill_s"] for r in timed]
+    step_ms = [statistics.median(r["steps_s"]) * 1000 for r in timed if r["steps_s"]]
+    total = [r["vision_s"] + r["prep_s"] + r["prefill_s"] + sum(r["steps_s"]) for r in timed]
+    warm_total = warm["vision_s"] + warm["prep_s"] + warm["prefill_s"] + sum(warm["steps_s"])
+    out = {
+        "vit_ms_per_view": _stats(vis), "prefill_tok_s": {"min": min(pre), "median": statistics.median(pre), "max": max(pre)},
+        "decode_tok_s": {"min": min(dec), "median": statistics.median(dec), "max": max(dec)},
+        "decode_step_ms_median": _stats(step_ms) if step_ms else None,
+        "ttft_s": _stats(ttft), "total_s": _stats(total),
+        "warmup_total_s": warm_total, "warmup_minus_median_s": warm_total - statistics.median(total),
+        "setup_s": ready["setup_s"], "rss_after_load_mb": ready["rss_after_load_mb"],
+        "peak_rss_mb": final["peak_rss_mb"], "peak_rss_is_since_load": final["peak_since_load"],
+        "prompt_len": L, "ids_first8": timed[0]["ids"][:8],
+        "decode_pct_of_bound": 100 * statistics.median(dec) / bound_tps if dec[0] == dec[0] else None,
+    }
+    if compile_note:
+        out["compile_s_estimate"] = out["warmup_minus_median_s"]
+    return out
+
+
+def format_table(res) -> str:
+    rows = [("contender", "ViT ms/view", "prefill tok/s", "decode tok/s", "step ms", "TTFT s", "% bound",
+             "peak RSS MiB", "vs torch: ViT/prefill/decode")]
+    ref = res["contenders"].get("torch-ref")
+    for name, c in res["contenders"].items():
+        vs = ""
+        if ref:
+            vs = "{:.2f}x / {:.2f}x / {:.2f}x".format(
+                ref["vit_ms_per_view"]["median"] / c["vit_ms_per_view"]["median"],
+                c["prefill_tok_s"]["median"] / ref["prefill_tok_s"]["median"],
+                c["decode_tok_s"]["median"] / ref["decode_tok_s"]["median"])
+        sm = c["decode_step_ms_median"]["median"] if c["decode_step_ms_median"] else float("nan")
+        rows.append((name, "{:.1f}".format(c["vit_ms_per_view"]["median"]), "{:.0f}".format(c["prefill_tok_s"]["median"]),
+                     "{:.2f}".format(c["decode_tok_s"]["median"]), "{:.1f}".format(sm),
+                     "{:.2f}".format(c["ttft_s"]["median"]), "{:.0f}%".format(c["decode_pct_of_bound"] or 0),
+                     "{:.0f}".format(c["peak_rss_mb"]), vs))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(r[i].ljust(widths[i]) for i in range(len(r))) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="ixc25-bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny config for tests/CI (seconds, not minutes)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 128, --quick 8)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats after one warm-up (default 3, --quick 2)")
+    ap.add_argument("--text-tokens", type=int, default=20, help="text ids after the image in the prompt")
+    ap.add_argument("--image", default="700x300", help="WIDTHxHEIGHT of the synthetic image")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for every contender")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS), help="comma list of " + ",".join(CONTENDERS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON ('-' for stdout)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, json.loads(args.spec))
+
+    names = [n for n in args.contenders.split(",") if n]
+    bad = [n for n in names if n not in CONTENDERS]
+    if bad:
+        ap.error(f"unknown contender(s) {bad}")
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
+    new_tokens = args.new_tokens if args.new_tokens is not None else (8 if args.quick else 128)
+    if repeats < 1 or new_tokens < 2:
+        ap.error("--repeats must be >= 1 and --new-tokens >= 2")
+    w, h = (int(v) for v in args.image.lower().split("x"))
+    cfg_dict = QUICK_CFG if args.quick else DEFAULT_CFG
+    spec = dict(cfg=cfg_dict, threads=args.threads, dtype=args.dtype, seed=args.seed, new_tokens=new_tokens,
+                text_tokens=args.text_tokens, image=[w, h])
+    from ixc25_ms.config import IXCConfig
+    cfg = IXCConfig.from_dict(cfg_dict)
+    dtype_bytes = 2 if args.dtype == "float16" else 4
+    wbytes = decode_weight_bytes(cfg, dtype_bytes)
+    bw = [memory_bandwidth(64 if args.quick else 256)]
+
+    procs = {n: _Proc(n, spec) for n in names}
+    ready = {n: p.read() for n, p in procs.items()}
+    runs = {n: [] for n in names}
+    try:
+        for rep in range(repeats + 1):  # warm-up + repeats, round robin
+            order = names if rep % 2 == 0 else names[::-1]
+            for n in order:
+                procs[n].send("run")
+                runs[n].append(procs[n].read())
+            print(f"[bench] round {rep}/{repeats} done" + (" (warm-up)" if rep == 0 else ""), file=sys.stderr)
+        final = {}
+        for n, p in procs.items():
+            p.send("quit")
+            final[n] = p.read()
+            p.p.wait()
+    finally:
+        for p in procs.values():
+            if p.p.poll() is None:
+                p.p.kill()
+    bw.append(memory_bandwidth(64 if args.quick else 256))
+    bandwidth = max(bw)
+    bound_tps = bandwidth / wbytes
+    views = ready[names[0]]["views"]
+    res = {
+        "config": {"preset": "quick" if args.quick else "default", "llm_vit": cfg_dict, "dtype": args.dtype,
+                   "threads": args.threads, "new_tokens": new_tokens, "repeats": repeats, "warmup": 1,
+                   "image": args.image, "vit_views": views, "text_tokens": args.text_tokens},
+        "machine": {"nproc": os.cpu_count(), "cpu": _cpu_model()},
+        "bandwidth_GBps": bandwidth / 1e9, "bandwidth_samples_GBps": [b / 1e9 for b in bw],
+        "decode_weight_bytes_per_token": wbytes, "decode_bound_tok_s": bound_tps,
+        "contenders": {n: summarise(n, runs[n], ready[n], final[n], views, bound_tps, n == "ms-jit") for n in names},
+    }
+    same = len({tuple(c["ids_first8"]) for c in res["contenders"].values()}) == 1
+    res["greedy_ids_agree_first8"] = same
+    print(f"config: {res['config']['preset']} {args.dtype}, threads {args.threads}, prompt {res['contenders'][names[0]]['prompt_len']} "
+          f"tokens ({views} ViT views), {new_tokens} new tokens, 1 warm-up + {repeats} repeats (medians)")
+    print(f"memory bandwidth {bandwidth / 1e9:.2f} GB/s; decode reads {wbytes / 1e6:.1f} MB of weights per token; "
+          f"bound {bound_tps:.2f} tok/s")
+    print(format_table(res))
+    if "ms-jit" in res["contenders"]:
+        print(f"ms-jit compile (warm-up minus median run): {res['contenders']['ms-jit']['compile_s_estimate']:.2f} s")
+    print(f"greedy ids agree across contenders (first 8): {same}")
+    if args.json:
+        text = json.dumps(res, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
