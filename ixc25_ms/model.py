@@ -125,6 +125,11 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
                           temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                           infer_mode=infer_mode, use_meta=use_meta, meta_instruction=meta_instruction, **kwargs)
 
+    def batch_chat(self, tokenizer, queries, images=None, **kwargs) -> List[str]:
+        """Several one-turn prompts in one left-padded batch -> responses (see ixc25_ms.batch.batch_chat)."""
+        from .batch import batch_chat
+        return batch_chat(self, tokenizer, queries, images, **kwargs)
+
     def stream_chat(self, tokenizer, query: str, image=(), **kwargs) -> Iterator[str]:
         """Like chat(), yielding text pieces as they decode (greedy or sampling)."""
         return _chat.stream_chat(self, tokenizer, query, image=image, **kwargs)
