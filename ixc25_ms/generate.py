@@ -32,8 +32,6 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.do_sample and self.num_beams > 1:
-            raise ValueError("beam sampling (do_sample=True with num_beams > 1) is not supported")
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -245,14 +243,30 @@ def _beam_search(lm, embeds, im_mask, am, gen, prompt_ids=None):
     pos = _step_positions(am)
     max_len = n_prefix + gen.max_new_tokens
     n_top = max(2, 1 + len(gen.eos_ids)) * nb
+    rng = np.random.default_rng(gen.seed)
     for step in range(gen.max_new_tokens):
         scores = log_softmax(_to_np(logits)[:, -1, :])
         scores = repetition_penalty(scores, seqs, gen.repetition_penalty)
         scores = min_new_tokens_mask(scores, step, gen.min_new_tokens, gen.eos_ids)
         v = scores.shape[-1]
         scores = (scores + beam_scores[:, None]).reshape(b, nb * v)
-        top = np.argsort(-scores, -1, kind="stable")[:, :n_top]
-        top_scores = np.take_along_axis(scores, top, -1)
+        if gen.do_sample:  # beam sampling: warp the accumulated scores, draw 2*beams without replacement
+            warped = scores.reshape(b * nb, v)
+            if gen.temperature != 1.0:
+                warped = warped / np.float32(gen.temperature)
+            if gen.top_k:
+                warped = top_k_filter(warped, gen.top_k)
+            warped = top_p_filter(warped, gen.top_p).reshape(b, nb * v)
+            probs = softmax(warped)
+            if (probs > 0).sum(-1).min() < n_top:
+                raise ValueError(f"beam sampling needs {n_top} candidate tokens per row; top_k/top_p leave fewer")
+            top = np.stack([rng.choice(nb * v, size=n_top, replace=False, p=probs[r]) for r in range(b)])
+            top_scores = np.take_along_axis(warped, top, -1)
+            order = np.argsort(-top_scores, -1, kind="stable")
+            top, top_scores = np.take_along_axis(top, order, -1), np.take_along_axis(top_scores, order, -1)
+        else:
+            top = np.argsort(-scores, -1, kind="stable")[:, :n_top]
+            top_scores = np.take_along_axis(scores, top, -1)
         next_scores = np.zeros((b, nb), np.float32)
         next_tokens = np.full((b, nb), gen.pad_token_id, np.int64)
         next_idx = np.zeros((b, nb), np.int64)

@@ -190,3 +190,23 @@ def test_load_errors(tmp_path):
     json.dump(cfg, open(d / "config.json", "w"))
     with pytest.raises(ConfigError, match="hidden_size"):
         ixc25_ms.load(str(d))
+
+
+def test_composition_helpers(golden_model, tmp_path):
+    model, tok, _, _ = golden_model
+    art = model.write_artical("Write a short note.", max_length=1300, seed=3)  # max_new_tokens = 1300 - prompt
+    assert isinstance(art, str) and "[UNUSED_TOKEN_14" not in art
+    out = tmp_path / "page.html"
+    html = model.write_webpage("A page", max_new_tokens=3, seed=1, output_path=str(out))
+    assert out.read_text(encoding="utf-8") == html
+    assert not (tmp_path / "Instruction-aware_Webpage_Generation.html").exists()
+    resume = tmp_path / "cv.md"
+    resume.write_text("# Jane\n- engineer\n", encoding="utf-8")
+    assert isinstance(model.resume_2_webpage(str(resume), max_new_tokens=2, num_beams=1, do_sample=False), str)
+    with pytest.raises(ValueError, match="cannot read the resume"):
+        model.resume_2_webpage(str(tmp_path / "none.md"))
+    with pytest.raises(ValueError, match="screenshot"):
+        model.screen_2_webpage("x", [])
+    assert isinstance(model.screen_2_webpage("x", [IMG], max_new_tokens=2, num_beams=1, do_sample=False), str)
+    from ixc25_ms.chat import _write_html
+    assert _write_html("https://source.unsplash.com/random/300x200/?cat", None) == "https://picsum.photos/300/200"
