@@ -1,0 +1,839 @@
+"""Streaming, accounted, atomic conversion: official PyTorch checkpoint <-> our MindSpore directory."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ixc25_ms.checkpoint import (ST_DTYPES, CheckpointError, SafetensorsFile, bf16_to_f32,
+                                 f32_to_bf16, list_weight_files)
+from ixc25_ms.config import IXCConfig
+from ixc25_ms.ms_checkpoint import (CONVERSION_FILE, MS_INDEX, is_converted_dir, ms_numpy_dtype, read_index,
+                                    read_ms_ckpt)
+from ixc25_ms.param_spec import expected_parameters
+
+from .mapping import UnknownKeyError, has_surgery, ms_to_official, official_to_ms, surgery_to_ms, \
+    surgery_to_official
+
+TOOL = "ixc25-convert"
+TOOL_VERSION = "0.1.0"
+TORCH_INDEX = "model.safetensors.index.json"
+PARAM_TAGS = ("F32", "F16", "BF16")
+TAG_SIZE = {"F32": 4, "F16": 2, "BF16": 2}
+DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "half": "F16",
+               "fp32": "F32", "float32": "F32", "float": "F32"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".index.json")
+CAST_CHUNK = 1 << 24  # elements per cast step: bounds the temporaries of dtype casts
+PARTIAL_TAG = ".ixc25-partial-"
+OLD_TAG = ".ixc25-old-"
+
+
+class ConversionError(CheckpointError):
+    """The conversion cannot proceed; the message names the file and key."""
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2e9, '512MiB' -> 512*2**20, '1000' -> 1000 bytes."""
+    t = str(text).strip().upper().replace(" ", "")
+    units = [("KIB", 1 << 10), ("MIB", 1 << 20), ("GIB", 1 << 30), ("TIB", 1 << 40),
+             ("KB", 10 ** 3), ("MB", 10 ** 6), ("GB", 10 ** 9), ("TB", 10 ** 12), ("K", 10 ** 3),
+             ("M", 10 ** 6), ("G", 10 ** 9), ("B", 1)]
+    for u, mult in units:
+        if t.endswith(u):
+            num = t[: -len(u)]
+            break
+    else:
+        num, mult = t, 1
+    try:
+        val = float(num)
+    except ValueError:
+        raise ValueError(f"cannot parse size {text!r} (examples: 2GB, 500MB, 1GiB)") from None
+    if val <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return int(val * mult)
+
+
+def human(n: float) -> str:
+    for u in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or u == "TB":
+            return f"{n:.1f} {u}" if u != "B" else f"{int(n)} B"
+        n /= 1000.0
+    return f"{n} B"
+
+
+def dtype_tag(name: Optional[str]) -> Optional[str]:
+    if name is None:
+        return None
+    try:
+        return DTYPE_NAMES[name.lower()]
+    except KeyError:
+        raise ConversionError(f"unsupported --dtype {name!r} (bf16, fp16 or fp32)") from None
+
+
+# ------------------------------------------------------------------------------------------ dtype casts
+def cast_raw(arr: np.ndarray, src: str, dst: str, warn: Optional[List[str]] = None, key: str = "") -> np.ndarray:
+    """Cast a raw float tensor (bf16 as uint16 bits) between F32/F16/BF16, chunked; same tag: unchanged."""
+    if src == dst:
+        return arr
+    out = np.empty(arr.shape, dtype=ST_DTYPES[dst])
+    flat_in, flat_out = arr.reshape(-1), out.reshape(-1)
+    overflow = 0
+    for i in range(0, flat_in.size, CAST_CHUNK):
+        x = flat_in[i:i + CAST_CHUNK]
+        x = bf16_to_f32(x) if src == "BF16" else x.astype(np.float32)
+        if dst == "F32":
+            y = x
+        elif dst == "F16":
+            with np.errstate(over="ignore"):
+                y = x.astype(np.float16)
+            overflow += int(np.count_nonzero(np.isinf(y) & np.isfinite(x)))
+        else:
+            y = f32_to_bf16(x)
+        flat_out[i:i + CAST_CHUNK] = y
+    if overflow and warn is not None:
+        warn.append(f"key '{key}': {overflow} value(s) beyond the fp16 range became inf")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ source files
+class _StSource:
+    """One safetensors file; tensors come as private read-only-in-practice memory maps (zero copy)."""
+    kind = "safetensors"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.st = SafetensorsFile(path)
+        self.entries = {k: (self.st.dtype_tag(k), self.st.shape(k)) for k in self.st.keys()}
+
+    def read(self, key: str) -> np.ndarray:
+        tag, shape, b, e = self.st.entries[key]
+        dt = np.dtype(ST_DTYPES[tag])
+        count = (e - b) // dt.itemsize
+        if count == 0:
+            return np.zeros(shape, dtype=dt)
+        try:
+            arr = np.memmap(self.path, dtype=dt, mode="c", offset=self.st.data_start + b, shape=(count,))
+        except (OSError, ValueError) as ex:
+            raise CheckpointError(f"{self.path}: cannot map key '{key}' ({ex})") from None
+        arr = arr.reshape(shape)
+        if not arr.flags.aligned:
+            arr = np.array(arr)
+        return arr
+
+    def close(self):
+        pass
+
+
+class _PickleSource:
+    """One pytorch_model*.bin, loaded with torch.load(weights_only=True), memory-mapped where possible."""
+    kind = "pickle"
+    _TORCH_TAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                   "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sd = None
+        self._open()
+        self.entries = {}
+        for k, v in self.sd.items():
+            tag = self._TORCH_TAGS.get(str(v.dtype).replace("torch.", ""), str(v.dtype))
+            self.entries[k] = (tag, tuple(v.shape))
+        self.sd = None
+
+    def _open(self):
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(f"{self.path}: reading .bin checkpoints needs torch installed") from None
+        try:
+            try:
+                sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy format
+        except Exception as e:  # torch raises many types for corrupt or unsafe pickles
+            msg = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"{self.path}: cannot load pickle checkpoint ({type(e).__name__}: {msg})") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{self.path}: not a state dict of tensors")
+        self.sd = sd
+
+    def read(self, key: str) -> np.ndarray:
+        import torch
+        if self.sd is None:
+            self._open()
+        v = self.sd[key].contiguous()
+        if v.dtype == torch.bfloat16:
+            return v.view(torch.int16).numpy().view(np.uint16)
+        return v.numpy()
+
+    def close(self):
+        self.sd = None
+
+
+class _MsCkptSource:
+    """One MindSpore .ckpt shard of a converted directory; loaded whole on first read."""
+    kind = "ckpt"
+
+    def __init__(self, path: str, entries: Dict[str, Tuple[str, Tuple[int, ...]]]):
+        self.path = path
+        self.entries = entries
+        self.data = None
+
+    def read(self, key: str) -> np.ndarray:
+        if self.data is None:
+            self.data = read_ms_ckpt(self.path)
+            if set(self.data) != set(self.entries):
+                extra = sorted(set(self.data) ^ set(self.entries))
+                raise CheckpointError(f"{self.path}: key '{extra[0]}' disagrees with {CONVERSION_FILE}")
+        tag, arr = self.data[key]
+        if (tag, tuple(arr.shape)) != self.entries[key]:
+            raise CheckpointError(f"{self.path}: key '{key}' is {tag} {list(arr.shape)}, {CONVERSION_FILE} "
+                                  f"records {self.entries[key][0]} {list(self.entries[key][1])}")
+        return arr
+
+    def close(self):
+        self.data = None
+
+
+def _check_index(index_path: str, sources) -> None:
+    """Every key of every file listed in the index under that file, and nothing else."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            wm = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid index file ({e})") from None
+    for s in sources:
+        name = os.path.basename(s.path)
+        for k in s.entries:
+            if k not in wm:
+                raise CheckpointError(f"{index_path}: key '{k}' of {name} is not in the index")
+            if wm[k] != name:
+                raise CheckpointError(f"{index_path}: key '{k}' is in {name}, the index says {wm[k]}")
+    present = {k for s in sources for k in s.entries}
+    for k, fn in wm.items():
+        if k not in present:
+            raise CheckpointError(f"{index_path}: key '{k}' is mapped to {fn} but that file has no such key")
+
+
+# ------------------------------------------------------------------------------------------------ plan
+@dataclass
+class Item:
+    source: object
+    key: str                 # key in the source file
+    tag: str                 # stored dtype tag
+    shape: Tuple[int, ...]
+    target: Optional[str]    # key written (None: dropped)
+    out_tag: Optional[str] = None
+    out_nbytes: int = 0
+    expect_sha: Optional[str] = None  # sha256 of the stored bytes, when known (to-torch verification)
+
+
+@dataclass
+class Plan:
+    direction: str
+    src: str
+    cfg_path: str
+    items: List[Item]
+    shards: List[List[Item]] = field(default_factory=list)
+    extra_files: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    source_files: List[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.out_nbytes for i in self.items)
+
+
+def _nbytes(shape, tag) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * TAG_SIZE[tag]
+
+
+def _shard(items: List[Item], shard_size: int) -> List[List[Item]]:
+    """Consecutive groups of at most shard_size output bytes (a larger tensor gets a shard of its own);
+    dropped items ride with the shard current at their position."""
+    shards, cur, size = [], [], 0
+    for it in items:
+        if it.target is not None and cur and size + it.out_nbytes > shard_size and size > 0:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += it.out_nbytes
+    if cur:
+        if shards and all(i.target is None for i in cur):
+            shards[-1].extend(cur)
+        else:
+            shards.append(cur)
+    return shards
+
+
+def _extra_files(src_dir: str, exclude: set) -> Tuple[List[str], List[str]]:
+    """Top-level regular files to copy (config, tokenizer, remote code...); sub-directories are skipped."""
+    files, skipped = [], []
+    for name in sorted(os.listdir(src_dir)):
+        full = os.path.join(src_dir, name)
+        if name.startswith(".") or name in exclude:
+            continue
+        if os.path.isdir(full):
+            skipped.append(name + "/")
+        elif os.path.isfile(full) and not name.endswith(WEIGHT_SUFFIXES):
+            files.append(name)
+    return files, skipped
+
+
+def _load_cfg(cfg_dir: str) -> Tuple[IXCConfig, str]:
+    cfg_path = os.path.join(cfg_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConversionError(f"{cfg_dir}: no config.json (needed to check every tensor's shape)")
+    return IXCConfig.from_file(cfg_path), cfg_path
+
+
+def _account(items: List[Item], expected: Dict[str, Tuple[int, ...]], cfg_path: str, where: str,
+             official_of: Callable[[Item], str]) -> None:
+    """Every expected parameter filled exactly once with the configured shape and a float dtype."""
+    seen: Dict[str, str] = {}
+    for it in items:
+        if it.target is None:
+            continue
+        off = official_of(it)
+        src = it.source.path
+        if off in seen:
+            raise ConversionError(f"{src}: key '{it.key}' fills '{off}', already filled from {seen[off]}")
+        seen[off] = src
+        if off not in expected:
+            raise ConversionError(f"{src}: key '{it.key}' is not a parameter of the model {cfg_path} describes "
+                                  f"(layer index, bias or vision key the config does not have)")
+        if tuple(it.shape) != tuple(expected[off]):
+            raise ConversionError(f"{src}: key '{it.key}' has shape {list(it.shape)}, {cfg_path} implies "
+                                  f"{list(expected[off])}")
+        if it.tag not in PARAM_TAGS:
+            raise ConversionError(f"{src}: key '{it.key}' has unsupported dtype {it.tag} "
+                                  f"(supported: {', '.join(PARAM_TAGS)})")
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        raise ConversionError(f"{where}: {len(missing)} parameter(s) of {cfg_path} missing, first "
+                              f"'{missing[0]}' {list(expected[missing[0]])}")
+
+
+def plan_to_ms(src: str, dtype: Optional[str] = None, shard_size: int = 2 * 10 ** 9,
+               allow_pickle: bool = False) -> Plan:
+    """Read headers only and check everything: official layout -> planned MindSpore shards."""
+    src = os.path.abspath(src)
+    out_tag = dtype_tag(dtype)
+    if os.path.isfile(os.path.join(src, CONVERSION_FILE)):
+        raise ConversionError(f"{src}: already converted by {TOOL} ({CONVERSION_FILE} present); "
+                              f"use --to-torch to convert it back")
+    files = list_weight_files(src, allow_pickle)
+    src_dir = src if os.path.isdir(src) else os.path.dirname(src)
+    cfg, cfg_path = _load_cfg(src_dir)
+    sources = [_PickleSource(f) if f.endswith(".bin") else _StSource(f) for f in files]
+    for idx in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if os.path.isdir(src) and os.path.isfile(os.path.join(src, idx)):
+            _check_index(os.path.join(src, idx), sources)
+            break
+    items, seen = [], {}
+    for s in sources:
+        for key, (tag, shape) in s.entries.items():
+            if key in seen:
+                raise ConversionError(f"{s.path}: key '{key}' also appears in {seen[key]}")
+            seen[key] = s.path
+            try:
+                target = official_to_ms(key)
+            except UnknownKeyError:
+                raise ConversionError(f"{s.path}: unknown key '{key}' (no rule in converters/mapping.py "
+                                      f"KEY_TABLE)") from None
+            it = Item(s, key, tag, tuple(shape), target)
+            if target is not None:
+                it.out_tag = out_tag or tag
+                it.out_nbytes = _nbytes(shape, it.out_tag) if it.out_tag in TAG_SIZE else 0
+            items.append(it)
+    _account(items, expected_parameters(cfg), cfg_path, src, lambda it: it.key)
+    exclude = {os.path.basename(f) for f in files} | {CONVERSION_FILE}
+    extra, skipped = _extra_files(src_dir, exclude) if os.path.isdir(src) else ([], [])
+    if not os.path.isdir(src):
+        extra = ["config.json"]
+        for name in sorted(os.listdir(src_dir)):
+            if name.startswith("tokenizer") or name in ("special_tokens_map.json", "generation_config.json"):
+                extra.append(name)
+    plan = Plan("official->mindspore", src, cfg_path, items, extra_files=extra, skipped=skipped,
+                source_files=[os.path.basename(f) for f in files])
+    plan.shards = _shard(items, shard_size)
+    return plan
+
+
+def plan_to_torch(src: str, dtype: Optional[str] = None, shard_size: int = 2 * 10 ** 9) -> Plan:
+    """Read headers only and check everything: our MindSpore directory -> planned official shards."""
+    src = os.path.abspath(src)
+    out_tag = dtype_tag(dtype)
+    if not os.path.isdir(src):
+        raise ConversionError(f"{src}: no such directory")
+    if not is_converted_dir(src):
+        raise ConversionError(f"{src}: not an {TOOL} output directory (no {CONVERSION_FILE} / {MS_INDEX}); "
+                              f"--to-torch converts those back, drop it to convert an official checkpoint")
+    fmt, wm = read_index(src)
+    rec_path = os.path.join(src, CONVERSION_FILE)
+    try:
+        with open(rec_path, encoding="utf-8") as f:
+            record = json.load(f)
+        recorded = {t["target"]: t for t in record["tensors"] if t.get("target") not in (None, "dropped")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{rec_path}: not a valid conversion record ({e})") from None
+    cfg, cfg_path = _load_cfg(src)
+    by_file: Dict[str, List[str]] = {}
+    for k, fn in wm.items():
+        by_file.setdefault(fn, []).append(k)
+    sources = []
+    for fn, keys in by_file.items():
+        full = os.path.join(src, fn)
+        if fmt == "safetensors":
+            s = _StSource(full)
+        else:
+            ents = {}
+            for k in keys:
+                if k not in recorded:
+                    raise CheckpointError(f"{rec_path}: no record of key '{k}' (index maps it to {fn})")
+                r = recorded[k]
+                ents[k] = (r["dtype"], tuple(r.get("target_shape", r["shape"])))
+            s = _MsCkptSource(full, ents)
+        sources.append(s)
+    if fmt == "safetensors":
+        _check_index(os.path.join(src, MS_INDEX), sources)
+    items = []
+    for s in sources:
+        for key, (tag, shape) in s.entries.items():
+            try:
+                off = ms_to_official(key)
+            except UnknownKeyError:
+                raise ConversionError(f"{s.path}: unknown key '{key}' (no rule in converters/mapping.py "
+                                      f"KEY_TABLE)") from None
+            it = Item(s, key, tag, tuple(shape), off)
+            it.out_tag = out_tag or tag
+            it.out_nbytes = _nbytes(shape, it.out_tag) if it.out_tag in TAG_SIZE else 0
+            rec = recorded.get(key)
+            if rec is not None and rec.get("dtype") == tag:
+                it.expect_sha = rec.get("sha256")
+            items.append(it)
+    _account(items, expected_parameters(cfg), cfg_path, src, lambda it: it.target)
+    exclude = set(wm.values()) | {CONVERSION_FILE, MS_INDEX}
+    extra, skipped = _extra_files(src, exclude)
+    plan = Plan("mindspore->official", src, cfg_path, items, extra_files=extra, skipped=skipped,
+                source_files=sorted(by_file))
+    plan.shards = _shard(items, shard_size)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ destination
+def _free_space_check(dst: str, need: int, what: str) -> None:
+    probe = os.path.dirname(dst)
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe or "/").free
+    if free < need:
+        raise ConversionError(f"{dst}: not enough free disk space on {probe}: need {human(need)} ({what}), "
+                              f"{human(free)} free")
+
+
+def _check_dst(src: str, dst: str, overwrite: bool) -> None:
+    rs, rd = os.path.realpath(src), os.path.realpath(dst)
+    src_dir = rs if os.path.isdir(rs) else os.path.dirname(rs)
+    if rd == src_dir or rd.startswith(src_dir + os.sep) or src_dir.startswith(rd + os.sep):
+        raise ConversionError(f"{dst}: destination must not be the source directory, inside it or around it")
+    if os.path.lexists(dst):
+        if not os.path.isdir(dst) or os.path.islink(dst):
+            raise ConversionError(f"{dst}: exists and is not a directory")
+        if os.listdir(dst) and not overwrite:
+            raise ConversionError(f"{dst}: directory is not empty; pass --overwrite to replace it")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(dst: str) -> List[str]:
+    """Remove leftovers of killed conversions into the same dst (their process is gone)."""
+    parent, name = os.path.split(os.path.abspath(dst))
+    removed = []
+    if not os.path.isdir(parent):
+        return removed
+    for entry in os.listdir(parent):
+        for tag in (PARTIAL_TAG, OLD_TAG):
+            prefix = f".{name}{tag}"
+            if entry.startswith(prefix) and entry[len(prefix):].isdigit():
+                if not _pid_alive(int(entry[len(prefix):])):
+                    shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+                    removed.append(entry)
+    return removed
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: str, dst: str, overwrite: bool) -> None:
+    """Rename the finished temp dir onto dst (replacing it only with overwrite)."""
+    parent, name = os.path.split(os.path.abspath(dst))
+    if os.path.lexists(dst):
+        if os.listdir(dst):
+            if not overwrite:
+                raise ConversionError(f"{dst}: directory is not empty; pass --overwrite to replace it")
+            old = os.path.join(parent, f".{name}{OLD_TAG}{os.getpid()}")
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rmdir(dst)
+            os.rename(tmp, dst)
+    else:
+        os.rename(tmp, dst)
+    _fsync_path(parent)
+
+
+# ------------------------------------------------------------------------------------------ write phase
+def _hash_arrays(arrays: List[np.ndarray], out: List[Optional[str]], err: List[BaseException],
+                 on_done: Optional[Callable[[int], None]] = None) -> None:
+    try:
+        for i, a in enumerate(arrays):
+            flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+            out[i] = hashlib.sha256(memoryview(flat)).hexdigest()
+            if on_done:
+                on_done(i)
+    except BaseException as e:  # surfaced by the caller
+        err.append(e)
+
+
+def _hashed(arrays: List[np.ndarray], work: Callable[[], None], on_done=None) -> List[str]:
+    """sha256 of every array in a thread while `work()` runs (both release the GIL on big buffers)."""
+    digests: List[Optional[str]] = [None] * len(arrays)
+    err: List[BaseException] = []
+    th = threading.Thread(target=_hash_arrays, args=(arrays, digests, err, on_done), daemon=True)
+    th.start()
+    try:
+        work()
+    finally:
+        th.join()
+    if err:
+        raise err[0]
+    return digests  # type: ignore[return-value]
+
+
+def _save_ms_shard(tensors: List[dict], path: str, fmt: str) -> None:
+    """One MindSpore shard through mindspore.save_checkpoint (tests patch this to simulate failures)."""
+    import mindspore as ms
+    ms.save_checkpoint(tensors, path, format=fmt)
+
+
+class _Syncer:
+    """fsync finished shards in one background thread, overlapping the work on the next shard."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ixc25-fsync")
+        self.futures = []
+
+    def add(self, path: str) -> None:
+        self.futures.append(self.pool.submit(_fsync_path, path))
+
+    def join(self) -> None:
+        try:
+            for f in self.futures:
+                f.result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def write_safetensors_file(path: str, tensors: List[Tuple[str, str, np.ndarray]], metadata: dict,
+                           fsync: bool = True) -> None:
+    """Safetensors without copying the tensors: [(name, tag, raw array)] written in order (then fsync)."""
+    header, off = {}, 0
+    for name, tag, arr in tensors:
+        header[name] = {"dtype": tag, "shape": list(arr.shape), "data_offsets": [off, off + arr.nbytes]}
+        off += arr.nbytes
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for _, _, arr in tensors:
+            f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class _Progress:
+    """Overall bar in bytes plus one bar per shard (tqdm, on stderr); cleared without trace on failure."""
+
+    def __init__(self, total: int, quiet: bool, desc: str):
+        self.quiet = quiet
+        self.bar = self.sub = None
+        if not quiet:
+            from tqdm import tqdm
+            self._tqdm = tqdm
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, position=0)
+
+    def shard(self, n_items: int, desc: str):
+        self.end_shard()
+        if not self.quiet:
+            self.sub = self._tqdm(total=n_items, unit="tensor", desc=desc, leave=False, position=1)
+
+    def tick(self, _i: int = 0):
+        if self.sub is not None:
+            self.sub.update(1)
+
+    def end_shard(self, nbytes: int = 0):
+        if self.sub is not None:
+            self.sub.close()
+            self.sub = None
+        if self.bar is not None:
+            self.bar.update(nbytes)
+
+    def close(self, ok: bool):
+        self.end_shard()
+        if self.bar is not None:
+            self.bar.leave = ok
+            self.bar.close()
+
+
+def _write_to_ms(plan: Plan, tmp: str, fmt: str, quiet: bool, warnings: List[str]) -> Tuple[dict, List[dict]]:
+    ext = "safetensors" if fmt == "safetensors" else "ckpt"
+    n = len(plan.shards)
+    weight_map, records = {}, []
+    last_use = {id(it.source): si for si, shard in enumerate(plan.shards) for it in shard}
+    prog = _Progress(plan.total_bytes, quiet, "convert")
+    syncer = _Syncer()
+    ok = False
+    try:
+        for si, shard in enumerate(plan.shards):
+            fname = f"ms_model-{si + 1:05d}-of-{n:05d}.{ext}"
+            path = os.path.join(tmp, fname)
+            prog.shard(len(shard), f"shard {si + 1}/{n}")
+            arrays = []
+            for it in shard:
+                raw = it.source.read(it.key)
+                if it.target is None:
+                    arrays.append(raw)
+                    continue
+                arr = cast_raw(raw, it.tag, it.out_tag, warnings, it.key)
+                del raw
+                if has_surgery(it.target):
+                    arr = surgery_to_ms(it.target, arr)
+                arrays.append(arr)
+
+            def save():
+                import mindspore as ms  # the first, slow import overlaps hashing the first shard
+                tensors = [{"name": it.target, "data": ms.Tensor.from_numpy(arr.view(ms_numpy_dtype(it.out_tag)))}
+                           for it, arr in zip(shard, arrays) if it.target is not None]
+                _save_ms_shard(tensors, path, fmt)
+
+            digests = _hashed(arrays, save, prog.tick)
+            syncer.add(path)
+            if fmt == "safetensors":
+                _verify_written(path, [(it.target, it.out_tag, a.shape) for it, a in zip(shard, arrays)
+                                       if it.target is not None])
+            for it, arr, dg in zip(shard, arrays, digests):
+                rec = {"source_key": it.key, "source_file": os.path.basename(it.source.path),
+                       "source_dtype": it.tag, "shape": list(it.shape)}
+                if it.target is None:
+                    rec.update(target="dropped", sha256=dg)
+                else:
+                    weight_map[it.target] = fname
+                    rec.update(target=it.target, target_file=fname, dtype=it.out_tag,
+                               target_shape=list(arr.shape), sha256=dg)
+                records.append(rec)
+            del arrays
+            for it in shard:
+                if last_use.get(id(it.source)) == si:
+                    it.source.close()
+            prog.end_shard(sum(it.out_nbytes for it in shard))
+        ok = True
+    finally:
+        try:
+            syncer.join()
+        finally:
+            prog.close(ok)
+    return weight_map, records
+
+
+def _verify_written(path: str, want: List[Tuple[str, str, Tuple[int, ...]]]) -> None:
+    st = SafetensorsFile(path)
+    got = {k: (st.dtype_tag(k), st.shape(k)) for k in st.keys()}
+    exp = {k: (t, tuple(s)) for k, t, s in want}
+    if got != exp:
+        bad = sorted(set(got.items()) ^ set(exp.items()))
+        raise ConversionError(f"{path}: written shard disagrees with the plan at key '{bad[0][0]}'")
+
+
+def _write_to_torch(plan: Plan, tmp: str, quiet: bool, warnings: List[str]) -> dict:
+    n = len(plan.shards)
+    weight_map = {}
+    last_use = {id(it.source): si for si, shard in enumerate(plan.shards) for it in shard}
+    prog = _Progress(plan.total_bytes, quiet, "to-torch")
+    syncer = _Syncer()
+    ok = False
+    try:
+        for si, shard in enumerate(plan.shards):
+            fname = f"model-{si + 1:05d}-of-{n:05d}.safetensors"
+            path = os.path.join(tmp, fname)
+            prog.shard(len(shard), f"shard {si + 1}/{n}")
+            raws = [it.source.read(it.key) for it in shard]
+            outs = []
+
+            def work():
+                for it, raw in zip(shard, raws):
+                    arr = surgery_to_official(it.key, raw) if has_surgery(it.key) else raw
+                    outs.append((it.target, it.out_tag, cast_raw(arr, it.tag, it.out_tag, warnings, it.key)))
+                write_safetensors_file(path, outs, {"format": "pt"}, fsync=False)
+
+            digests = _hashed(raws, work, prog.tick)
+            for it, dg in zip(shard, digests):
+                if it.expect_sha is not None and dg != it.expect_sha:
+                    raise ConversionError(f"{it.source.path}: key '{it.key}' does not match the sha256 in "
+                                          f"{CONVERSION_FILE} (file corrupted after conversion?)")
+                weight_map[it.target] = fname
+            syncer.add(path)
+            del raws, outs
+            for it in shard:
+                if last_use.get(id(it.source)) == si:
+                    it.source.close()
+            prog.end_shard(sum(it.out_nbytes for it in shard))
+        ok = True
+    finally:
+        try:
+            syncer.join()
+        finally:
+            prog.close(ok)
+    return weight_map
+
+
+def _copy_extra(plan: Plan, tmp: str) -> None:
+    src_dir = plan.src if os.path.isdir(plan.src) else os.path.dirname(plan.src)
+    for name in plan.extra_files:
+        shutil.copyfile(os.path.join(src_dir, name), os.path.join(tmp, name))
+
+
+def _extra_bytes(plan: Plan) -> int:
+    src_dir = plan.src if os.path.isdir(plan.src) else os.path.dirname(plan.src)
+    return sum(os.path.getsize(os.path.join(src_dir, f)) for f in plan.extra_files)
+
+
+def _run(plan: Plan, dst: str, overwrite: bool, quiet: bool, write: Callable[[str, List[str]], dict]) -> dict:
+    """Checks, temp dir next to dst, write, publish by rename; on any failure the temp dir is removed."""
+    dst = os.path.abspath(dst)
+    _check_dst(plan.src, dst, overwrite)
+    weights = plan.total_bytes
+    overhead = 4096 * (len(plan.shards) + 4) + 600 * len(plan.items) + _extra_bytes(plan)
+    _free_space_check(dst, weights + overhead, f"{human(weights)} of weights + {human(overhead)} of other files")
+    _clean_stale(dst)
+    parent, name = os.path.split(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}{PARTIAL_TAG}{os.getpid()}")
+    if os.path.lexists(tmp):
+        shutil.rmtree(tmp)
+    os.mkdir(tmp)
+    try:
+        warnings: List[str] = []
+        summary = write(tmp, warnings)
+        for fn in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, fn), 0o444)
+        _fsync_path(tmp)
+        _publish(tmp, dst, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["warnings"] = warnings
+    if warnings and not quiet:
+        import sys
+        for w in warnings:
+            print(f"{TOOL}: warning: {w}", file=sys.stderr)
+    return summary
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def convert_to_ms(src: str, dst: str, dtype: Optional[str] = None, fmt: str = "safetensors",
+                  shard_size: int = 2 * 10 ** 9, allow_pickle: bool = False, overwrite: bool = False,
+                  quiet: bool = True) -> dict:
+    """Official checkpoint (file or dir) -> MindSpore shards + ms_model.index.json + conversion.json."""
+    if fmt not in ("safetensors", "ckpt"):
+        raise ConversionError(f"unsupported --format {fmt!r} (safetensors or ckpt)")
+    t0 = time.time()
+    plan = plan_to_ms(src, dtype, shard_size, allow_pickle)
+    t_plan = time.time() - t0
+
+    def write(tmp: str, warnings: List[str]) -> dict:
+        t1 = time.time()
+        weight_map, records = _write_to_ms(plan, tmp, fmt, quiet, warnings)
+        t_write = time.time() - t1
+        import mindspore as ms
+        _copy_extra(plan, tmp)
+        total = plan.total_bytes
+        _write_json(os.path.join(tmp, MS_INDEX), {
+            "metadata": {"format": fmt, "total_size": total, "tool": f"{TOOL} {TOOL_VERSION}"},
+            "weight_map": weight_map})
+        out_dtypes = sorted({it.out_tag for it in plan.items if it.target is not None})
+        summary = {
+            "tool": TOOL, "tool_version": TOOL_VERSION, "mindspore_version": ms.__version__,
+            "numpy_version": np.__version__, "direction": plan.direction, "source": plan.src,
+            "source_files": plan.source_files, "config": os.path.basename(plan.cfg_path), "format": fmt,
+            "dtype": dtype_tag(dtype) or "source", "output_dtypes": out_dtypes, "shard_size": shard_size,
+            "num_shards": len(plan.shards), "total_size": total,
+            "num_converted": sum(1 for r in records if r["target"] != "dropped"),
+            "num_dropped": sum(1 for r in records if r["target"] == "dropped"),
+            "copied_files": plan.extra_files, "skipped": plan.skipped, "warnings": warnings,
+            "seconds": {"plan": round(t_plan, 3), "write": round(t_write, 3)},
+            "tensors": records,
+        }
+        _write_json(os.path.join(tmp, CONVERSION_FILE), summary)
+        return {k: v for k, v in summary.items() if k != "tensors"}
+
+    return _run(plan, dst, overwrite, quiet, write)
+
+
+def convert_to_torch(src: str, dst: str, dtype: Optional[str] = None, shard_size: int = 2 * 10 ** 9,
+                     overwrite: bool = False, quiet: bool = True) -> dict:
+    """Our MindSpore directory -> official layout (model-*.safetensors + model.safetensors.index.json)."""
+    t0 = time.time()
+    plan = plan_to_torch(src, dtype, shard_size)
+    t_plan = time.time() - t0
+
+    def write(tmp: str, warnings: List[str]) -> dict:
+        t1 = time.time()
+        weight_map = _write_to_torch(plan, tmp, quiet, warnings)
+        t_write = time.time() - t1
+        _copy_extra(plan, tmp)
+        _write_json(os.path.join(tmp, TORCH_INDEX), {"metadata": {"total_size": plan.total_bytes},
+                                                     "weight_map": dict(sorted(weight_map.items()))})
+        return {"tool": TOOL, "tool_version": TOOL_VERSION, "direction": plan.direction, "source": plan.src,
+                "num_shards": len(plan.shards), "total_size": plan.total_bytes,
+                "num_converted": len(weight_map), "num_dropped": 0, "copied_files": plan.extra_files,
+                "skipped": plan.skipped, "seconds": {"plan": round(t_plan, 3), "write": round(t_write, 3)}}
+
+    return _run(plan, dst, overwrite, quiet, write)
