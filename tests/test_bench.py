@@ -1,0 +1,26 @@
+"""Smoke test of ixc25-bench --quick: every contender runs, the JSON carries the reported fields."""
+import json
+
+from scripts.bench import decode_weight_bytes, main, QUICK_CFG
+from ixc25_ms.config import IXCConfig
+
+
+def test_decode_weight_bytes():
+    cfg = IXCConfig.from_dict(QUICK_CFG)
+    h, i, v, layers = 128, 256, 1024, 2
+    qkv = (4 + 2 * 2) * 32
+    assert decode_weight_bytes(cfg, 4) == 4 * (layers * (h * qkv + h * h + 3 * h * i) + v * h)
+
+
+def test_bench_quick(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--quick", "--repeats", "1", "--new-tokens", "3", "--image", "560x560", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["contenders"]) == {"ms-pynative", "ms-jit", "torch-ref"}
+    assert res["bandwidth_GBps"] > 0 and res["decode_bound_tok_s"] > 0
+    for c in res["contenders"].values():
+        for k in ("vit_ms_per_view", "prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "decode_pct_of_bound"):
+            assert c[k] is not None, k
+    assert "compile_s_estimate" in res["contenders"]["ms-jit"]
+    assert res["greedy_ids_agree_first8"]
+    assert "ms-jit" in capsys.readouterr().out
