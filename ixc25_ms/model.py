@@ -16,7 +16,7 @@ from .checkpoint import CheckpointError, load_state_dict
 from .config import IXCConfig
 from .generate import GenerationConfig, generate as _generate, iter_generate
 from .language import InternLM2ForCausalLM
-from .loading import assign_state_dict
+from .loading import stream_into
 from .processing import preprocess_image
 from .video import is_video_path, preprocess_video
 from .vision import CLIPVisionTower, build_vision_proj, encode_pixels
@@ -165,9 +165,7 @@ def load(path: str, dtype: str = "float32", allow_pickle: bool = False, use_jit:
         raise CheckpointError(f"{path}: not a directory (expected config.json, tokenizer.model and weights)")
     cfg = IXCConfig.from_file(path)
     tok = InternLM2Tokenizer.from_pretrained(path)
-    state = read_weights(path, allow_pickle)
     model = InternLMXComposer2ForCausalLM(cfg, dtype=dtype, use_jit=use_jit)
-    assign_state_dict(model, state, path)
-    del state
+    stream_into(model, path, allow_pickle)  # checked from headers, then one tensor at a time
     model.tokenizer = tok
     return model, tok
