@@ -210,3 +210,19 @@ def test_composition_helpers(golden_model, tmp_path):
     assert isinstance(model.screen_2_webpage("x", [IMG], max_new_tokens=2, num_beams=1, do_sample=False), str)
     from ixc25_ms.chat import _write_html
     assert _write_html("https://source.unsplash.com/random/300x200/?cat", None) == "https://picsum.photos/300/200"
+
+
+def test_chat_with_a_video(golden_model, tmp_path):
+    """A video path goes through frames -> canvas -> video transform -> ViT, as encode_img in the official."""
+    from tests.test_video import make_video
+    from ixc25_ms.video import preprocess_video
+    from ixc25_ms.vision import expected_tokens
+    model, tok, _, _ = golden_model
+    path = str(tmp_path / "clip.mp4")
+    make_video(path, n=12, fps=4, size=(96, 64))  # 3 s at 4 fps -> frames 0, 4, 8
+    pv = preprocess_video(path)
+    h, w = pv.shape[2] // 560, pv.shape[3] // 560
+    inputs, im_mask, n = model.interleav_wrap_chat("Here are some frames of a video. Describe it.", [path])
+    assert int(im_mask.asnumpy().sum()) == expected_tokens(h, w)
+    resp, _ = model.chat(tok, "Describe the video.", [path], max_new_tokens=3, do_sample=False)
+    assert isinstance(resp, str)
