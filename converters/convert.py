@@ -1,9 +1,12 @@
 """Streaming, accounted, atomic conversion: official PyTorch checkpoint <-> our MindSpore directory."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import mmap
 import os
+import queue
 import shutil
 import threading
 import time
@@ -126,6 +129,11 @@ class _StSource:
         if not arr.flags.aligned:
             arr = np.array(arr)
         return arr
+
+    def span(self, key: str) -> "Span":
+        """The stored bytes of `key` as a file range (no read): copied by sendfile, hashed by pread."""
+        _tag, _shape, b, e = self.st.entries[key]
+        return Span(self.path, self.st.data_start + b, e - b)
 
     def close(self):
         pass
@@ -510,37 +518,312 @@ def _publish(tmp: str, dst: str, overwrite: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------ write phase
-def _hash_arrays(arrays: List[np.ndarray], out: List[Optional[str]], err: List[BaseException],
-                 on_done: Optional[Callable[[int], None]] = None) -> None:
-    try:
-        for i, a in enumerate(arrays):
-            flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-            out[i] = hashlib.sha256(memoryview(flat)).hexdigest()
-            if on_done:
-                on_done(i)
-    except BaseException as e:  # surfaced by the caller
-        err.append(e)
+IO_CHUNK = 8 << 20      # bytes per pread while hashing a file range apart from the writer
+DIRECT_CHUNK = 64 << 20  # bytes per output buffer / write
+DIRECT_BUFFERS = 6       # buffers in flight (being filled, hashed, written): 384 MB
+DIRECT_WRITERS = 4       # concurrent O_DIRECT writes (one synchronous write at a time is ~3x slower)
+USE_DIRECT = True        # False: buffered writes (the kernel copies into the page cache)
+HASH_THREADS = max(1, min(2, os.cpu_count() or 1))
+MS_TAG_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}  # safetensors' Dtype enum, descending
 
 
-def _hashed(arrays: List[np.ndarray], work: Callable[[], None], on_done=None) -> List[str]:
-    """sha256 of every array in a thread while `work()` runs (both release the GIL on big buffers)."""
-    digests: List[Optional[str]] = [None] * len(arrays)
-    err: List[BaseException] = []
-    th = threading.Thread(target=_hash_arrays, args=(arrays, digests, err, on_done), daemon=True)
-    th.start()
+@dataclass
+class Span:
+    """A byte range of a file: the stored bytes of one source tensor."""
+    path: str
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class Out:
+    """One tensor of an output shard: `data` (a Span copied in the kernel, an array written from memory, or
+    None for a dropped tensor, hashed only) and `hashed` (what its sha256 is taken of)."""
+    name: Optional[str]
+    tag: Optional[str]
+    shape: Tuple[int, ...]
+    data: object
+    hashed: object
+    sha256: Optional[str] = None
+
+
+_tls = threading.local()
+
+
+def _buffer() -> memoryview:
+    buf = getattr(_tls, "buf", None)
+    if buf is None:
+        buf = _tls.buf = memoryview(bytearray(IO_CHUNK))
+    return buf
+
+
+def _truncated(span: Span, got: int) -> CheckpointError:
+    return CheckpointError(f"{span.path}: truncated file: byte range [{span.offset}, {span.offset + span.nbytes}) "
+                           f"ends early at byte {span.offset + got} (file changed during conversion?)")
+
+
+def sha256_of(obj) -> str:
+    """sha256 of an array's bytes, or of a file range read in IO_CHUNK steps (hashlib and preadv release the
+    GIL, so several of these run in parallel with the writer)."""
+    if not isinstance(obj, Span):
+        return hashlib.sha256(memoryview(np.ascontiguousarray(obj).reshape(-1).view(np.uint8))).hexdigest()
+    h = hashlib.sha256()
+    buf = _buffer()
+    fd = os.open(obj.path, os.O_RDONLY)
     try:
-        work()
+        done = 0
+        while done < obj.nbytes:
+            n = os.preadv(fd, [buf[:min(IO_CHUNK, obj.nbytes - done)]], obj.offset + done)
+            if n <= 0:
+                raise _truncated(obj, done)
+            h.update(buf[:n])
+            done += n
     finally:
-        th.join()
-    if err:
-        raise err[0]
-    return digests  # type: ignore[return-value]
+        os.close(fd)
+    return h.hexdigest()
 
 
-def _save_ms_shard(tensors: List[dict], path: str, fmt: str) -> None:
-    """One MindSpore shard through mindspore.save_checkpoint (tests patch this to simulate failures)."""
+def ms_order(outs: List[Out]) -> List[Out]:
+    """The order mindspore.save_checkpoint(format='safetensors') writes (safetensors sorts by dtype, largest
+    enum first, then by name), so our shards are byte-identical to MindSpore's."""
+    return sorted((o for o in outs if o.data is not None), key=lambda o: (MS_TAG_ORDER[o.tag], o.name))
+
+
+def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool = True) -> int:
+    """Write a safetensors file of `outs` in the given order (dropped ones skipped); no fsync. Returns the size.
+
+    The byte stream (header, then every tensor) goes through DIRECT_BUFFERS page-aligned buffers of
+    DIRECT_CHUNK bytes: the calling thread fills a buffer (pread from the source file for a Span, a memory
+    copy for an array), one thread feeds the same buffer to the sha256 of each tensor it holds (with
+    hash_inline, for every out whose `hashed` is its `data`: the digest lands in `out.sha256` and is the hash
+    of the very bytes handed to the disk), and DIRECT_WRITERS threads pwrite it with O_DIRECT (no copy into
+    the page cache, several writes in flight; plain buffered writes where the filesystem refuses O_DIRECT).
+    The last block is padded to 4096 bytes and the file truncated to its size."""
+    header, off = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}, 0
+    segs: List[Tuple[object, Optional[Out]]] = []
+    for o in outs:
+        if o.data is None:
+            continue
+        n = o.data.nbytes
+        header[o.name] = {"dtype": o.tag, "shape": list(o.shape), "data_offsets": [off, off + n]}
+        off += n
+        segs.append((o.data if isinstance(o.data, Span) else
+                     memoryview(np.ascontiguousarray(o.data).reshape(-1).view(np.uint8)), o))
+    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    segs.insert(0, (memoryview(len(hb).to_bytes(8, "little") + hb), None))
+    total = 8 + len(hb) + off
+    hashers = {id(o): hashlib.sha256() for _, o in segs
+               if o is not None and hash_inline and o.hashed is o.data}
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    direct = USE_DIRECT and hasattr(os, "O_DIRECT")
+    try:
+        fd = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o644)
+    except OSError as e:
+        if not direct or e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        direct = False
+        fd = os.open(path, flags, 0o644)
+    nbuf = max(1, min(DIRECT_BUFFERS, -(-total // DIRECT_CHUNK)))
+    bufs = [mmap.mmap(-1, DIRECT_CHUNK) for _ in range(nbuf)]
+    free: "queue.Queue[int]" = queue.Queue()
+    for i in range(nbuf):
+        free.put(i)
+    hq: queue.Queue = queue.Queue()
+    wq: queue.Queue = queue.Queue()
+    pending = [0] * nbuf
+    lock = threading.Lock()
+    errors: List[BaseException] = []
+
+    def release(i: int) -> None:
+        with lock:
+            pending[i] -= 1
+            last = pending[i] == 0
+        if last:
+            free.put(i)
+
+    def hash_loop() -> None:
+        while True:
+            job = hq.get()
+            if job is None:
+                return
+            i, pieces = job
+            try:
+                if not errors:
+                    mv = memoryview(bufs[i])
+                    for h, a, b in pieces:
+                        h.update(mv[a:b])
+            except BaseException as e:  # surfaced by the caller
+                errors.append(e)
+            finally:
+                release(i)
+
+    def write_loop() -> None:
+        while True:
+            job = wq.get()
+            if job is None:
+                return
+            i, at, n = job
+            try:
+                if not errors:
+                    mv = memoryview(bufs[i])[:n]
+                    done = 0
+                    while done < n:
+                        k = os.pwrite(fd, mv[done:], at + done)
+                        if k <= 0:
+                            raise OSError(errno.EIO, "short write", path)
+                        done += k
+            except BaseException as e:  # surfaced by the caller
+                errors.append(e)
+            finally:
+                release(i)
+
+    threads = [threading.Thread(target=hash_loop, name="ixc25-sha256", daemon=True)]
+    threads += [threading.Thread(target=write_loop, name="ixc25-write", daemon=True)
+                for _ in range(DIRECT_WRITERS)]
+    for t in threads:
+        t.start()
+    fds: Dict[str, int] = {}
+    try:
+        seg_i, seg_pos, at = 0, 0, 0
+        while at < total:
+            i = free.get()
+            if errors:
+                break
+            buf = memoryview(bufs[i])
+            n, a, pieces = min(DIRECT_CHUNK, total - at), 0, []
+            while a < n:
+                data, o = segs[seg_i]
+                take = min(n - a, data.nbytes - seg_pos)
+                if isinstance(data, Span):
+                    _pread_into(buf[a:a + take], data, seg_pos, fds)
+                elif take:
+                    buf[a:a + take] = data[seg_pos:seg_pos + take]
+                if take and o is not None and id(o) in hashers:
+                    pieces.append((hashers[id(o)], a, a + take))
+                a += take
+                seg_pos += take
+                if seg_pos == data.nbytes:
+                    seg_i, seg_pos = seg_i + 1, 0
+            wn = -(-n // 4096) * 4096 if direct else n
+            if wn > n:
+                buf[n:wn] = bytes(wn - n)
+            pending[i] = 2
+            hq.put((i, pieces))
+            wq.put((i, at, wn))
+            at += n
+    except BaseException as e:
+        errors.append(e)
+    finally:
+        hq.put(None)
+        for _ in range(DIRECT_WRITERS):
+            wq.put(None)
+        for t in threads:
+            t.join()
+        for f in fds.values():
+            os.close(f)
+        try:
+            if not errors:
+                os.ftruncate(fd, total)
+        finally:
+            os.close(fd)
+    if errors:
+        raise errors[0]
+    for _, o in segs:
+        if o is not None and id(o) in hashers:
+            o.sha256 = hashers[id(o)].hexdigest()
+    size = os.path.getsize(path)
+    if size != total:
+        raise ConversionError(f"{path}: wrote {size} bytes, expected {total}")
+    return size
+
+
+def _pread_into(dst: memoryview, span: Span, pos: int, fds: Dict[str, int]) -> None:
+    fd = fds.get(span.path)
+    if fd is None:
+        fd = fds[span.path] = os.open(span.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except (AttributeError, OSError):
+            pass
+    done = 0
+    while done < len(dst):
+        k = os.preadv(fd, [dst[done:]], span.offset + pos + done)
+        if k <= 0:
+            raise _truncated(span, pos + done)
+        done += k
+
+
+def _save_ms_shard(outs: List[Out], path: str, fmt: str) -> None:
+    """One MindSpore shard (tests patch this to simulate failures). safetensors: written here, byte for byte
+    what mindspore.save_checkpoint(format='safetensors') writes, without importing MindSpore or copying the
+    tensors through user space; ckpt: through mindspore.save_checkpoint."""
+    if fmt == "safetensors":
+        write_stream(path, ms_order(outs), {"format": "ms"})
+        return
     import mindspore as ms
+    tensors = []
+    for o in outs:
+        if o.data is None:
+            continue
+        arr = o.data if not isinstance(o.data, Span) else _read_span(o.data, o.tag, o.shape)
+        tensors.append({"name": o.name, "data": ms.Tensor.from_numpy(arr.view(ms_numpy_dtype(o.tag)))})
     ms.save_checkpoint(tensors, path, format=fmt)
+
+
+def _read_span(span: Span, tag: str, shape) -> np.ndarray:
+    dt = np.dtype(ST_DTYPES[tag])
+    if span.nbytes == 0:
+        return np.zeros(shape, dtype=dt)
+    arr = np.memmap(span.path, dtype=dt, mode="c", offset=span.offset, shape=(span.nbytes // dt.itemsize,))
+    arr = arr.reshape(shape)
+    return arr if arr.flags.aligned else np.array(arr)
+
+
+class _Hasher:
+    """sha256 of shard tensors on HASH_THREADS threads, overlapping the writer (one shard in flight)."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="ixc25-sha256")
+
+    def start(self, outs: List[Out], separate: List[Out], tick=None) -> Callable[[bool], List[str]]:
+        """Hash the outs in `separate` (in that order) on the pool while the shard is written; the returned
+        function waits and gives the digests in the order of `outs`, taking `out.sha256` (set by the writer)
+        for the others; given True it cancels instead."""
+        def one(o):
+            d = sha256_of(o.hashed)
+            if tick:
+                tick()
+            return d
+        fut = {id(o): self.pool.submit(one, o) for o in separate}
+
+        def wait(cancel: bool = False) -> List[str]:
+            if cancel:
+                for f in fut.values():
+                    f.cancel()
+                return []
+            try:
+                got = []
+                for o in outs:
+                    if id(o) in fut:
+                        got.append(fut[id(o)].result())
+                    else:
+                        if o.sha256 is None:
+                            raise ConversionError(f"internal error: no sha256 for '{o.name}'")
+                        got.append(o.sha256)
+                        if tick:
+                            tick()
+                return got
+            except BaseException:
+                for f in fut.values():
+                    f.cancel()
+                raise
+        return wait
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Syncer:
@@ -616,6 +899,23 @@ class _Progress:
             self.bar.close()
 
 
+def _source_out(it: Item, warnings: List[str]) -> Tuple[object, object]:
+    """(data, hashed) of one to-MindSpore item: the source byte range itself when the bytes pass through
+    unchanged (no cast, no surgery, safetensors source), else the converted array (hashed as written)."""
+    span = it.source.span(it.key) if isinstance(it.source, _StSource) else None
+    passthrough = it.target is None or (it.out_tag == it.tag and not has_surgery(it.target))
+    if span is not None and passthrough:
+        return (None if it.target is None else span), span
+    raw = it.source.read(it.key)
+    if it.target is None:
+        return None, raw
+    arr = cast_raw(raw, it.tag, it.out_tag, warnings, it.key)
+    del raw
+    if has_surgery(it.target):
+        arr = surgery_to_ms(it.target, arr)
+    return arr, arr
+
+
 def _write_to_ms(plan: Plan, tmp: str, fmt: str, quiet: bool, warnings: List[str]) -> Tuple[dict, List[dict]]:
     ext = "safetensors" if fmt == "safetensors" else "ckpt"
     n = len(plan.shards)
@@ -623,36 +923,31 @@ def _write_to_ms(plan: Plan, tmp: str, fmt: str, quiet: bool, warnings: List[str
     last_use = {id(it.source): si for si, shard in enumerate(plan.shards) for it in shard}
     prog = _Progress(plan.total_bytes, quiet, "convert")
     syncer = _Syncer()
+    hasher = _Hasher()
     ok = False
     try:
         for si, shard in enumerate(plan.shards):
             fname = f"ms_model-{si + 1:05d}-of-{n:05d}.{ext}"
             path = os.path.join(tmp, fname)
             prog.shard(len(shard), f"shard {si + 1}/{n}")
-            arrays = []
+            outs = []
             for it in shard:
-                raw = it.source.read(it.key)
-                if it.target is None:
-                    arrays.append(raw)
-                    continue
-                arr = cast_raw(raw, it.tag, it.out_tag, warnings, it.key)
-                del raw
-                if has_surgery(it.target):
-                    arr = surgery_to_ms(it.target, arr)
-                arrays.append(arr)
-
-            def save():
-                import mindspore as ms  # the first, slow import overlaps hashing the first shard
-                tensors = [{"name": it.target, "data": ms.Tensor.from_numpy(arr.view(ms_numpy_dtype(it.out_tag)))}
-                           for it, arr in zip(shard, arrays) if it.target is not None]
-                _save_ms_shard(tensors, path, fmt)
-
-            digests = _hashed(arrays, save, prog.tick)
+                data, hashed = _source_out(it, warnings)
+                shape = tuple(data.shape) if isinstance(data, np.ndarray) else it.shape
+                outs.append(Out(it.target, it.out_tag, shape, data, hashed))
+            inline = fmt == "safetensors"  # our writer hashes what it writes; the ckpt path is hashed apart
+            wait = hasher.start(outs, [o for o in outs if not (inline and o.data is not None and o.hashed is o.data)],
+                                prog.tick)
+            try:
+                _save_ms_shard(outs, path, fmt)
+            except BaseException:
+                wait(True)
+                raise
+            digests = wait()
             syncer.add(path)
             if fmt == "safetensors":
-                _verify_written(path, [(it.target, it.out_tag, a.shape) for it, a in zip(shard, arrays)
-                                       if it.target is not None])
-            for it, arr, dg in zip(shard, arrays, digests):
+                _verify_written(path, [(o.name, o.tag, o.shape) for o in outs if o.data is not None])
+            for it, o, dg in zip(shard, outs, digests):
                 rec = {"source_key": it.key, "source_file": os.path.basename(it.source.path),
                        "source_dtype": it.tag, "shape": list(it.shape)}
                 if it.target is None:
@@ -660,9 +955,9 @@ def _write_to_ms(plan: Plan, tmp: str, fmt: str, quiet: bool, warnings: List[str
                 else:
                     weight_map[it.target] = fname
                     rec.update(target=it.target, target_file=fname, dtype=it.out_tag,
-                               target_shape=list(arr.shape), sha256=dg)
+                               target_shape=list(o.shape), sha256=dg)
                 records.append(rec)
-            del arrays
+            del outs
             for it in shard:
                 if last_use.get(id(it.source)) == si:
                     it.source.close()
@@ -670,6 +965,7 @@ def _write_to_ms(plan: Plan, tmp: str, fmt: str, quiet: bool, warnings: List[str
         ok = True
     finally:
         try:
+            hasher.close()
             syncer.join()
         finally:
             prog.close(ok)
@@ -691,29 +987,37 @@ def _write_to_torch(plan: Plan, tmp: str, quiet: bool, warnings: List[str]) -> d
     last_use = {id(it.source): si for si, shard in enumerate(plan.shards) for it in shard}
     prog = _Progress(plan.total_bytes, quiet, "to-torch")
     syncer = _Syncer()
+    hasher = _Hasher()
     ok = False
     try:
         for si, shard in enumerate(plan.shards):
             fname = f"model-{si + 1:05d}-of-{n:05d}.safetensors"
             path = os.path.join(tmp, fname)
             prog.shard(len(shard), f"shard {si + 1}/{n}")
-            raws = [it.source.read(it.key) for it in shard]
             outs = []
-
-            def work():
-                for it, raw in zip(shard, raws):
-                    arr = surgery_to_official(it.key, raw) if has_surgery(it.key) else raw
-                    outs.append((it.target, it.out_tag, cast_raw(arr, it.tag, it.out_tag, warnings, it.key)))
-                write_safetensors_file(path, outs, {"format": "pt"}, fsync=False)
-
-            digests = _hashed(raws, work, prog.tick)
+            for it in shard:  # the stored bytes are hashed (checked against conversion.json)
+                span = it.source.span(it.key) if isinstance(it.source, _StSource) else None
+                if span is not None and it.out_tag == it.tag and not has_surgery(it.key):
+                    outs.append(Out(it.target, it.out_tag, it.shape, span, span))
+                    continue
+                raw = it.source.read(it.key)
+                arr = surgery_to_official(it.key, raw) if has_surgery(it.key) else raw
+                arr = cast_raw(arr, it.tag, it.out_tag, warnings, it.key)
+                outs.append(Out(it.target, it.out_tag, tuple(arr.shape), arr, span or raw))
+            wait = hasher.start(outs, [o for o in outs if o.hashed is not o.data], prog.tick)
+            try:
+                write_stream(path, outs, {"format": "pt"})
+            except BaseException:
+                wait(True)
+                raise
+            digests = wait()
             for it, dg in zip(shard, digests):
                 if it.expect_sha is not None and dg != it.expect_sha:
                     raise ConversionError(f"{it.source.path}: key '{it.key}' does not match the sha256 in "
                                           f"{CONVERSION_FILE} (file corrupted after conversion?)")
                 weight_map[it.target] = fname
             syncer.add(path)
-            del raws, outs
+            del outs
             for it in shard:
                 if last_use.get(id(it.source)) == si:
                     it.source.close()
@@ -721,10 +1025,21 @@ def _write_to_torch(plan: Plan, tmp: str, quiet: bool, warnings: List[str]) -> d
         ok = True
     finally:
         try:
+            hasher.close()
             syncer.join()
         finally:
             prog.close(ok)
     return weight_map
+
+
+def _mindspore_version() -> str:
+    """Without importing MindSpore (~2.5 s) when its package metadata is there."""
+    try:
+        from importlib.metadata import version
+        return version("mindspore")
+    except Exception:  # metadata missing: ask the module itself
+        import mindspore as ms
+        return ms.__version__
 
 
 def _copy_extra(plan: Plan, tmp: str) -> None:
@@ -792,7 +1107,6 @@ def convert_to_ms(src: str, dst: str, dtype: Optional[str] = None, fmt: str = "s
         t1 = time.time()
         weight_map, records = _write_to_ms(plan, tmp, fmt, quiet, warnings)
         t_write = time.time() - t1
-        import mindspore as ms
         _copy_extra(plan, tmp)
         total = plan.total_bytes
         _write_json(os.path.join(tmp, MS_INDEX), {
@@ -800,7 +1114,7 @@ def convert_to_ms(src: str, dst: str, dtype: Optional[str] = None, fmt: str = "s
             "weight_map": weight_map})
         out_dtypes = sorted({it.out_tag for it in plan.items if it.target is not None})
         summary = {
-            "tool": TOOL, "tool_version": TOOL_VERSION, "mindspore_version": ms.__version__,
+            "tool": TOOL, "tool_version": TOOL_VERSION, "mindspore_version": _mindspore_version(),
             "numpy_version": np.__version__, "direction": plan.direction, "source": plan.src,
             "source_files": plan.source_files, "config": os.path.basename(plan.cfg_path), "format": fmt,
             "dtype": dtype_tag(dtype) or "source", "output_dtypes": out_dtypes, "shard_size": shard_size,

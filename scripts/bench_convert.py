@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -101,6 +102,20 @@ def run_convert(args: list) -> tuple:
     return dt, ru.ru_maxrss * 1024, ru.ru_utime + ru.ru_stime  # ru_maxrss is in KiB on Linux
 
 
+def warm(src: str) -> float:
+    """Read every file of src once so that each timed run starts with the source in the page cache."""
+    t, buf = time.perf_counter(), bytearray(16 << 20)
+    for name in sorted(os.listdir(src)):
+        with open(os.path.join(src, name), "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - t
+
+
+def _stats(xs: list) -> str:
+    return f"min {min(xs):.1f}s / median {statistics.median(xs):.1f}s"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=4, help="LLM decoder layers to fake (the real model has 32)")
@@ -108,19 +123,17 @@ def main(argv=None) -> int:
     ap.add_argument("--src-shard-size", default="2GB", help="shard size of the fake official checkpoint")
     ap.add_argument("--shard-size", default="2GB", help="--shard-size passed to ixc25-convert")
     ap.add_argument("--format", default="safetensors", choices=("safetensors", "ckpt"))
-    ap.add_argument("--to-torch", action="store_true", help="also time the way back")
+    ap.add_argument("--rounds", type=int, default=3, help="copy, convert pairs, interleaved")
+    ap.add_argument("--to-torch", action="store_true", help="also time the way back (once)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args(argv)
     if os.path.exists(a.workdir):
         raise SystemExit(f"bench_convert: {a.workdir} exists; remove it or pick another --workdir")
-    per_layer = sum(int(np.prod(s)) * 2 for k, s in
-                    expected_parameters(IXCConfig.from_dict(dict(REAL_7B, num_hidden_layers=1))).items()
-                    if k.startswith("model.layers.0."))
-    rest = sum(int(np.prod(s)) * 2 for k, s in
-               expected_parameters(IXCConfig.from_dict(dict(REAL_7B, num_hidden_layers=1))).items()
-               if not k.startswith("model.layers."))
+    one = expected_parameters(IXCConfig.from_dict(dict(REAL_7B, num_hidden_layers=1)))
+    per_layer = sum(int(np.prod(s)) * 2 for k, s in one.items() if k.startswith("model.layers.0."))
+    rest = sum(int(np.prod(s)) * 2 for k, s in one.items() if not k.startswith("model.layers."))
     est = rest + a.layers * per_layer
-    copies = 3 + int(a.to_torch)
+    copies = 2 + int(a.to_torch)
     parent = os.path.dirname(os.path.abspath(a.workdir))
     free = shutil.disk_usage(parent).free
     print(f"fake 7B: {a.layers}/32 LLM layers, {human(est)} bf16 (full model {human(rest + 32 * per_layer)}); "
@@ -135,30 +148,51 @@ def main(argv=None) -> int:
               f"largest shard {human(info['largest_shard'])} ({time.perf_counter() - t:.1f}s)")
         total = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src))
         load0 = os.getloadavg()[0]
-        t_copy1, cpu_copy1 = plain_copy(src, cp)
-        shutil.rmtree(cp)
-        t_conv, rss, cpu_conv = run_convert(["--src", src, "--dst", dst, "--shard-size", a.shard_size,
-                                             "--format", a.format, "--quiet"])
-        t_copy2, cpu_copy2 = plain_copy(src, cp)
+        t_copy, cpu_copy, t_conv, cpu_conv, rss, t_write = [], [], [], [], [], []
+        for r in range(a.rounds):
+            # copy, then convert; each starts from a source read just before (page cache warm for both) and
+            # ends with its output fsynced; the previous output is deleted first
+            for what in ("copy", "convert"):
+                shutil.rmtree(cp, ignore_errors=True)
+                shutil.rmtree(dst, ignore_errors=True)
+                os.sync()
+                warm(src)
+                if what == "copy":
+                    dt, cpu = plain_copy(src, cp)
+                    t_copy.append(dt)
+                    cpu_copy.append(cpu)
+                else:
+                    dt, peak, cpu = run_convert(["--src", src, "--dst", dst, "--shard-size", a.shard_size,
+                                                 "--format", a.format, "--quiet"])
+                    with open(os.path.join(dst, "conversion.json")) as f:
+                        t_write.append(json.load(f)["seconds"]["write"])
+                    t_conv.append(dt)
+                    cpu_conv.append(cpu)
+                    rss.append(peak)
+                print(f"  round {r + 1} {what:8s} {dt:6.1f}s  {total / dt / 1e6:5.0f} MB/s  load "
+                      f"{os.getloadavg()[0]:.1f}", flush=True)
         load1 = os.getloadavg()[0]
-        with open(os.path.join(dst, "conversion.json")) as f:
-            rec = json.load(f)
         out_sizes = [os.path.getsize(os.path.join(dst, f)) for f in os.listdir(dst) if f.startswith("ms_model-")]
-        copy_mbs = total / ((t_copy1 + t_copy2) / 2) / 1e6
-        conv_mbs = total / t_conv / 1e6
-        write_mbs = rec["total_size"] / rec["seconds"]["write"] / 1e6
+        m_copy, m_conv = statistics.median(t_copy), statistics.median(t_conv)
         largest = max(info["largest_shard"], max(out_sizes))
-        print(f"machine: {os.cpu_count()} CPUs, load average {load0:.1f} before / {load1:.1f} after")
-        print(f"plain copy (copyfile+fsync): {t_copy1:.1f}s / {t_copy2:.1f}s -> {copy_mbs:.0f} MB/s, "
-              f"CPU {cpu_copy1:.1f}s / {cpu_copy2:.1f}s")
-        print(f"ixc25-convert ({a.format}): {t_conv:.1f}s end to end -> {conv_mbs:.0f} MB/s "
-              f"({100 * conv_mbs / copy_mbs:.0f}% of copy); write phase {rec['seconds']['write']:.1f}s -> "
-              f"{write_mbs:.0f} MB/s ({100 * write_mbs / copy_mbs:.0f}% of copy); CPU {cpu_conv:.1f}s")
-        print(f"peak RSS {human(rss)}; largest shard {human(largest)} (source {human(info['largest_shard'])}, "
-              f"output {human(max(out_sizes))}); peak - largest shard = {human(rss - largest)} (goal <= 1 GB)")
+        print(f"machine: {os.cpu_count()} CPUs, load average {load0:.1f} before / {load1:.1f} after; "
+              f"source in page cache for every run, outputs fsynced")
+        print(f"plain copy (copyfile+fsync), {a.rounds} runs: {_stats(t_copy)} -> {total / m_copy / 1e6:.0f} MB/s "
+              f"(median); CPU median {statistics.median(cpu_copy):.1f}s")
+        print(f"ixc25-convert ({a.format}), {a.rounds} runs: {_stats(t_conv)} -> {total / m_conv / 1e6:.0f} MB/s "
+              f"(median); write phase median {statistics.median(t_write):.1f}s; CPU median "
+              f"{statistics.median(cpu_conv):.1f}s")
+        print(f"ratio of medians: convert = {100 * m_copy / m_conv:.0f}% of copy speed "
+              f"(per round: {', '.join(f'{100 * c / v:.0f}%' for c, v in zip(t_copy, t_conv))}; "
+              f"min vs min {100 * min(t_copy) / min(t_conv):.0f}%)")
+        print(f"peak RSS max {human(max(rss))}; largest shard {human(largest)} (source "
+              f"{human(info['largest_shard'])}, output {human(max(out_sizes))}); peak - largest shard = "
+              f"{human(max(rss) - largest)} (goal <= 1 GB)")
         if a.to_torch:
+            shutil.rmtree(cp, ignore_errors=True)
+            warm(dst)
             t_back, rss_back, _ = run_convert(["--src", dst, "--dst", back, "--to-torch", "--quiet",
-                                            "--shard-size", a.shard_size])
+                                               "--shard-size", a.shard_size])
             print(f"--to-torch: {t_back:.1f}s -> {total / t_back / 1e6:.0f} MB/s, peak RSS {human(rss_back)}")
     finally:
         if not a.keep:
