@@ -48,8 +48,13 @@ def _set(p, arr: np.ndarray):
 
 
 def assign_state_dict(cell, state: Dict[str, np.ndarray], source: str = "state dict",
-                      ignore_prefixes: Iterable[str] = ()) -> None:
-    """Copy an in-memory `state` into `cell` (names must match); nothing is assigned on error."""
+                      ignore_prefixes: Iterable[str] = (), prefix: str = "") -> None:
+    """Copy an in-memory `state` into `cell` (names must match); nothing is assigned on error.
+
+    With `prefix`, only keys starting with it are considered and it is stripped (e.g. prefix 'vit.' fills a
+    bare CLIPVisionTower from a whole-model state dict)."""
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     check_keys(cell, {k: tuple(np.shape(v)) for k, v in state.items()}, source, ignore_prefixes)
     for k, p in cell.parameters_and_names():
         _set(p, np.asarray(state[k]))

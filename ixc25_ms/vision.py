@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Union
 
 import mindspore as ms
 import numpy as np
@@ -313,25 +312,3 @@ def encode_pixels(vit: CLIPVisionTower, vision_proj: nn.Cell, glb_GN, sub_GN, pi
     proj_dtype = vision_proj[0].weight.dtype
     emb = vision_proj(ops.cast(layout, proj_dtype))
     return (emb, layout) if return_layout else emb
-
-
-def assign_weights(cell: nn.Cell, state_dict: Dict[str, np.ndarray], prefix: str = "",
-                   strict: bool = True) -> List[str]:
-    """Copy `prefix + name` arrays from a numpy state dict into the cell's parameters (cast to each
-    parameter's dtype). strict: every parameter must be present with the right shape. Returns names set."""
-    done = []
-    missing = []
-    for name, p in cell.parameters_and_names():
-        key = prefix + name
-        if key not in state_dict:
-            missing.append(key)
-            continue
-        arr = np.asarray(state_dict[key])
-        if tuple(arr.shape) != tuple(p.shape):
-            raise ValueError(f"assign_weights: '{key}' has shape {list(arr.shape)}, parameter wants {list(p.shape)}")
-        p.set_data(Tensor(arr.astype(_NP.get(p.dtype, np.float32))))
-        done.append(key)
-    if strict and missing:
-        raise KeyError(f"assign_weights: missing from the state dict: {missing[:5]}"
-                       f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
-    return done

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from mindspore import Parameter, Tensor
 
-from ixc25_ms.checkpoint import load_state_dict
+from ixc25_ms.checkpoint import CheckpointError, load_state_dict
 from ixc25_ms.config import IXCConfig, VisionConfig
 from ixc25_ms.processing import bicubic_resize, bicubic_resize_matrices, preprocess_image
-from ixc25_ms.vision import (CLIPVisionTower, assign_weights, build_vision_proj, encode_pixels, expected_tokens,
+from ixc25_ms.loading import assign_state_dict
+from ixc25_ms.vision import (CLIPVisionTower, build_vision_proj, encode_pixels, expected_tokens,
                              global_local_layout, split_views)
 from parity_tests.reference.vision import VisionReference
 from parity_tests.tolerance import assert_close, compare
@@ -42,9 +43,9 @@ def ms_parts(golden, dt):
     if dt not in _MODELS:
         cfg, sd, _ = golden
         vit = CLIPVisionTower(cfg.vision, DTYPES[dt])
-        assign_weights(vit, sd, "vit.")
+        assign_state_dict(vit, sd, "golden", prefix="vit.")
         proj = build_vision_proj(cfg.vit_merged_dim, cfg.hidden_size, DTYPES[dt])
-        assign_weights(proj, sd, "vision_proj.")
+        assign_state_dict(proj, sd, "golden", prefix="vision_proj.")
         glb = Parameter(Tensor(sd["plora_glb_GN"]).astype(DTYPES[dt]), name="plora_glb_GN")
         sub = Parameter(Tensor(sd["plora_sub_GN"]).astype(DTYPES[dt]), name="plora_sub_GN")
         _MODELS[dt] = (vit, proj, glb, sub)
@@ -146,7 +147,7 @@ def test_gelu_config_random_weights():
     rng = np.random.default_rng(5)
     sd = {"vit." + n: (rng.standard_normal(p.shape) * 0.1 + (1.0 if n.endswith("norm1.weight") else 0.0))
           .astype(np.float32) for n, p in vit.parameters_and_names()}
-    assign_weights(vit, sd, "vit.")
+    assign_state_dict(vit, sd, "golden", prefix="vit.")
     x = rand((1, 3, 560, 560), 6)
     assert_close(vit(Tensor(x)), VisionReference(sd, cfg).tower(torch.from_numpy(x)), "fp32", "gelu tower")
 
@@ -247,10 +248,10 @@ def test_encode_pixels_rejects_nan_and_bad_weights(golden):
     pv[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         encode_pixels(vit, proj, glb, sub, pv)
-    with pytest.raises(KeyError, match="missing"):
-        assign_weights(CLIPVisionTower(golden[0].vision), {}, "vit.")
+    with pytest.raises(CheckpointError, match="missing"):
+        assign_state_dict(CLIPVisionTower(golden[0].vision), {}, "empty", prefix="vit.")
     _, sd, _ = golden
     bad = dict(sd)
     bad["vit.vision_tower.vision_model.pre_layrnorm.weight"] = np.zeros(3, np.float32)
-    with pytest.raises(ValueError, match="pre_layrnorm.weight"):
-        assign_weights(CLIPVisionTower(golden[0].vision), bad, "vit.")
+    with pytest.raises(CheckpointError, match="pre_layrnorm.weight"):
+        assign_state_dict(CLIPVisionTower(golden[0].vision), bad, "bad", prefix="vit.")
