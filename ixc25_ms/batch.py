@@ -4,40 +4,31 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import numpy as np
-from mindspore import Tensor, ops
+from mindspore import ops
 
 from .chat import META_INSTRUCTION, _finish, _prepare_chat, eos_ids
-from .generate import GenerationConfig, generate
-
-PROMPT_BUCKET = 64  # padded prompt lengths are multiples of this, so jit compiles O(1) prefill graphs
-
-
-def _bucket(n: int, multiple: Optional[int]) -> int:
-    if not multiple or multiple <= 1:
-        return n
-    return -(-n // multiple) * multiple
+from .generate import PROMPT_BUCKET, GenerationConfig, bucket_length, generate, left_pad
 
 
 def pad_batch(rows, bos_token_id: int, bucket: Optional[int] = PROMPT_BUCKET):
     """rows: [(embeds (1,L_i,H) Tensor, im_mask (1,L_i) bool-ish, prompt_ids (1,L_i) or None)] ->
     (embeds (B,L,H), im_mask (B,L) bool, attention_mask (B,L) int64, seed ids (B,L)), left-padded to
-    L = bucket(max L_i). Padded positions: zero embeddings, attention 0, im_mask 0.
+    L = bucket(max L_i). Padded positions: zero embeddings, attention 0, im_mask 0 (`generate.left_pad`,
+    the same padding generate() applies to single prompts under jit).
 
     The seed ids feed only the repetition-penalty set, which is per-row *unique* ids: a row is padded
     with its own first id (or the placeholder BOS that generate(inputs_embeds=...) uses), so the set
     equals the single-prompt one."""
     lens = [int(e.shape[1]) for e, _, _ in rows]
-    l = _bucket(max(lens), bucket)
+    l = bucket_length(max(lens), bucket)
     embeds, masks, attn, seeds = [], [], [], []
     for (e, m, ids), n in zip(rows, lens):
         pad = l - n
-        e = e.astype(rows[0][0].dtype)
-        if pad:
-            e = ops.cat([ops.zeros((1, pad, int(e.shape[2])), e.dtype), e], 1)
+        m = np.asarray(m.asnumpy() if hasattr(m, "asnumpy") else m, bool).reshape(1, n)
+        e, m, a = left_pad(e.astype(rows[0][0].dtype), m, np.ones((1, n), np.int64), pad)
         embeds.append(e)
-        m = np.asarray(m.asnumpy() if hasattr(m, "asnumpy") else m, bool).reshape(-1)
-        masks.append(np.concatenate([np.zeros(pad, bool), m]))
-        attn.append(np.concatenate([np.zeros(pad, np.int64), np.ones(n, np.int64)]))
+        masks.append(m[0])
+        attn.append(a[0])
         ids = np.full(n, bos_token_id, np.int64) if ids is None else np.asarray(ids, np.int64).reshape(-1)
         seeds.append(np.concatenate([np.full(pad, ids[0], np.int64), ids]))
     return ops.cat(embeds, 0), np.stack(masks), np.stack(attn), np.stack(seeds)

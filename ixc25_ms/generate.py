@@ -8,6 +8,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 CAPACITY_BUCKET = 64  # cache slots are rounded up to this, so nearby prompt lengths share compiled graphs
+PROMPT_BUCKET = 64  # under jit, prompts are left-padded to a multiple of this: O(1) compiled prefill graphs
 
 
 @dataclass
@@ -98,8 +99,44 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- the loop
+def bucket_length(n: int, multiple: Optional[int]) -> int:
+    """n rounded up to a multiple of `multiple` (n itself when multiple is None or <= 1)."""
+    if not multiple or multiple <= 1:
+        return n
+    return -(-n // multiple) * multiple
+
+
 def _capacity(n: int) -> int:
-    return -(-n // CAPACITY_BUCKET) * CAPACITY_BUCKET
+    return bucket_length(n, CAPACITY_BUCKET)
+
+
+def left_pad(embeds, im_mask, attention_mask, pad: int):
+    """Left-pads (B,L,H) embeddings with `pad` zero rows; im_mask (B,L) and attention_mask (B,L) with zeros
+    (im_mask may be None and stays None). Positions come from the attention mask (cumsum - 1) and padded
+    keys are masked, so the real positions' results are unchanged."""
+    if pad <= 0:
+        return embeds, im_mask, attention_mask
+    b, _, h = (int(d) for d in embeds.shape)
+    embeds = ops.cat([ops.zeros((b, pad, h), embeds.dtype), embeds], 1)
+    attention_mask = np.concatenate([np.zeros((b, pad), np.int64), np.asarray(attention_mask, np.int64)], 1)
+    if im_mask is not None:
+        im_mask = np.asarray(im_mask)
+        im_mask = np.concatenate([np.zeros((b, pad), im_mask.dtype), im_mask], 1)
+    return embeds, im_mask, attention_mask
+
+
+def _bucket_prompt(lm, gen, embeds, im_mask, am, bucket: Optional[int] = PROMPT_BUCKET):
+    """Under jit (`lm.use_jit`), left-pads the prompt to a multiple of `bucket` so prompts of nearby lengths
+    share one compiled prefill graph. Not done eagerly (nothing to compile), nor when a dynamic-NTK RoPE
+    would see a different length than the unpadded prompt (its state depends on the sequence length)."""
+    if not getattr(lm, "use_jit", False):
+        return embeds, im_mask, am
+    l = am.shape[1]
+    lp = bucket_length(l, bucket)
+    rope = getattr(lm, "rope", None)
+    if rope is not None and rope.type == "dynamic" and _capacity(lp + gen.max_new_tokens) > rope.cached_len:
+        return embeds, im_mask, am
+    return left_pad(embeds, im_mask, am, lp - l)
 
 
 def _to_np(x):
@@ -133,7 +170,7 @@ def generate(lm, inputs_embeds, im_mask=None, attention_mask=None, gen: Optional
     `streamer.put(ids)` / `.end()` as transformers' streamers (greedy and sampling only).
     """
     gen = gen or GenerationConfig(**kwargs)
-    inputs_embeds, im_mask, am = _prepare(inputs_embeds, im_mask, attention_mask)
+    inputs_embeds, im_mask, am = _bucket_prompt(lm, gen, *_prepare(inputs_embeds, im_mask, attention_mask))
     if gen.num_beams > 1:
         if streamer is not None:
             raise ValueError("streaming is not supported with beam search (num_beams > 1)")
@@ -154,7 +191,7 @@ def iter_generate(lm, inputs_embeds, im_mask=None, attention_mask=None, gen: Opt
     gen = gen or GenerationConfig(**kwargs)
     if gen.num_beams > 1:
         raise ValueError("streaming is not supported with beam search (num_beams > 1)")
-    inputs_embeds, im_mask, am = _prepare(inputs_embeds, im_mask, attention_mask)
+    inputs_embeds, im_mask, am = _bucket_prompt(lm, gen, *_prepare(inputs_embeds, im_mask, attention_mask))
     return _sample_steps(lm, inputs_embeds, im_mask, am, gen, prompt_ids)
 
 
