@@ -522,7 +522,7 @@ IO_CHUNK = 8 << 20      # bytes per pread while hashing a file range apart from 
 DIRECT_CHUNK = 64 << 20  # bytes per output buffer / write
 DIRECT_BUFFERS = 6       # buffers in flight (being filled, hashed, written): 384 MB
 DIRECT_WRITERS = 4       # concurrent O_DIRECT writes (one synchronous write at a time is ~3x slower)
-USE_DIRECT = True        # False: buffered writes (the kernel copies into the page cache)
+USE_DIRECT = os.environ.get("IXC25_CONVERT_DIRECT", "1") != "0"  # "0": buffered writes (page cache)
 HASH_THREADS = max(1, min(2, os.cpu_count() or 1))
 MS_TAG_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}  # safetensors' Dtype enum, descending
 
@@ -594,9 +594,9 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
 
     The byte stream (header, then every tensor) goes through DIRECT_BUFFERS page-aligned buffers of
     DIRECT_CHUNK bytes: the calling thread fills a buffer (pread from the source file for a Span, a memory
-    copy for an array), one thread feeds the same buffer to the sha256 of each tensor it holds (with
+    copy for an array), hash threads feed the same buffer to the sha256 of each tensor it holds (with
     hash_inline, for every out whose `hashed` is its `data`: the digest lands in `out.sha256` and is the hash
-    of the very bytes handed to the disk), and DIRECT_WRITERS threads pwrite it with O_DIRECT (no copy into
+    of the very bytes handed to the disk; HASH_THREADS threads, tensors dealt round-robin), and DIRECT_WRITERS threads pwrite it with O_DIRECT (no copy into
     the page cache, several writes in flight; plain buffered writes where the filesystem refuses O_DIRECT).
     The last block is padded to 4096 bytes and the file truncated to its size."""
     header, off = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}, 0
@@ -630,8 +630,9 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
     free: "queue.Queue[int]" = queue.Queue()
     for i in range(nbuf):
         free.put(i)
-    hq: queue.Queue = queue.Queue()
+    hqs: List[queue.Queue] = [queue.Queue() for _ in range(HASH_THREADS)]
     wq: queue.Queue = queue.Queue()
+    owner = {id(o): k % HASH_THREADS for k, (_, o) in enumerate(segs)}  # a tensor's pieces stay in order
     pending = [0] * nbuf
     lock = threading.Lock()
     errors: List[BaseException] = []
@@ -643,7 +644,7 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
         if last:
             free.put(i)
 
-    def hash_loop() -> None:
+    def hash_loop(hq: queue.Queue) -> None:
         while True:
             job = hq.get()
             if job is None:
@@ -679,7 +680,7 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
             finally:
                 release(i)
 
-    threads = [threading.Thread(target=hash_loop, name="ixc25-sha256", daemon=True)]
+    threads = [threading.Thread(target=hash_loop, args=(hq,), name="ixc25-sha256", daemon=True) for hq in hqs]
     threads += [threading.Thread(target=write_loop, name="ixc25-write", daemon=True)
                 for _ in range(DIRECT_WRITERS)]
     for t in threads:
@@ -692,7 +693,7 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
             if errors:
                 break
             buf = memoryview(bufs[i])
-            n, a, pieces = min(DIRECT_CHUNK, total - at), 0, []
+            n, a, pieces = min(DIRECT_CHUNK, total - at), 0, [[] for _ in hqs]
             while a < n:
                 data, o = segs[seg_i]
                 take = min(n - a, data.nbytes - seg_pos)
@@ -701,7 +702,7 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
                 elif take:
                     buf[a:a + take] = data[seg_pos:seg_pos + take]
                 if take and o is not None and id(o) in hashers:
-                    pieces.append((hashers[id(o)], a, a + take))
+                    pieces[owner[id(o)]].append((hashers[id(o)], a, a + take))
                 a += take
                 seg_pos += take
                 if seg_pos == data.nbytes:
@@ -709,14 +710,16 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
             wn = -(-n // 4096) * 4096 if direct else n
             if wn > n:
                 buf[n:wn] = bytes(wn - n)
-            pending[i] = 2
-            hq.put((i, pieces))
+            pending[i] = 1 + len(hqs)
+            for hq, pc in zip(hqs, pieces):
+                hq.put((i, pc))
             wq.put((i, at, wn))
             at += n
     except BaseException as e:
         errors.append(e)
     finally:
-        hq.put(None)
+        for hq in hqs:
+            hq.put(None)
         for _ in range(DIRECT_WRITERS):
             wq.put(None)
         for t in threads:

@@ -143,7 +143,13 @@ def main(argv=None) -> int:
     src, cp, dst, back = (os.path.join(a.workdir, n) for n in ("official", "copy", "ms", "back"))
     try:
         t = time.perf_counter()
-        info = fake_checkpoint(src, a.layers, parse_size(a.src_shard_size))
+        # in a child process: a forked converter's ru_maxrss would otherwise include this process's RSS
+        out = subprocess.run([sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); "
+                              "from scripts.bench_convert import fake_checkpoint; "
+                              "print(json.dumps(fake_checkpoint(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))",
+                              REPO, src, str(a.layers), str(parse_size(a.src_shard_size))],
+                             check=True, capture_output=True, text=True).stdout
+        info = json.loads(out.strip().splitlines()[-1])
         print(f"wrote fake: {info['tensors']} tensors, {info['files']} shard(s), {human(info['bytes'])}, "
               f"largest shard {human(info['largest_shard'])} ({time.perf_counter() - t:.1f}s)")
         total = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src))
