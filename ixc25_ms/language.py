@@ -103,8 +103,9 @@ class RMSNorm(nn.Cell):
 class Attention(nn.Cell):
     """GQA over the fused wqkv laid out per KV group: [q_g0 .. q_g(G-1), k_g, v_g] for each group g."""
 
-    def __init__(self, cfg: IXCConfig, dtype):
+    def __init__(self, cfg: IXCConfig, dtype, flash: bool = False):
         super().__init__()
+        self.flash = flash  # Ascend only: fused flash_attention_score for prefill (see notes/ascend.md)
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.groups = cfg.num_kv_groups
         kw = dict(bias=cfg.bias, lora_r=cfg.lora_r, lora_scaling=cfg.lora_scaling, web_r=cfg.web_lora_r, dtype=dtype)
@@ -130,14 +131,18 @@ class Attention(nn.Cell):
         else:  # decode: write slot `write_pos`, attend over the whole cache
             k_all = ops.where(write_pos, k, k_cache)
             v_all = ops.where(write_pos, v, v_cache)
-        # GQA: kv head g serves query heads g*G .. g*G+G-1
-        c = k_all.shape[2]
-        qg = q.reshape(b, self.kv_heads, self.groups * l, self.head_dim)
-        scores = ops.matmul(qg, k_all.swapaxes(2, 3)).reshape(b, self.heads, l, c)
-        scores = scores.astype(ms.float32) * self.scale + attn_mask
-        probs = ops.softmax(scores, -1).astype(v_all.dtype)
-        out = ops.matmul(probs.reshape(b, self.kv_heads, self.groups * l, c), v_all)
-        out = out.reshape(b, self.heads, l, self.head_dim).swapaxes(1, 2).reshape(b, l, self.heads * self.head_dim)
+        if self.flash and k_cache is None:  # Ascend prefill: fused kernel, GQA native, mask 1 = masked
+            out = ops.flash_attention_score(q, k_all, v_all, self.heads, attn_mask=(attn_mask < 0).astype(ms.uint8),
+                                            scalar_value=self.scale, input_layout="BNSD")
+        else:  # GQA: kv head g serves query heads g*G .. g*G+G-1
+            c = k_all.shape[2]
+            qg = q.reshape(b, self.kv_heads, self.groups * l, self.head_dim)
+            scores = ops.matmul(qg, k_all.swapaxes(2, 3)).reshape(b, self.heads, l, c)
+            scores = scores.astype(ms.float32) * self.scale + attn_mask
+            probs = ops.softmax(scores, -1).astype(v_all.dtype)
+            out = ops.matmul(probs.reshape(b, self.kv_heads, self.groups * l, c), v_all).reshape(
+                b, self.heads, l, self.head_dim)
+        out = out.swapaxes(1, 2).reshape(b, l, self.heads * self.head_dim)
         if k_cache is None and cap > l:  # a fresh cache of `cap` slots, the prompt in [0, L)
             pad = ops.zeros((b, self.kv_heads, cap - l, self.head_dim), k.dtype)
             k_all, v_all = ops.cat([k, pad], 2), ops.cat([v, pad], 2)
@@ -159,9 +164,9 @@ class FeedForward(nn.Cell):
 
 
 class DecoderLayer(nn.Cell):
-    def __init__(self, cfg: IXCConfig, dtype):
+    def __init__(self, cfg: IXCConfig, dtype, flash: bool = False):
         super().__init__()
-        self.attention = Attention(cfg, dtype)
+        self.attention = Attention(cfg, dtype, flash)
         self.feed_forward = FeedForward(cfg, dtype)
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -177,11 +182,11 @@ class DecoderLayer(nn.Cell):
 class InternLM2Model(nn.Cell):
     """tok_embeddings, layers, norm (checkpoint prefix `model.`)."""
 
-    def __init__(self, cfg: IXCConfig, dtype=ms.float32):
+    def __init__(self, cfg: IXCConfig, dtype=ms.float32, flash: bool = False):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.CellList([DecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.CellList([DecoderLayer(cfg, dtype, flash) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def construct(self, h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode):
@@ -194,6 +199,17 @@ class InternLM2Model(nn.Cell):
             ks = ks + (k,)
             vs = vs + (v,)
         return self.norm(h), ks, vs
+
+
+def flash_attention_switch(dtype, requested=None) -> bool:
+    """Fused flash attention in prefill: only on Ascend with fp16/bf16 (the kernel exists nowhere else).
+    None = automatic; True where it cannot run is an error rather than a silent fallback."""
+    target = ms.get_context("device_target")
+    ok = target == "Ascend" and dtype in (ms.float16, ms.bfloat16)
+    if requested and not ok:
+        raise ValueError(f"flash attention needs device_target 'Ascend' and float16/bfloat16 compute "
+                         f"(have {target}, {dtype})")
+    return ok if requested is None else bool(requested)
 
 
 # ------------------------------------------------------------------------------------------------ host-side masks
@@ -225,11 +241,12 @@ class InternLM2ForCausalLM(nn.Cell):
     has fixed shapes for a given batch and cache capacity, so it compiles once per generation setup.
     """
 
-    def __init__(self, cfg: IXCConfig, dtype="float32", use_jit: bool = False):
+    def __init__(self, cfg: IXCConfig, dtype="float32", use_jit: bool = False, flash_attention=None):
         super().__init__()
         self.cfg = cfg
         self.compute_dtype = ms_dtype(dtype)
-        self.model = InternLM2Model(cfg, self.compute_dtype)
+        self.flash_attention = flash_attention_switch(self.compute_dtype, flash_attention)
+        self.model = InternLM2Model(cfg, self.compute_dtype, self.flash_attention)
         self.output = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=self.compute_dtype)
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
         self.use_jit = use_jit

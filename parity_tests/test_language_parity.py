@@ -196,3 +196,15 @@ def test_golden_greedy_ids(golden, use_jit):
     ids = generate(lm, ms.Tensor(exp["inputs_embeds"]), exp["im_mask"], max_new_tokens=8, repetition_penalty=1.0,
                    eos_token_id=g["eos_token_id"])
     assert ids[0].tolist() == exp["gen_ids_norep"][0, 1:].tolist()
+
+
+def test_flash_attention_switch_is_ascend_only():
+    """The fused kernel exists only on Ascend (fp16/bf16): automatic off here, forcing it is a clear error."""
+    import mindspore as ms
+    from ixc25_ms.language import InternLM2ForCausalLM, flash_attention_switch
+    assert ms.get_context("device_target") == "CPU"
+    assert flash_attention_switch(ms.float16) is False and flash_attention_switch(ms.float32) is False
+    with pytest.raises(ValueError, match="Ascend"):
+        InternLM2ForCausalLM(tiny_config(), dtype="float16", flash_attention=True)
+    lm = InternLM2ForCausalLM(tiny_config(), dtype="float16")
+    assert not lm.flash_attention and not any(l.attention.flash for l in lm.model.layers)
