@@ -919,48 +919,22 @@ def _source_out(it: Item, warnings: List[str]) -> Tuple[object, object]:
     return arr, arr
 
 
-def _write_to_ms(plan: Plan, tmp: str, fmt: str, quiet: bool, warnings: List[str]) -> Tuple[dict, List[dict]]:
-    ext = "safetensors" if fmt == "safetensors" else "ckpt"
+def _run_shards(plan: Plan, tmp: str, quiet: bool, label: str, fname_of, write_shard) -> None:
+    """Shared shard loop of both directions: progress, hashing thread, background fsync, closing each source
+    after its last shard. `write_shard(si, shard, fname, path, hasher, prog)` builds and writes one shard."""
     n = len(plan.shards)
-    weight_map, records = {}, []
     last_use = {id(it.source): si for si, shard in enumerate(plan.shards) for it in shard}
-    prog = _Progress(plan.total_bytes, quiet, "convert")
+    prog = _Progress(plan.total_bytes, quiet, label)
     syncer = _Syncer()
     hasher = _Hasher()
     ok = False
     try:
         for si, shard in enumerate(plan.shards):
-            fname = f"ms_model-{si + 1:05d}-of-{n:05d}.{ext}"
+            fname = fname_of(si, n)
             path = os.path.join(tmp, fname)
             prog.shard(len(shard), f"shard {si + 1}/{n}")
-            outs = []
-            for it in shard:
-                data, hashed = _source_out(it, warnings)
-                shape = tuple(data.shape) if isinstance(data, np.ndarray) else it.shape
-                outs.append(Out(it.target, it.out_tag, shape, data, hashed))
-            inline = fmt == "safetensors"  # our writer hashes what it writes; the ckpt path is hashed apart
-            wait = hasher.start(outs, [o for o in outs if not (inline and o.data is not None and o.hashed is o.data)],
-                                prog.tick)
-            try:
-                _save_ms_shard(outs, path, fmt)
-            except BaseException:
-                wait(True)
-                raise
-            digests = wait()
+            write_shard(si, shard, fname, path, hasher, prog)
             syncer.add(path)
-            if fmt == "safetensors":
-                _verify_written(path, [(o.name, o.tag, o.shape) for o in outs if o.data is not None])
-            for it, o, dg in zip(shard, outs, digests):
-                rec = {"source_key": it.key, "source_file": os.path.basename(it.source.path),
-                       "source_dtype": it.tag, "shape": list(it.shape)}
-                if it.target is None:
-                    rec.update(target="dropped", sha256=dg)
-                else:
-                    weight_map[it.target] = fname
-                    rec.update(target=it.target, target_file=fname, dtype=it.out_tag,
-                               target_shape=list(o.shape), sha256=dg)
-                records.append(rec)
-            del outs
             for it in shard:
                 if last_use.get(id(it.source)) == si:
                     it.source.close()
@@ -972,6 +946,46 @@ def _write_to_ms(plan: Plan, tmp: str, fmt: str, quiet: bool, warnings: List[str
             syncer.join()
         finally:
             prog.close(ok)
+
+
+def _hash_and_write(hasher, prog, outs, to_hash, write) -> list:
+    """Write one shard while its tensors are hashed on the hashing thread; returns the digests."""
+    wait = hasher.start(outs, to_hash, prog.tick)
+    try:
+        write()
+    except BaseException:
+        wait(True)
+        raise
+    return wait()
+
+
+def _write_to_ms(plan: Plan, tmp: str, fmt: str, quiet: bool, warnings: List[str]) -> Tuple[dict, List[dict]]:
+    ext = "safetensors" if fmt == "safetensors" else "ckpt"
+    weight_map, records = {}, []
+
+    def write_shard(si, shard, fname, path, hasher, prog):
+        outs = []
+        for it in shard:
+            data, hashed = _source_out(it, warnings)
+            shape = tuple(data.shape) if isinstance(data, np.ndarray) else it.shape
+            outs.append(Out(it.target, it.out_tag, shape, data, hashed))
+        inline = fmt == "safetensors"  # our writer hashes what it writes; the ckpt path is hashed apart
+        to_hash = [o for o in outs if not (inline and o.data is not None and o.hashed is o.data)]
+        digests = _hash_and_write(hasher, prog, outs, to_hash, lambda: _save_ms_shard(outs, path, fmt))
+        if fmt == "safetensors":
+            _verify_written(path, [(o.name, o.tag, o.shape) for o in outs if o.data is not None])
+        for it, o, dg in zip(shard, outs, digests):
+            rec = {"source_key": it.key, "source_file": os.path.basename(it.source.path),
+                   "source_dtype": it.tag, "shape": list(it.shape)}
+            if it.target is None:
+                rec.update(target="dropped", sha256=dg)
+            else:
+                weight_map[it.target] = fname
+                rec.update(target=it.target, target_file=fname, dtype=it.out_tag,
+                           target_shape=list(o.shape), sha256=dg)
+            records.append(rec)
+
+    _run_shards(plan, tmp, quiet, "convert", lambda si, n: f"ms_model-{si + 1:05d}-of-{n:05d}.{ext}", write_shard)
     return weight_map, records
 
 
@@ -985,53 +999,28 @@ def _verify_written(path: str, want: List[Tuple[str, str, Tuple[int, ...]]]) -> 
 
 
 def _write_to_torch(plan: Plan, tmp: str, quiet: bool, warnings: List[str]) -> dict:
-    n = len(plan.shards)
     weight_map = {}
-    last_use = {id(it.source): si for si, shard in enumerate(plan.shards) for it in shard}
-    prog = _Progress(plan.total_bytes, quiet, "to-torch")
-    syncer = _Syncer()
-    hasher = _Hasher()
-    ok = False
-    try:
-        for si, shard in enumerate(plan.shards):
-            fname = f"model-{si + 1:05d}-of-{n:05d}.safetensors"
-            path = os.path.join(tmp, fname)
-            prog.shard(len(shard), f"shard {si + 1}/{n}")
-            outs = []
-            for it in shard:  # the stored bytes are hashed (checked against conversion.json)
-                span = it.source.span(it.key) if isinstance(it.source, _StSource) else None
-                if span is not None and it.out_tag == it.tag and not has_surgery(it.key):
-                    outs.append(Out(it.target, it.out_tag, it.shape, span, span))
-                    continue
-                raw = it.source.read(it.key)
-                arr = surgery_to_official(it.key, raw) if has_surgery(it.key) else raw
-                arr = cast_raw(arr, it.tag, it.out_tag, warnings, it.key)
-                outs.append(Out(it.target, it.out_tag, tuple(arr.shape), arr, span or raw))
-            wait = hasher.start(outs, [o for o in outs if o.hashed is not o.data], prog.tick)
-            try:
-                write_stream(path, outs, {"format": "pt"})
-            except BaseException:
-                wait(True)
-                raise
-            digests = wait()
-            for it, dg in zip(shard, digests):
-                if it.expect_sha is not None and dg != it.expect_sha:
-                    raise ConversionError(f"{it.source.path}: key '{it.key}' does not match the sha256 in "
-                                          f"{CONVERSION_FILE} (file corrupted after conversion?)")
-                weight_map[it.target] = fname
-            syncer.add(path)
-            del outs
-            for it in shard:
-                if last_use.get(id(it.source)) == si:
-                    it.source.close()
-            prog.end_shard(sum(it.out_nbytes for it in shard))
-        ok = True
-    finally:
-        try:
-            hasher.close()
-            syncer.join()
-        finally:
-            prog.close(ok)
+
+    def write_shard(si, shard, fname, path, hasher, prog):
+        outs = []
+        for it in shard:  # the stored bytes are hashed (checked against conversion.json)
+            span = it.source.span(it.key) if isinstance(it.source, _StSource) else None
+            if span is not None and it.out_tag == it.tag and not has_surgery(it.key):
+                outs.append(Out(it.target, it.out_tag, it.shape, span, span))
+                continue
+            raw = it.source.read(it.key)
+            arr = surgery_to_official(it.key, raw) if has_surgery(it.key) else raw
+            arr = cast_raw(arr, it.tag, it.out_tag, warnings, it.key)
+            outs.append(Out(it.target, it.out_tag, tuple(arr.shape), arr, span or raw))
+        digests = _hash_and_write(hasher, prog, outs, [o for o in outs if o.hashed is not o.data],
+                                  lambda: write_stream(path, outs, {"format": "pt"}))
+        for it, dg in zip(shard, digests):
+            if it.expect_sha is not None and dg != it.expect_sha:
+                raise ConversionError(f"{it.source.path}: key '{it.key}' does not match the sha256 in "
+                                      f"{CONVERSION_FILE} (file corrupted after conversion?)")
+            weight_map[it.target] = fname
+
+    _run_shards(plan, tmp, quiet, "to-torch", lambda si, n: f"model-{si + 1:05d}-of-{n:05d}.safetensors", write_shard)
     return weight_map
 
 
