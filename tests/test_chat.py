@@ -91,10 +91,14 @@ def test_hd_num_forced_to_6_with_several_images(golden_model, tmp_path):
     model, tok, _, _ = golden_model
     big = tmp_path / "big.png"
     Image.new("RGB", (2000, 600), (10, 200, 30)).save(big)
-    _, m1, _ = _layout(model, "q", [str(big)], hd_num=24)  # 4x1 crops at hd 24 (ceil(2000/560) = 4)
+    from ixc25_ms.vision import expected_tokens
+    # one image, hd 24: ratio 3.33, scale 8 by the search, capped at ceil(2000/560) = 4 columns -> 2240x672,
+    # padded to 2240x1120: a 2x4 grid
+    _, m1, _ = _layout(model, "q", [str(big)], hd_num=24)
+    assert int(m1.sum()) == expected_tokens(2, 4)
+    # two images: hd forced to 6 -> scale 3 -> 1680x504, padded to 1680x560: a 1x3 grid each
     _, m2, _ = _layout(model, "<ImageHere><ImageHere>q", [str(big), str(big)], hd_num=24)
-    # hd 6 -> 4 columns still allowed? scale search: s*ceil(s/3.33) <= 6 -> s = 4 (4*2=8 > 6 -> s=3)
-    assert m2.sum() // 2 < m1.sum()
+    assert int(m2.sum()) == 2 * expected_tokens(1, 3)
 
 
 def test_text_only_chat_and_modes(golden_model):
