@@ -14,7 +14,7 @@ from mindspore.common.initializer import initializer
 from . import chat as _chat
 from .checkpoint import CheckpointError, load_state_dict
 from .config import IXCConfig
-from .generate import GenerationConfig, generate as _generate, iter_generate
+from .generate import GenerationConfig, generate as _generate
 from .language import InternLM2ForCausalLM
 from .loading import stream_into
 from .processing import preprocess_image
@@ -108,11 +108,6 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
         out = _generate(self, inputs_embeds, im_mask, attention_mask, gen, streamer, prompt_ids=prompt_ids)
         self.timings["generate_s"] = time.perf_counter() - t
         return out
-
-    def iter_generate(self, inputs_embeds, im_mask=None, **kwargs) -> Iterator[np.ndarray]:
-        """Greedy/sampling generation yielding each step's new ids (B,) as soon as it is chosen."""
-        gen = GenerationConfig(pad_token_id=self.cfg.pad_token_id, bos_token_id=self.cfg.bos_token_id, **kwargs)
-        return iter_generate(self, inputs_embeds, im_mask, None, gen)
 
     # ------------------------------------------------------------------------------------------ chat
     def chat(self, tokenizer, query: str, image=(), hd_num: int = 24, history=(), streamer=None,

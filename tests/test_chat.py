@@ -45,6 +45,11 @@ def test_golden_chat_response(golden_model):
     ids = model.generate(inputs_embeds=inputs["inputs_embeds"], im_mask=im_mask, max_new_tokens=g["max_new_tokens"],
                          repetition_penalty=g["repetition_penalty"], eos_token_id=g["eos_token_id"])
     assert ids[0].tolist() == case["new_token_ids"]
+    from ixc25_ms.chat import TextStreamer
+    buf = io.StringIO()
+    resp2, _ = model.chat(tok, case["query"], [IMG], max_new_tokens=g["max_new_tokens"], do_sample=False,
+                          repetition_penalty=g["repetition_penalty"], streamer=TextStreamer(tok, file=buf))
+    assert resp2 == case["response"] and buf.getvalue().rstrip("\n").startswith(case["response"])
     streamed = "".join(model.stream_chat(tok, case["query"], [IMG], max_new_tokens=g["max_new_tokens"], do_sample=False))
     assert streamed == case["response"]
 
