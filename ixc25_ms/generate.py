@@ -330,9 +330,7 @@ def _beam_search(lm, embeds, im_mask, am, gen, prompt_ids=None):
         seqs = np.concatenate([seqs[idx], next_tokens.reshape(-1, 1)], 1)
         if done.all() or seqs.shape[1] >= max_len:
             break
-        gidx = Tensor(idx.astype(np.int32))
-        ks = tuple(ops.gather(k, gidx, 0) for k in ks)
-        vs = tuple(ops.gather(x, gidx, 0) for x in vs)
+        ks, vs = lm.reorder_cache(ks, idx), lm.reorder_cache(vs, idx)
         key_valid = key_valid[idx]
         slot = l + step
         key_valid[:, slot] = 1

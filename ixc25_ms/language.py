@@ -67,9 +67,24 @@ class RotaryTable:
         return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
 
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return ops.cat([-x[..., half:], x[..., :half]], axis=-1)
+def rotate_half_matrix(head_dim: int) -> np.ndarray:
+    """R (d, d) with x @ R == rotate_half(x) = cat(-x2, x1) exactly (one +-1 per column)."""
+    half = head_dim // 2
+    r = np.zeros((head_dim, head_dim), np.float32)
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return r
+
+
+def qkv_rope_tables(cos: np.ndarray, sin: np.ndarray, kv_heads_groups: int) -> Tuple[np.ndarray, np.ndarray]:
+    """cos/sin (B, L, d) -> (B, L, 1, G+2, d) for the fused qkv layout [q x G, k, v] of each KV group:
+    the q and k slots get cos/sin, the v slot cos=1, sin=0 (so v passes through RoPE exactly unchanged)."""
+    b, l, d = cos.shape
+    c = np.ones((b, l, 1, kv_heads_groups + 2, d), np.float32)
+    s = np.zeros_like(c)
+    c[:, :, 0, : kv_heads_groups + 1] = cos[:, :, None]
+    s[:, :, 0, : kv_heads_groups + 1] = sin[:, :, None]
+    return c, s
 
 
 # ------------------------------------------------------------------------------------------------ layers
@@ -112,38 +127,48 @@ class Attention(nn.Cell):
         self.wqkv = PLoRA(cfg.hidden_size, cfg.qkv_out, **kw)
         self.wo = PLoRA(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, **kw)
         self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.scatter = ops.ScatterUpdate()  # in place on a Parameter, on CPU/GPU/Ascend
+        self.bmm_qk = ops.BatchMatMul(transpose_b=True)  # q k^T without materialising k^T
+        self.matmul_r = ops.MatMul()
+        self.rot_r = Tensor(rotate_half_matrix(self.head_dim))  # a constant, not a checkpoint parameter
 
     def construct(self, x, im_mask, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode):
-        """x (B,L,H); cos/sin (B,L,d); attn_mask (B,1,L,L) in prefill, (B,1,1,C) over the cache slots in decode.
+        """x (B,L,H); cos/sin (B,L,1,G+2,d) from `qkv_rope_tables`; attn_mask (B,1,L,L) in prefill, (B,1,1,C) over the cache slots in decode.
         Prefill (k_cache None): the new keys fill slots [0, L) of a fresh cache of `cap` slots (cap >= L).
-        Decode (L=1): k_cache/v_cache (B,kvh,C,d), written at the (1,1,C,1) bool one-hot `write_pos`."""
+        Decode (L=1): k_cache/v_cache are Parameters (B*kvh*C, d), the new key/value written in place at rows
+        `write_pos` (B*kvh,) int32 = (b*kvh + h)*C + slot (ScatterUpdate: no copy of the cache)."""
         b, l, _ = x.shape
-        qkv = self.wqkv(x, im_mask, infer_mode).reshape(b, l, self.kv_heads, self.groups + 2, self.head_dim)
-        q = qkv[:, :, :, : self.groups, :].reshape(b, l, self.heads, self.head_dim).swapaxes(1, 2)
-        k = qkv[:, :, :, self.groups, :].swapaxes(1, 2)  # (B, kvh, L, d)
-        v = qkv[:, :, :, self.groups + 1, :].swapaxes(1, 2)
-        cos = cos.astype(q.dtype).expand_dims(1)
-        sin = sin.astype(q.dtype).expand_dims(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        d = self.head_dim
+        qkv = self.wqkv(x, im_mask, infer_mode).reshape(b, l, self.kv_heads, self.groups + 2, d)
+        # RoPE on q and k in one pass over the fused layout (v slots: cos 1, sin 0); rotate_half as x @ R
+        rot = self.matmul_r(qkv.reshape(-1, d), self.rot_r.astype(qkv.dtype)).reshape(qkv.shape)
+        qkv = qkv * cos.astype(qkv.dtype) + rot * sin.astype(qkv.dtype)
+        q, k, v = ops.split(qkv, [self.groups, 1, 1], axis=3)
+        q = q.reshape(b, l, self.heads, d).swapaxes(1, 2)  # (B, heads, L, d)
+        k = k.reshape(b, l, self.kv_heads, d).swapaxes(1, 2)  # (B, kvh, L, d)
+        v = v.reshape(b, l, self.kv_heads, d).swapaxes(1, 2)
         if k_cache is None:  # prefill: attend over the L new tokens
             k_all, v_all = k, v
-        else:  # decode: write slot `write_pos`, attend over the whole cache
-            k_all = ops.where(write_pos, k, k_cache)
-            v_all = ops.where(write_pos, v, v_cache)
+        else:  # decode: write the new slot in place, attend over the whole cache
+            self.scatter(k_cache, write_pos, k.reshape(b * self.kv_heads, self.head_dim))
+            self.scatter(v_cache, write_pos, v.reshape(b * self.kv_heads, self.head_dim))
+            k_all = k_cache.reshape(b, self.kv_heads, cap, self.head_dim)
+            v_all = v_cache.reshape(b, self.kv_heads, cap, self.head_dim)
         if self.flash and k_cache is None:  # Ascend prefill: fused kernel, GQA native, mask 1 = masked
             out = ops.flash_attention_score(q, k_all, v_all, self.heads, attn_mask=(attn_mask < 0).astype(ms.uint8),
                                             scalar_value=self.scale, input_layout="BNSD")
         else:  # GQA: kv head g serves query heads g*G .. g*G+G-1
             c = k_all.shape[2]
             qg = q.reshape(b, self.kv_heads, self.groups * l, self.head_dim)
-            scores = ops.matmul(qg, k_all.swapaxes(2, 3)).reshape(b, self.heads, l, c)
+            scores = self.bmm_qk(qg, k_all).reshape(b, self.heads, l, c)
             scores = scores.astype(ms.float32) * self.scale + attn_mask
             probs = ops.softmax(scores, -1).astype(v_all.dtype)
             out = ops.matmul(probs.reshape(b, self.kv_heads, self.groups * l, c), v_all).reshape(
                 b, self.heads, l, self.head_dim)
         out = out.swapaxes(1, 2).reshape(b, l, self.heads * self.head_dim)
-        if k_cache is None and cap > l:  # a fresh cache of `cap` slots, the prompt in [0, L)
+        if k_cache is not None:  # decode: the caches were updated in place
+            return self.wo(out, im_mask, infer_mode), None, None
+        if cap > l:  # a fresh cache of `cap` slots, the prompt in [0, L)
             pad = ops.zeros((b, self.kv_heads, cap - l, self.head_dim), k.dtype)
             k_all, v_all = ops.cat([k, pad], 2), ops.cat([v, pad], 2)
         return self.wo(out, im_mask, infer_mode), k_all, v_all
@@ -190,14 +215,16 @@ class InternLM2Model(nn.Cell):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def construct(self, h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode):
-        """Runs every layer; returns (normed hidden (B,L,H), new k caches, new v caches)."""
+        """Runs every layer; returns (normed hidden (B,L,H), k caches, v caches): in prefill the new caches
+        (B,kvh,cap,d) per layer; in decode () and (), the given caches having been written in place."""
         ks, vs = (), ()
         for i, layer in enumerate(self.layers):
             kc = None if k_caches is None else k_caches[i]
             vc = None if v_caches is None else v_caches[i]
             h, k, v = layer(h, im_mask, cos, sin, attn_mask, kc, vc, write_pos, cap, infer_mode)
-            ks = ks + (k,)
-            vs = vs + (v,)
+            if k_caches is None:
+                ks = ks + (k,)
+                vs = vs + (v,)
         return self.norm(h), ks, vs
 
 
@@ -281,8 +308,9 @@ class InternLM2ForCausalLM(nn.Cell):
         return Tensor(m.astype(NP_DTYPES.get(self.compute_dtype, np.float32))[..., None])
 
     def _cos_sin(self, position_ids, kv_len):
+        """RoPE tables for the layers: (B, L, 1, G+2, d) cos and sin (see `qkv_rope_tables`)."""
         self.rope.ensure(kv_len)
-        cos, sin = self.rope.cos_sin(position_ids)
+        cos, sin = qkv_rope_tables(*self.rope.cos_sin(position_ids), self.cfg.num_kv_groups)
         return Tensor(cos), Tensor(sin)
 
     def prefill(self, inputs_embeds: Tensor, im_mask=None, attention_mask=None, infer_mode: str = "base",
@@ -296,22 +324,56 @@ class InternLM2ForCausalLM(nn.Cell):
         am = np.ones((b, l), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64).reshape(b, l)
         cos, sin = self._cos_sin(position_ids_from_mask(am), l)
         mask = Tensor(prefill_mask(am))
-        return self._run(inputs_embeds.astype(self.compute_dtype), self._im_mask(im_mask, b, l), cos, sin, mask,
-                         None, None, None, cap, infer_mode, last_only)
+        logits, h, ks, vs = self._run(inputs_embeds.astype(self.compute_dtype), self._im_mask(im_mask, b, l), cos,
+                                      sin, mask, None, None, None, cap, infer_mode, last_only)
+        return logits, h, self._as_cache(ks), self._as_cache(vs)
+
+    _cache_serial = 0
+
+    @classmethod
+    def _as_cache(cls, tensors) -> Tuple[Parameter, ...]:
+        """(B,kvh,C,d) tensors -> Parameters (B*kvh*C, d) that decode writes in place (unique names)."""
+        return cls._as_cache_2d([t.reshape(-1, t.shape[-1]) for t in tensors])
+
+    @classmethod
+    def _as_cache_2d(cls, tensors) -> Tuple[Parameter, ...]:
+        out = []
+        for t in tensors:
+            cls._cache_serial += 1
+            out.append(Parameter(t, name=f"kv_cache_{cls._cache_serial}", requires_grad=False))
+        return tuple(out)
+
+    def reorder_cache(self, caches, index) -> Tuple[Parameter, ...]:
+        """Beam search: new caches (same batch size) whose batch row i is row index[i] of `caches`."""
+        index = np.asarray(index, np.int32).reshape(-1)
+        b, d = len(index), self.cfg.head_dim
+        idx = Tensor(index)
+        out = []
+        for c in caches:
+            rows = int(c.shape[0])
+            if rows % b:
+                raise ValueError(f"cache with {rows} rows does not split into {b} batch rows")
+            out.append(ops.gather(c.reshape(b, rows // b, d), idx, 0).reshape(rows, d))
+        return self._as_cache_2d(out)
 
     def decode(self, inputs_embeds: Tensor, position_ids: np.ndarray, slot: int, key_valid: np.ndarray,
                k_caches, v_caches, infer_mode: str = "base"):
         """One cached step for (B,1,H) embeddings written at cache slot `slot`; key_valid (B,C) marks valid
-        slots (the new one included). Generated tokens carry no image mask. Returns (logits (B,1,V), hidden, ks, vs)."""
-        c = int(k_caches[0].shape[2])
+        slots (the new one included). Generated tokens carry no image mask. The caches (from `prefill`) are
+        written in place; returns (logits (B,1,V), hidden, the same ks, vs)."""
+        b, kvh = int(inputs_embeds.shape[0]), self.cfg.num_key_value_heads
+        c = int(k_caches[0].shape[0]) // (b * kvh)
+        if not 0 <= slot < c:
+            raise ValueError(f"cache slot {slot} is outside the cache capacity {c}")
         cos, sin = self._cos_sin(np.asarray(position_ids).reshape(-1, 1), slot + 1)
-        write_pos = Tensor((np.arange(c) == slot).reshape(1, 1, c, 1))
+        write_pos = Tensor((np.arange(b * kvh) * c + slot).astype(np.int32))  # rows (b*kvh + h)*C + slot
         mask = Tensor(decode_mask(key_valid))
         ks, vs = tuple(k_caches), tuple(v_caches)
         if self.use_jit:  # a plain tuple of graph outputs would be re-specialised (recompiled) every call
             ks, vs = ms.mutable(ks), ms.mutable(vs)
-        return self._run(inputs_embeds.astype(self.compute_dtype), None, cos, sin, mask, ks, vs, write_pos, c,
-                         infer_mode, True)
+        logits, h, _, _ = self._run(inputs_embeds.astype(self.compute_dtype), None, cos, sin, mask, ks, vs,
+                                    write_pos, c, infer_mode, True)
+        return logits, h, tuple(k_caches), tuple(v_caches)
 
     def construct(self, inputs_embeds, im_mask=None, attention_mask=None, infer_mode="base"):
         """Uncached forward over the whole sequence: logits fp32 (B, L, V)."""

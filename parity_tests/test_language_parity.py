@@ -76,11 +76,11 @@ def test_decoder_layer_row(tiny, mode):
     ref = RefLM(cfg, state)
     l = x.shape[1]
     pos = np.tile(np.arange(l), (2, 1))
-    cos, sin = lm.rope.cos_sin(pos)
+    cos, sin = lm._cos_sin(pos, l)
     from ixc25_ms.language import prefill_mask
     mask = prefill_mask(np.ones((2, l), np.int64))
-    ours, _, _ = lm.model.layers[0](ms.Tensor(x), ms.Tensor(im.astype(np.float32)[..., None]), ms.Tensor(cos),
-                                   ms.Tensor(sin), ms.Tensor(mask), None, None, None, l, mode)
+    ours, _, _ = lm.model.layers[0](ms.Tensor(x), ms.Tensor(im.astype(np.float32)[..., None]), cos,
+                                   sin, ms.Tensor(mask), None, None, None, l, mode)
     rc, rs = ref.rope(torch.from_numpy(pos), l)
     rmask = torch.from_numpy(mask)
     theirs, _ = ref.layer(0, torch.from_numpy(x), torch.from_numpy(im), rc, rs, rmask, None, mode)
