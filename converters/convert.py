@@ -519,9 +519,9 @@ def _publish(tmp: str, dst: str, overwrite: bool) -> None:
 
 # ------------------------------------------------------------------------------------------ write phase
 IO_CHUNK = 8 << 20      # bytes per pread while hashing a file range apart from the writer
-DIRECT_CHUNK = 64 << 20  # bytes per output buffer / write (128 MB: no better in the bench, 2x the memory)
-DIRECT_BUFFERS = 6       # buffers in flight (being filled, hashed, written): 384 MB
-DIRECT_WRITERS = 4       # concurrent O_DIRECT writes (one synchronous write at a time is ~3x slower)
+DIRECT_CHUNK = 16 << 20  # bytes per output buffer / write (64 MB x 4 writers: no better, more memory)
+DIRECT_BUFFERS = 16      # buffers in flight (being filled, hashed, written): 256 MB
+DIRECT_WRITERS = 8       # concurrent O_DIRECT writes (one synchronous write at a time is ~3x slower)
 USE_DIRECT = os.environ.get("IXC25_CONVERT_DIRECT", "1") != "0"  # "0": buffered writes (page cache)
 HASH_THREADS = max(1, min(2, os.cpu_count() or 1))
 MS_TAG_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}  # safetensors' Dtype enum, descending

@@ -208,3 +208,34 @@ def test_flash_attention_switch_is_ascend_only():
         InternLM2ForCausalLM(tiny_config(), dtype="float16", flash_attention=True)
     lm = InternLM2ForCausalLM(tiny_config(), dtype="float16")
     assert not lm.flash_attention and not any(l.attention.flash for l in lm.model.layers)
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_cache_written_in_place_and_reordered(tiny, use_jit):
+    """decode writes the new slot of the (B*kvh*C, d) cache Parameters in place and touches nothing else;
+    reorder_cache permutes batch rows into new caches and leaves the old ones as they were."""
+    cfg, state, x, im = tiny
+    lm = build_ms_lm(cfg, state, use_jit=use_jit)
+    p, n, cap = 7, 11, 16
+    im_dec = np.concatenate([im[:, :p], np.zeros((2, n - p), bool)], 1)  # decoded tokens carry no image mask
+    _, _, ks, vs = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
+    key_valid = np.zeros((2, cap), np.int64)
+    key_valid[:, :p] = 1
+    for t in range(p, n):
+        key_valid[:, t] = 1
+        _, _, ks2, vs2 = lm.decode(ms.Tensor(x[:, t:t + 1]), np.array([t, t]), t, key_valid, ks, vs)
+        assert all(a is b for a, b in zip(ks2 + vs2, ks + vs)), "decode must return the caches it was given"
+    _, _, kf, vf = lm.prefill(ms.Tensor(x[:, :n]), im_dec, cap=cap)  # the same n tokens in one uncached pass
+    kvh, d = cfg.num_key_value_heads, cfg.head_dim
+    for i, (ours, full) in enumerate(zip(ks + vs, kf + vf)):
+        ours = ours.asnumpy().reshape(2, kvh, cap, d)
+        full = full.asnumpy().reshape(2, kvh, cap, d)
+        assert_close(ours[:, :, :n], full[:, :, :n], "fp32", f"cache {i} slots [0, {n})")
+        assert not ours[:, :, n:].any(), f"cache {i}: slots past the written ones must stay zero"
+    before = [c.asnumpy().copy() for c in ks]
+    swapped = lm.reorder_cache(ks, [1, 0])
+    for old, new, b in zip(ks, swapped, before):
+        assert np.array_equal(new.asnumpy().reshape(2, -1, d)[::-1], b.reshape(2, -1, d))
+        assert np.array_equal(old.asnumpy(), b), "reorder_cache must not modify its input"
+    with pytest.raises(ValueError, match="batch rows"):
+        lm.reorder_cache(ks, [0, 1, 0])

@@ -1,0 +1,101 @@
+"""List the kernels MindSpore actually launches for the compiled prefill and decode graphs (from the profiler).
+
+    python scripts/graph_ops.py [--json out.json]
+
+Builds a small random LLM (the bench's --quick widths), runs one jit prefill and a few jit decode steps
+under `mindspore.Profiler` (CPU activity) and prints, per graph, every kernel type with its count per call.
+This is what notes/ascend.md's op table is generated from: the ops of the graphs as compiled, not as written.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def _profile(fn, calls: int, out_dir: str) -> dict:
+    """{kernel type: launches per call} of `fn` run `calls` times under the profiler."""
+    import mindspore as ms
+    from mindspore.profiler import ProfilerActivity
+    prof = ms.Profiler(output_path=out_dir, activities=[ProfilerActivity.CPU])
+    prof.start()
+    for _ in range(calls):
+        fn()
+    prof.stop()
+    prof.analyse()
+    files = glob.glob(os.path.join(out_dir, "*", "FRAMEWORK", "cpu_op_type_info_0.csv"))
+    if not files:
+        raise SystemExit(f"graph_ops: the profiler wrote no cpu_op_type_info under {out_dir}")
+    counts = {}
+    with open(files[0]) as f:
+        for row in csv.DictReader(f):
+            counts[row["op_type"]] = int(row["type_occurrences"]) / calls
+    return dict(sorted(counts.items()))
+
+
+def collect(work: str) -> dict:
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from ixc25_ms.config import IXCConfig
+    from ixc25_ms.language import InternLM2ForCausalLM
+    from ixc25_ms.loading import assign_state_dict
+    from scripts.bench import QUICK_CFG, make_state
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    cfg = IXCConfig.from_dict(QUICK_CFG)
+    lm = InternLM2ForCausalLM(cfg, "float32", use_jit=True)
+    state = {k: v for k, v in make_state(cfg, 0).items() if k.startswith(("model.", "output."))}
+    assign_state_dict(lm, state)
+    l, cap = 24, 32
+    x = Tensor(np.random.default_rng(0).standard_normal((1, l, cfg.hidden_size)).astype(np.float32) * 0.1)
+    im = np.zeros((1, l), bool)
+    im[:, 2:10] = True  # image tokens: the partial-LoRA branch is in the prefill graph
+    am = np.ones((1, l), np.int64)
+
+    def prefill():
+        out = lm.prefill(x, im, am, cap=cap)
+        out[0].asnumpy()
+        return out
+
+    _, _, ks, vs = prefill()  # compile outside the profiled window
+    valid = np.zeros((1, cap), np.int64)
+    valid[:, : l + 1] = 1
+    emb = lm.embed([[5]])
+
+    def decode():
+        lm.decode(emb, np.array([l]), l, valid, ks, vs)[0].asnumpy()
+
+    decode()
+    return {"config": "bench --quick LLM (2 layers, GQA 4/2), fp32, CPU",
+            "prefill": _profile(prefill, 2, os.path.join(work, "prefill")),
+            "decode": _profile(decode, 4, os.path.join(work, "decode"))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="also write the result here")
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ixc25-graph-ops-") as work:
+        res = collect(work)
+    for graph in ("prefill", "decode"):
+        print(f"{graph} graph: {sum(res[graph].values()):.0f} kernel launches per call")
+        for op, n in res[graph].items():
+            print(f"  {op:24s} {n:g}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
