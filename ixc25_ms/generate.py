@@ -233,7 +233,7 @@ def _sample_steps(lm, embeds, im_mask, am, gen, prompt_ids):
         slot = l + step
         key_valid[:, slot] = 1
         pos = pos + 1
-        logits, _, ks, vs = lm.decode(lm.embed(nxt[:, None]), pos, slot, key_valid, ks, vs, gen.infer_mode)
+        logits, _, ks, vs = lm.decode(nxt[:, None], pos, slot, key_valid, ks, vs, gen.infer_mode)
 
 
 class _Hyps:
@@ -335,7 +335,7 @@ def _beam_search(lm, embeds, im_mask, am, gen, prompt_ids=None):
         slot = l + step
         key_valid[:, slot] = 1
         pos = pos[idx] + 1
-        logits, _, ks, vs = lm.decode(lm.embed(next_tokens.reshape(-1, 1)), pos, slot, key_valid, ks, vs,
+        logits, _, ks, vs = lm.decode(next_tokens.reshape(-1, 1), pos, slot, key_valid, ks, vs,
                                       gen.infer_mode)
     # finalize: open beams join the hypotheses, the best one per row is returned
     for r in range(b):

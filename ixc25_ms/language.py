@@ -280,6 +280,8 @@ class InternLM2ForCausalLM(nn.Cell):
 
     # -- graph bodies ------------------------------------------------------------------------------
     def _body(self, h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode, last_only):
+        if h.dtype == ms.int32:  # token ids (decode): the embedding lookup runs inside the graph
+            h = self.model.tok_embeddings(h)
         h, ks, vs = self.model(h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode)
         if last_only:
             h = h[:, -1:, :]
@@ -298,6 +300,9 @@ class InternLM2ForCausalLM(nn.Cell):
         """input_ids (B, L) ints -> embeddings (B, L, H) in the compute dtype."""
         ids = Tensor(np.asarray(input_ids, dtype=np.int32))
         return self.model.tok_embeddings(ids)
+
+    def _cast(self, x: Tensor) -> Tensor:
+        return x if x.dtype == self.compute_dtype else x.astype(self.compute_dtype)  # no Cast op launched for nothing
 
     def _im_mask(self, im_mask, b, l):
         if im_mask is None:
@@ -324,7 +329,7 @@ class InternLM2ForCausalLM(nn.Cell):
         am = np.ones((b, l), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64).reshape(b, l)
         cos, sin = self._cos_sin(position_ids_from_mask(am), l)
         mask = Tensor(prefill_mask(am))
-        logits, h, ks, vs = self._run(inputs_embeds.astype(self.compute_dtype), self._im_mask(im_mask, b, l), cos,
+        logits, h, ks, vs = self._run(self._cast(inputs_embeds), self._im_mask(im_mask, b, l), cos,
                                       sin, mask, None, None, None, cap, infer_mode, last_only)
         return logits, h, self._as_cache(ks), self._as_cache(vs)
 
@@ -358,7 +363,7 @@ class InternLM2ForCausalLM(nn.Cell):
 
     def decode(self, inputs_embeds: Tensor, position_ids: np.ndarray, slot: int, key_valid: np.ndarray,
                k_caches, v_caches, infer_mode: str = "base"):
-        """One cached step for (B,1,H) embeddings written at cache slot `slot`; key_valid (B,C) marks valid
+        """One cached step for (B,1,H) embeddings — or (B,1) token ids, embedded inside the step — written at cache slot `slot`; key_valid (B,C) marks valid
         slots (the new one included). Generated tokens carry no image mask. The caches (from `prefill`) are
         written in place; returns (logits (B,1,V), hidden, the same ks, vs)."""
         b, kvh = int(inputs_embeds.shape[0]), self.cfg.num_key_value_heads
@@ -371,7 +376,11 @@ class InternLM2ForCausalLM(nn.Cell):
         ks, vs = tuple(k_caches), tuple(v_caches)
         if self.use_jit:  # a plain tuple of graph outputs would be re-specialised (recompiled) every call
             ks, vs = ms.mutable(ks), ms.mutable(vs)
-        logits, h, _, _ = self._run(inputs_embeds.astype(self.compute_dtype), None, cos, sin, mask, ks, vs,
+        if isinstance(inputs_embeds, Tensor):
+            x = self._cast(inputs_embeds)
+        else:  # token ids (B, 1): embedded inside the step (no separate eager lookup)
+            x = Tensor(np.asarray(inputs_embeds, np.int32).reshape(-1, 1))
+        logits, h, _, _ = self._run(x, None, cos, sin, mask, ks, vs,
                                     write_pos, c, infer_mode, True)
         return logits, h, tuple(k_caches), tuple(v_caches)
 
