@@ -363,10 +363,13 @@ class InternLM2ForCausalLM(nn.Cell):
 
     def decode(self, inputs_embeds: Tensor, position_ids: np.ndarray, slot: int, key_valid: np.ndarray,
                k_caches, v_caches, infer_mode: str = "base"):
-        """One cached step for (B,1,H) embeddings — or (B,1) token ids, embedded inside the step — written at cache slot `slot`; key_valid (B,C) marks valid
-        slots (the new one included). Generated tokens carry no image mask. The caches (from `prefill`) are
-        written in place; returns (logits (B,1,V), hidden, the same ks, vs)."""
+        """One cached step for (B,1,H) embeddings — or (B,1) token ids, embedded inside the step — written at
+        cache slot `slot`; key_valid (B,C) marks valid slots (the new one included). Generated tokens carry no
+        image mask. The caches from `prefill` are Parameters written in place; (B,kvh,C,d) tensors are
+        accepted too and turned into such Parameters first. Returns (logits (B,1,V), hidden, ks, vs) with
+        the caches that were written."""
         b, kvh = int(inputs_embeds.shape[0]), self.cfg.num_key_value_heads
+        k_caches, v_caches = self._check_caches(k_caches, b), self._check_caches(v_caches, b)
         c = int(k_caches[0].shape[0]) // (b * kvh)
         if not 0 <= slot < c:
             raise ValueError(f"cache slot {slot} is outside the cache capacity {c}")
@@ -382,7 +385,25 @@ class InternLM2ForCausalLM(nn.Cell):
             x = Tensor(np.asarray(inputs_embeds, np.int32).reshape(-1, 1))
         logits, h, _, _ = self._run(x, None, cos, sin, mask, ks, vs,
                                     write_pos, c, infer_mode, True)
-        return logits, h, tuple(k_caches), tuple(v_caches)
+        return logits, h, k_caches, v_caches
+
+    def _check_caches(self, caches, b: int) -> Tuple[Parameter, ...]:
+        caches = tuple(caches)
+        kvh, d, n = self.cfg.num_key_value_heads, self.cfg.head_dim, self.cfg.num_hidden_layers
+        if len(caches) != n:
+            raise ValueError(f"expected {n} caches (one per layer), got {len(caches)}")
+        if all(isinstance(c, Parameter) for c in caches):
+            for c in caches:
+                if len(c.shape) != 2 or c.shape[1] != d or c.shape[0] % (b * kvh):
+                    raise ValueError(f"cache of shape {tuple(c.shape)} is not (B*kvh*C, d) with B={b}, kvh={kvh}, d={d}")
+                if c.dtype != self.compute_dtype:
+                    raise ValueError(f"cache dtype {c.dtype} differs from the compute dtype {self.compute_dtype}")
+            return caches
+        for c in caches:
+            if len(c.shape) != 4 or tuple(c.shape[:2]) != (b, kvh) or c.shape[3] != d:
+                raise ValueError(f"cache of shape {tuple(c.shape)} is neither a prefill cache nor (B, kvh, C, d) = "
+                                 f"({b}, {kvh}, C, {d})")
+        return self._as_cache([self._cast(c if isinstance(c, Tensor) else Tensor(np.asarray(c))) for c in caches])
 
     def construct(self, inputs_embeds, im_mask=None, attention_mask=None, infer_mode="base"):
         """Uncached forward over the whole sequence: logits fp32 (B, L, V)."""

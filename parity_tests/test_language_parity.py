@@ -239,3 +239,42 @@ def test_cache_written_in_place_and_reordered(tiny, use_jit):
         assert np.array_equal(old.asnumpy(), b), "reorder_cache must not modify its input"
     with pytest.raises(ValueError, match="batch rows"):
         lm.reorder_cache(ks, [0, 1, 0])
+
+
+def test_decode_cache_inputs_checked_and_tensors_accepted(tiny):
+    cfg, state, x, im = tiny
+    lm = build_ms_lm(cfg, state, use_jit=True)
+    p, cap = 7, 12
+    kvh, d = cfg.num_key_value_heads, cfg.head_dim
+    _, _, ks, vs = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
+    k4 = [k.asnumpy().reshape(2, kvh, cap, d) for k in ks]  # the same caches as plain (B, kvh, C, d) arrays
+    v4 = [v.asnumpy().reshape(2, kvh, cap, d) for v in vs]
+    key_valid = np.zeros((2, cap), np.int64)
+    key_valid[:, : p + 1] = 1
+    step = (ms.Tensor(x[:, p:p + 1]), np.array([p, p]), p, key_valid)
+    a = lm.decode(*step, ks, vs)
+    b = lm.decode(*step, k4, v4)
+    assert_close(b[0], a[0].asnumpy(), "fp32", "decode from (B,kvh,C,d) arrays vs prefill caches")
+    assert all(isinstance(c, ms.Parameter) for c in b[2] + b[3])
+    with pytest.raises(ValueError, match="one per layer"):
+        lm.decode(*step, ks[:-1], vs)
+    with pytest.raises(ValueError, match="neither a prefill cache"):
+        lm.decode(*step, [k[:, :, :, :-1] for k in k4], v4)
+    with pytest.raises(ValueError, match="outside the cache capacity"):
+        lm.decode(ms.Tensor(x[:, p:p + 1]), np.array([p, p]), cap, key_valid, ks, vs)
+
+
+def test_cached_decode_fp16_jit(tiny):
+    """fp16 compute: prefill + in-place cached decode against the uncached fp16 forward."""
+    cfg, state, x, im = tiny
+    lm = build_ms_lm(cfg, state, dtype="float16", use_jit=True)
+    p, n, cap = 7, 10, 16
+    _, _, ks, vs = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
+    assert all(c.dtype == ms.float16 for c in ks + vs)
+    key_valid = np.zeros((2, cap), np.int64)
+    key_valid[:, :p] = 1
+    for t in range(p, n):
+        key_valid[:, t] = 1
+        logits, _, ks, vs = lm.decode(ms.Tensor(x[:, t:t + 1]), np.array([t, t]), t, key_valid, ks, vs)
+    full = lm(ms.Tensor(x[:, :n]), np.concatenate([im[:, :p], np.zeros((2, n - p), bool)], 1)).asnumpy()
+    assert_close(logits.asnumpy()[:, 0], full[:, n - 1], "fp16", "fp16 cached decode vs uncached")
