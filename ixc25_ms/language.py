@@ -133,7 +133,8 @@ class Attention(nn.Cell):
         self.rot_r = Tensor(rotate_half_matrix(self.head_dim))  # a constant, not a checkpoint parameter
 
     def construct(self, x, im_mask, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode):
-        """x (B,L,H); cos/sin (B,L,1,G+2,d) from `qkv_rope_tables`; attn_mask (B,1,L,L) in prefill, (B,1,1,C) over the cache slots in decode.
+        """x (B,L,H); cos/sin (B,L,1,G+2,d) from `qkv_rope_tables`; attn_mask (B,1,L,L) in prefill,
+        (B,1,1,C) over the cache slots in decode.
         Prefill (k_cache None): the new keys fill slots [0, L) of a fresh cache of `cap` slots (cap >= L).
         Decode (L=1): k_cache/v_cache are Parameters (B*kvh*C, d), the new key/value written in place at rows
         `write_pos` (B*kvh,) int32 = (b*kvh + h)*C + slot (ScatterUpdate: no copy of the cache)."""
