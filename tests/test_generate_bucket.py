@@ -65,3 +65,23 @@ def test_jit_padded_sampling_and_beams_equal_pynative(lms, kw):
     x, im = _prompt(cfg, 17, 1)
     gen = GenerationConfig(max_new_tokens=5, eos_token_id=None, **kw)
     np.testing.assert_array_equal(generate(eager, x, im, None, gen), generate(jit, x, im, None, gen))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_beams=2, length_penalty=1.0)])
+def test_no_graph_compiled_again_across_prompts(lms, kw):
+    """Real compilations (MindSpore's own compile-phase cache), not call shapes: after one generate, prompts
+    of other lengths in the same bucket — each with fresh in-place cache Parameters, and for beams a
+    reorder_cache every step — compile nothing new."""
+    from mindspore.graph import api  # ms_compile_cache: the set of compiled phases (mindspore 2.10)
+    cfg, _, jit = lms
+    gen = GenerationConfig(max_new_tokens=5, eos_token_id=None, **kw)
+    x, im = _prompt(cfg, LENS[0], 0)
+    generate(jit, x, im, None, gen)
+    compiled = len(api.ms_compile_cache)
+    for i, n in enumerate(LENS[1:], 1):
+        x, im = _prompt(cfg, n, i)
+        generate(jit, x, im, None, gen)
+    assert len(api.ms_compile_cache) == compiled, "a graph was compiled again"
+    x, im = _prompt(cfg, PROMPT_BUCKET + 5, 9)  # the next bucket: the counter must see its compilation
+    generate(jit, x, im, None, gen)
+    assert len(api.ms_compile_cache) > compiled
