@@ -334,6 +334,20 @@ def _account(items: List[Item], expected: Dict[str, Tuple[int, ...]], cfg_path: 
                               f"'{missing[0]}' {list(expected[missing[0]])}")
 
 
+def _item(source, key: str, tag: str, shape, rename, out_tag: Optional[str]) -> Item:
+    """One planned tensor: `rename` maps the key (None = drop); an unknown key is a clear error."""
+    try:
+        target = rename(key)
+    except UnknownKeyError:
+        raise ConversionError(f"{source.path}: unknown key '{key}' (no rule in converters/mapping.py "
+                              f"KEY_TABLE)") from None
+    it = Item(source, key, tag, tuple(shape), target)
+    if target is not None:
+        it.out_tag = out_tag or tag
+        it.out_nbytes = _nbytes(shape, it.out_tag) if it.out_tag in TAG_SIZE else 0
+    return it
+
+
 def plan_to_ms(src: str, dtype: Optional[str] = None, shard_size: int = 2 * 10 ** 9,
                allow_pickle: bool = False) -> Plan:
     """Read headers only and check everything: official layout -> planned MindSpore shards."""
@@ -356,16 +370,7 @@ def plan_to_ms(src: str, dtype: Optional[str] = None, shard_size: int = 2 * 10 *
             if key in seen:
                 raise ConversionError(f"{s.path}: key '{key}' also appears in {seen[key]}")
             seen[key] = s.path
-            try:
-                target = official_to_ms(key)
-            except UnknownKeyError:
-                raise ConversionError(f"{s.path}: unknown key '{key}' (no rule in converters/mapping.py "
-                                      f"KEY_TABLE)") from None
-            it = Item(s, key, tag, tuple(shape), target)
-            if target is not None:
-                it.out_tag = out_tag or tag
-                it.out_nbytes = _nbytes(shape, it.out_tag) if it.out_tag in TAG_SIZE else 0
-            items.append(it)
+            items.append(_item(s, key, tag, shape, official_to_ms, out_tag))
     _account(items, expected_parameters(cfg), cfg_path, src, lambda it: it.key)
     exclude = {os.path.basename(f) for f in files} | {CONVERSION_FILE}
     extra, skipped = _extra_files(src_dir, exclude) if os.path.isdir(src) else ([], [])
@@ -420,14 +425,7 @@ def plan_to_torch(src: str, dtype: Optional[str] = None, shard_size: int = 2 * 1
     items = []
     for s in sources:
         for key, (tag, shape) in s.entries.items():
-            try:
-                off = ms_to_official(key)
-            except UnknownKeyError:
-                raise ConversionError(f"{s.path}: unknown key '{key}' (no rule in converters/mapping.py "
-                                      f"KEY_TABLE)") from None
-            it = Item(s, key, tag, tuple(shape), off)
-            it.out_tag = out_tag or tag
-            it.out_nbytes = _nbytes(shape, it.out_tag) if it.out_tag in TAG_SIZE else 0
+            it = _item(s, key, tag, shape, ms_to_official, out_tag)
             rec = recorded.get(key)
             if rec is not None and rec.get("dtype") == tag:
                 it.expect_sha = rec.get("sha256")

@@ -1,6 +1,7 @@
 """InternLM2 language model with partial LoRA on MindSpore: RMSNorm, RoPE (plain/linear/dynamic NTK), GQA over fused wqkv."""
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -130,7 +131,7 @@ class Attention(nn.Cell):
         self.scatter = ops.ScatterUpdate()  # in place on a Parameter, on CPU/GPU/Ascend
         self.bmm_qk = ops.BatchMatMul(transpose_b=True)  # q k^T without materialising k^T
         self.matmul_r = ops.MatMul()
-        self.rot_r = Tensor(rotate_half_matrix(self.head_dim))  # a constant, not a checkpoint parameter
+        self.rot_r = Tensor(rotate_half_matrix(self.head_dim), dtype)  # a constant, not a checkpoint parameter
 
     def construct(self, x, im_mask, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode):
         """x (B,L,H); cos/sin (B,L,1,G+2,d) from `qkv_rope_tables`; attn_mask (B,1,L,L) in prefill,
@@ -142,7 +143,7 @@ class Attention(nn.Cell):
         d = self.head_dim
         qkv = self.wqkv(x, im_mask, infer_mode).reshape(b, l, self.kv_heads, self.groups + 2, d)
         # RoPE on q and k in one pass over the fused layout (v slots: cos 1, sin 0); rotate_half as x @ R
-        rot = self.matmul_r(qkv.reshape(-1, d), self.rot_r.astype(qkv.dtype)).reshape(qkv.shape)
+        rot = self.matmul_r(qkv.reshape(-1, d), self.rot_r).reshape(qkv.shape)
         qkv = qkv * cos.astype(qkv.dtype) + rot * sin.astype(qkv.dtype)
         q, k, v = ops.split(qkv, [self.groups, 1, 1], axis=3)
         q = q.reshape(b, l, self.heads, d).swapaxes(1, 2)  # (B, heads, L, d)
@@ -242,6 +243,7 @@ def flash_attention_switch(dtype, requested=None) -> bool:
 
 # ------------------------------------------------------------------------------------------------ host-side masks
 MASK_MIN = float(np.finfo(np.float32).min)
+_CACHE_IDS = itertools.count(1)  # unique names for KV-cache Parameters
 
 
 def prefill_mask(attention_mask: np.ndarray) -> np.ndarray:
@@ -334,20 +336,11 @@ class InternLM2ForCausalLM(nn.Cell):
                                       sin, mask, None, None, None, cap, infer_mode, last_only)
         return logits, h, self._as_cache(ks), self._as_cache(vs)
 
-    _cache_serial = 0
-
-    @classmethod
-    def _as_cache(cls, tensors) -> Tuple[Parameter, ...]:
-        """(B,kvh,C,d) tensors -> Parameters (B*kvh*C, d) that decode writes in place (unique names)."""
-        return cls._as_cache_2d([t.reshape(-1, t.shape[-1]) for t in tensors])
-
-    @classmethod
-    def _as_cache_2d(cls, tensors) -> Tuple[Parameter, ...]:
-        out = []
-        for t in tensors:
-            cls._cache_serial += 1
-            out.append(Parameter(t, name=f"kv_cache_{cls._cache_serial}", requires_grad=False))
-        return tuple(out)
+    @staticmethod
+    def _as_cache(tensors) -> Tuple[Parameter, ...]:
+        """(..., d) tensors -> Parameters (rows, d) that decode writes in place (unique names)."""
+        return tuple(Parameter(t.reshape(-1, t.shape[-1]), name=f"kv_cache_{next(_CACHE_IDS)}", requires_grad=False)
+                     for t in tensors)
 
     def reorder_cache(self, caches, index) -> Tuple[Parameter, ...]:
         """Beam search: new caches (same batch size) whose batch row i is row index[i] of `caches`."""
@@ -359,8 +352,8 @@ class InternLM2ForCausalLM(nn.Cell):
             rows = int(c.shape[0])
             if rows % b:
                 raise ValueError(f"cache with {rows} rows does not split into {b} batch rows")
-            out.append(ops.gather(c.reshape(b, rows // b, d), idx, 0).reshape(rows, d))
-        return self._as_cache_2d(out)
+            out.append(ops.gather(c.reshape(b, rows // b, d), idx, 0))
+        return self._as_cache(out)
 
     def decode(self, inputs_embeds: Tensor, position_ids: np.ndarray, slot: int, key_valid: np.ndarray,
                k_caches, v_caches, infer_mode: str = "base"):
@@ -377,7 +370,7 @@ class InternLM2ForCausalLM(nn.Cell):
         cos, sin = self._cos_sin(np.asarray(position_ids).reshape(-1, 1), slot + 1)
         write_pos = Tensor((np.arange(b * kvh) * c + slot).astype(np.int32))  # rows (b*kvh + h)*C + slot
         mask = Tensor(decode_mask(key_valid))
-        ks, vs = tuple(k_caches), tuple(v_caches)
+        ks, vs = k_caches, v_caches
         if self.use_jit:  # a plain tuple of graph outputs would be re-specialised (recompiled) every call
             ks, vs = ms.mutable(ks), ms.mutable(vs)
         if isinstance(inputs_embeds, Tensor):
@@ -396,7 +389,8 @@ class InternLM2ForCausalLM(nn.Cell):
         if all(isinstance(c, Parameter) for c in caches):
             for c in caches:
                 if len(c.shape) != 2 or c.shape[1] != d or c.shape[0] % (b * kvh):
-                    raise ValueError(f"cache of shape {tuple(c.shape)} is not (B*kvh*C, d) with B={b}, kvh={kvh}, d={d}")
+                    raise ValueError(f"cache of shape {tuple(c.shape)} is not (B*kvh*C, d) with B={b}, kvh={kvh}, "
+                                     f"d={d}")
                 if c.dtype != self.compute_dtype:
                     raise ValueError(f"cache dtype {c.dtype} differs from the compute dtype {self.compute_dtype}")
             return caches
