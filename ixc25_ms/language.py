@@ -1,6 +1,7 @@
 """InternLM2 language model with partial LoRA on MindSpore: RMSNorm, RoPE (plain/linear/dynamic NTK), GQA over fused wqkv."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Optional, Sequence, Tuple
@@ -68,13 +69,26 @@ class RotaryTable:
         return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=8)
 def rotate_half_matrix(head_dim: int) -> np.ndarray:
     """R (d, d) with x @ R == rotate_half(x) = cat(-x2, x1) exactly (one +-1 per column)."""
     half = head_dim // 2
     r = np.zeros((head_dim, head_dim), np.float32)
     r[np.arange(half) + half, np.arange(half)] = -1.0
     r[np.arange(half), np.arange(half) + half] = 1.0
+    r.setflags(write=False)  # cached: shared by every caller
     return r
+
+
+def decode_rope_matrices(cos: np.ndarray, sin: np.ndarray, scale: float) -> Tuple[np.ndarray, np.ndarray]:
+    """cos/sin (B, 1, d) of one decode position per row -> (Mq, Mk), each (B, d, d) fp32, with
+    k @ Mk == k*cos + rotate_half(k)*sin (M = diag(cos) + R diag(sin)) and Mq = scale * M: RoPE and the
+    softmax scale 1/sqrt(d) of q in one small matmul."""
+    b, _, d = cos.shape
+    m = rotate_half_matrix(d)[None] * sin[:, 0, None, :]  # R diag(sin): column j scaled by sin_j (a new array)
+    idx = np.arange(d)
+    m[:, idx, idx] += cos[:, 0]
+    return (m * np.float32(scale)).astype(np.float32), m.astype(np.float32)
 
 
 def qkv_rope_tables(cos: np.ndarray, sin: np.ndarray, kv_heads_groups: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -107,9 +121,20 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.weight = Parameter(initializer("ones", (hidden,), dtype), name="weight")
         self.eps = eps
+        # one token per row in fp32 (decode): 4 kernels instead of 6 — sum of squares as a dot product,
+        # eps + ss/H and x*r*w each one Addcmul (the same value up to rounding order)
+        self.dot = ops.BatchMatMul(transpose_b=True)
+        self.addcmul = ops.Addcmul()
+        self.eps_t = Tensor(np.float32(eps))
+        self.inv_h = Tensor(np.float32(1.0 / hidden))
+        self.one = Tensor(np.float32(1.0))
+        self.zero = Tensor(np.zeros((1,), np.float32))
 
     def construct(self, x):
         in_dtype = x.dtype
+        if x.shape[1] == 1 and in_dtype == ms.float32:
+            r = ops.rsqrt(self.addcmul(self.eps_t, self.dot(x, x), self.inv_h, self.one))  # (B, 1, 1)
+            return self.addcmul(self.zero, x, r, self.weight)
         h = x.astype(ms.float32)
         var = ops.mean(h * h, -1, True)
         h = h * ops.rsqrt(var + self.eps)
@@ -128,17 +153,22 @@ class Attention(nn.Cell):
         self.wqkv = PLoRA(cfg.hidden_size, cfg.qkv_out, **kw)
         self.wo = PLoRA(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, **kw)
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.scatter = ops.ScatterUpdate()  # in place on a Parameter, on CPU/GPU/Ascend
+        self.index_add = ops.IndexAdd(axis=1)  # in place on a Parameter along the slot axis, CPU/GPU/Ascend
         self.bmm_qk = ops.BatchMatMul(transpose_b=True)  # q k^T without materialising k^T
+        self.bmm = ops.BatchMatMul()
         self.matmul_r = ops.MatMul()
         self.rot_r = Tensor(rotate_half_matrix(self.head_dim), dtype)  # a constant, not a checkpoint parameter
 
     def construct(self, x, im_mask, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode):
-        """x (B,L,H); cos/sin (B,L,1,G+2,d) from `qkv_rope_tables`; attn_mask (B,1,L,L) in prefill,
-        (B,1,1,C) over the cache slots in decode.
-        Prefill (k_cache None): the new keys fill slots [0, L) of a fresh cache of `cap` slots (cap >= L).
-        Decode (L=1): k_cache/v_cache are Parameters (B*kvh*C, d), the new key/value written in place at rows
-        `write_pos` (B*kvh,) int32 = (b*kvh + h)*C + slot (ScatterUpdate: no copy of the cache)."""
+        """x (B,L,H); attn_mask (B,1,L,L) in prefill, (B,1,1,C) over the cache slots in decode.
+        Prefill (k_cache None): cos/sin (B,L,1,G+2,d) from `qkv_rope_tables`; the new keys fill slots [0, L)
+        of a fresh cache of `cap` slots (cap >= L).
+        Decode (L=1): cos/sin are the (B,d,d) RoPE matrices Mq (softmax scale folded in) and Mk from
+        `decode_rope_matrices`; k_cache/v_cache are Parameters (B*kvh, C, d) whose slot `write_pos` ((1,)
+        int32) is empty (zero): the new key/value is added into it in place (IndexAdd along the slot axis:
+        0 + x == x exactly, nothing else of the cache is read or copied)."""
+        if k_cache is not None:
+            return self._decode(x, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode)
         b, l, _ = x.shape
         d = self.head_dim
         qkv = self.wqkv(x, im_mask, infer_mode).reshape(b, l, self.kv_heads, self.groups + 2, d)
@@ -149,14 +179,8 @@ class Attention(nn.Cell):
         q = q.reshape(b, l, self.heads, d).swapaxes(1, 2)  # (B, heads, L, d)
         k = k.reshape(b, l, self.kv_heads, d).swapaxes(1, 2)  # (B, kvh, L, d)
         v = v.reshape(b, l, self.kv_heads, d).swapaxes(1, 2)
-        if k_cache is None:  # prefill: attend over the L new tokens
-            k_all, v_all = k, v
-        else:  # decode: write the new slot in place, attend over the whole cache
-            self.scatter(k_cache, write_pos, k.reshape(b * self.kv_heads, self.head_dim))
-            self.scatter(v_cache, write_pos, v.reshape(b * self.kv_heads, self.head_dim))
-            k_all = k_cache.reshape(b, self.kv_heads, cap, self.head_dim)
-            v_all = v_cache.reshape(b, self.kv_heads, cap, self.head_dim)
-        if self.flash and k_cache is None:  # Ascend prefill: fused kernel, GQA native, mask 1 = masked
+        k_all, v_all = k, v  # prefill: attend over the L new tokens
+        if self.flash:  # Ascend prefill: fused kernel, GQA native, mask 1 = masked
             out = ops.flash_attention_score(q, k_all, v_all, self.heads, attn_mask=(attn_mask < 0).astype(ms.uint8),
                                             scalar_value=self.scale, input_layout="BNSD")
         else:  # GQA: kv head g serves query heads g*G .. g*G+G-1
@@ -168,12 +192,26 @@ class Attention(nn.Cell):
             out = ops.matmul(probs.reshape(b, self.kv_heads, self.groups * l, c), v_all).reshape(
                 b, self.heads, l, self.head_dim)
         out = out.swapaxes(1, 2).reshape(b, l, self.heads * self.head_dim)
-        if k_cache is not None:  # decode: the caches were updated in place
-            return self.wo(out, im_mask, infer_mode), None, None
         if cap > l:  # a fresh cache of `cap` slots, the prompt in [0, L)
             pad = ops.zeros((b, self.kv_heads, cap - l, self.head_dim), k.dtype)
             k_all, v_all = ops.cat([k, pad], 2), ops.cat([v, pad], 2)
         return self.wo(out, im_mask, infer_mode), k_all, v_all
+
+    def _decode(self, x, mq, mk, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode):
+        """One new token per row (no image token): about half the kernels of the prefill path at L=1."""
+        b, kvh, g, d = x.shape[0], self.kv_heads, self.groups, self.head_dim
+        qkv = self.wqkv(x, None, infer_mode).reshape(b, kvh, g + 2, d)
+        q, k, v = ops.split(qkv, [g, 1, 1], axis=2)
+        q = self.bmm(q.reshape(b, kvh * g, d), mq.astype(qkv.dtype))  # RoPE and 1/sqrt(d) in one matmul
+        k = self.bmm(k.reshape(b, kvh, d), mk.astype(qkv.dtype))
+        self.index_add(k_cache, write_pos, k.reshape(b * kvh, 1, d))
+        self.index_add(v_cache, write_pos, v.reshape(b * kvh, 1, d))
+        # the (B*kvh, C, d) Parameters are read as they are (a reshape of a Parameter is a copy on CPU)
+        scores = self.bmm_qk(q.reshape(b * kvh, g, d), k_cache).reshape(b, kvh, g, cap)
+        scores = scores.astype(ms.float32) + attn_mask  # (B, kvh, G, C) + (B, 1, 1, C)
+        probs = ops.softmax(scores, -1).astype(v_cache.dtype).reshape(b * kvh, g, cap)
+        out = self.bmm(probs, v_cache).reshape(b, 1, self.heads * d)
+        return self.wo(out, None, infer_mode), None, None
 
 
 class FeedForward(nn.Cell):
@@ -280,6 +318,7 @@ class InternLM2ForCausalLM(nn.Cell):
         self.output = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=self.compute_dtype)
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
         self.use_jit = use_jit
+        self._step_memo = None  # (B, k caches, v caches, wrapped k, wrapped v) of the last decode step
 
     # -- graph bodies ------------------------------------------------------------------------------
     def _body(self, h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode, last_only):
@@ -338,21 +377,21 @@ class InternLM2ForCausalLM(nn.Cell):
 
     @staticmethod
     def _as_cache(tensors) -> Tuple[Parameter, ...]:
-        """(..., d) tensors -> Parameters (rows, d) that decode writes in place (unique names)."""
-        return tuple(Parameter(t.reshape(-1, t.shape[-1]), name=f"kv_cache_{next(_CACHE_IDS)}", requires_grad=False)
-                     for t in tensors)
+        """(B, kvh, C, d) tensors -> Parameters (B*kvh, C, d) that decode writes in place (unique names)."""
+        return tuple(Parameter(t.reshape((-1,) + tuple(t.shape[-2:])), name=f"kv_cache_{next(_CACHE_IDS)}",
+                               requires_grad=False) for t in tensors)
 
     def reorder_cache(self, caches, index) -> Tuple[Parameter, ...]:
         """Beam search: new caches (same batch size) whose batch row i is row index[i] of `caches`."""
         index = np.asarray(index, np.int32).reshape(-1)
-        b, d = len(index), self.cfg.head_dim
+        b = len(index)
         idx = Tensor(index)
         out = []
         for c in caches:
             rows = int(c.shape[0])
             if rows % b:
                 raise ValueError(f"cache with {rows} rows does not split into {b} batch rows")
-            out.append(ops.gather(c.reshape(b, rows // b, d), idx, 0))
+            out.append(ops.gather(c.reshape((b, rows // b) + tuple(c.shape[1:])), idx, 0))
         return self._as_cache(out)
 
     def decode(self, inputs_embeds: Tensor, position_ids: np.ndarray, slot: int, key_valid: np.ndarray,
@@ -360,45 +399,61 @@ class InternLM2ForCausalLM(nn.Cell):
         """One cached step for (B,1,H) embeddings — or (B,1) token ids, embedded inside the step — written at
         cache slot `slot`; key_valid (B,C) marks valid slots (the new one included). Generated tokens carry no
         image mask. The caches from `prefill` are Parameters written in place; (B,kvh,C,d) tensors are
-        accepted too and turned into such Parameters first. Returns (logits (B,1,V), hidden, ks, vs) with
-        the caches that were written."""
+        accepted too and turned into such Parameters first (their invalid slots zeroed). Slots are appended:
+        the new key/value is added into the empty (zero) slot in place, so a slot of the same caches cannot be
+        decoded twice (an error). Returns (logits (B,1,V), hidden, ks, vs) with the caches that were written."""
         b, kvh = int(inputs_embeds.shape[0]), self.cfg.num_key_value_heads
-        k_caches, v_caches = self._check_caches(k_caches, b), self._check_caches(v_caches, b)
-        c = int(k_caches[0].shape[0]) // (b * kvh)
+        memo = self._step_memo  # the caches this method returned last time: checked and wrapped already
+        if memo is not None and memo[0] == b and memo[1] is k_caches and memo[2] is v_caches:
+            ks, vs = memo[3], memo[4]
+            if slot <= memo[5]:
+                raise ValueError(f"cache slot {slot} of these caches was written by an earlier decode step "
+                                 f"(last {memo[5]}); decode appends, one new slot per step")
+        else:
+            k_caches = self._check_caches(k_caches, b, key_valid, slot)
+            v_caches = self._check_caches(v_caches, b, key_valid, slot)
+            ks, vs = k_caches, v_caches
+            if self.use_jit:  # a plain tuple of graph outputs would be re-specialised (recompiled) every call
+                ks, vs = ms.mutable(ks), ms.mutable(vs)
+        c = int(k_caches[0].shape[1])
         if not 0 <= slot < c:
             raise ValueError(f"cache slot {slot} is outside the cache capacity {c}")
-        cos, sin = self._cos_sin(np.asarray(position_ids).reshape(-1, 1), slot + 1)
-        write_pos = Tensor((np.arange(b * kvh) * c + slot).astype(np.int32))  # rows (b*kvh + h)*C + slot
+        self.rope.ensure(slot + 1)
+        cos, sin = decode_rope_matrices(*self.rope.cos_sin(np.asarray(position_ids).reshape(-1, 1)),
+                                        1.0 / math.sqrt(self.cfg.head_dim))
+        cos, sin = Tensor(cos), Tensor(sin)
+        write_pos = Tensor(np.array([slot], np.int32))
         mask = Tensor(decode_mask(key_valid))
-        ks, vs = k_caches, v_caches
-        if self.use_jit:  # a plain tuple of graph outputs would be re-specialised (recompiled) every call
-            ks, vs = ms.mutable(ks), ms.mutable(vs)
         if isinstance(inputs_embeds, Tensor):
             x = self._cast(inputs_embeds)
         else:  # token ids (B, 1): embedded inside the step (no separate eager lookup)
             x = Tensor(np.asarray(inputs_embeds, np.int32).reshape(-1, 1))
-        logits, h, _, _ = self._run(x, None, cos, sin, mask, ks, vs,
-                                    write_pos, c, infer_mode, True)
+        logits, h, _, _ = self._run(x, None, cos, sin, mask, ks, vs, write_pos, c, infer_mode, True)
+        self._step_memo = (b, k_caches, v_caches, ks, vs, slot)
         return logits, h, k_caches, v_caches
 
-    def _check_caches(self, caches, b: int) -> Tuple[Parameter, ...]:
+    def _check_caches(self, caches, b: int, key_valid, slot: int) -> Tuple[Parameter, ...]:
         caches = tuple(caches)
         kvh, d, n = self.cfg.num_key_value_heads, self.cfg.head_dim, self.cfg.num_hidden_layers
         if len(caches) != n:
             raise ValueError(f"expected {n} caches (one per layer), got {len(caches)}")
         if all(isinstance(c, Parameter) for c in caches):
             for c in caches:
-                if len(c.shape) != 2 or c.shape[1] != d or c.shape[0] % (b * kvh):
-                    raise ValueError(f"cache of shape {tuple(c.shape)} is not (B*kvh*C, d) with B={b}, kvh={kvh}, "
-                                     f"d={d}")
+                if len(c.shape) != 3 or c.shape[0] != b * kvh or c.shape[2] != d:
+                    raise ValueError(f"cache of shape {tuple(c.shape)} is not (B*kvh, C, d) = ({b * kvh}, C, {d})")
                 if c.dtype != self.compute_dtype:
                     raise ValueError(f"cache dtype {c.dtype} differs from the compute dtype {self.compute_dtype}")
             return caches
+        out = []
         for c in caches:
-            if len(c.shape) != 4 or tuple(c.shape[:2]) != (b, kvh) or c.shape[3] != d:
-                raise ValueError(f"cache of shape {tuple(c.shape)} is neither a prefill cache nor (B, kvh, C, d) = "
+            a = c.asnumpy() if isinstance(c, Tensor) else np.asarray(c)
+            if a.ndim != 4 or a.shape[:2] != (b, kvh) or a.shape[3] != d:
+                raise ValueError(f"cache of shape {tuple(a.shape)} is neither a prefill cache nor (B, kvh, C, d) = "
                                  f"({b}, {kvh}, C, {d})")
-        return self._as_cache([self._cast(c if isinstance(c, Tensor) else Tensor(np.asarray(c))) for c in caches])
+            keep = np.asarray(key_valid).reshape(b, -1)[:, : a.shape[2]] > 0
+            keep[:, slot:slot + 1] = False  # the slot decode adds into must be empty
+            out.append(self._cast(Tensor(np.where(keep[:, None, :, None], a, 0).astype(a.dtype))))
+        return self._as_cache(out)
 
     def construct(self, inputs_embeds, im_mask=None, attention_mask=None, infer_mode="base"):
         """Uncached forward over the whole sequence: logits fp32 (B, L, V)."""

@@ -212,7 +212,7 @@ def test_flash_attention_switch_is_ascend_only():
 
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_cache_written_in_place_and_reordered(tiny, use_jit):
-    """decode writes the new slot of the (B*kvh*C, d) cache Parameters in place and touches nothing else;
+    """decode writes the new slot of the (B*kvh, C, d) cache Parameters in place and touches nothing else;
     reorder_cache permutes batch rows into new caches and leaves the old ones as they were."""
     cfg, state, x, im = tiny
     lm = build_ms_lm(cfg, state, use_jit=use_jit)
@@ -247,15 +247,21 @@ def test_decode_cache_inputs_checked_and_tensors_accepted(tiny):
     p, cap = 7, 12
     kvh, d = cfg.num_key_value_heads, cfg.head_dim
     _, _, ks, vs = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
-    k4 = [k.asnumpy().reshape(2, kvh, cap, d) for k in ks]  # the same caches as plain (B, kvh, C, d) arrays
-    v4 = [v.asnumpy().reshape(2, kvh, cap, d) for v in vs]
+    k4 = [k.asnumpy().reshape(2, kvh, cap, d).copy() for k in ks]  # the same caches as (B, kvh, C, d) arrays
+    v4 = [v.asnumpy().reshape(2, kvh, cap, d).copy() for v in vs]
     key_valid = np.zeros((2, cap), np.int64)
     key_valid[:, : p + 1] = 1
+    for c in k4 + v4:  # junk in the slots that are not valid (the one decode writes included) is ignored
+        c[:, :, p:] = 1e3
     step = (ms.Tensor(x[:, p:p + 1]), np.array([p, p]), p, key_valid)
     a = lm.decode(*step, ks, vs)
     b = lm.decode(*step, k4, v4)
     assert_close(b[0], a[0].asnumpy(), "fp32", "decode from (B,kvh,C,d) arrays vs prefill caches")
     assert all(isinstance(c, ms.Parameter) for c in b[2] + b[3])
+    for ours, theirs in zip(a[2] + a[3], b[2] + b[3]):
+        assert_close(theirs, ours.asnumpy(), "fp32", "caches after the step")
+    with pytest.raises(ValueError, match="written by an earlier decode step"):
+        lm.decode(*step, b[2], b[3])  # decode appends: the same slot of the same caches again
     with pytest.raises(ValueError, match="one per layer"):
         lm.decode(*step, ks[:-1], vs)
     with pytest.raises(ValueError, match="neither a prefill cache"):

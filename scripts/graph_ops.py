@@ -69,10 +69,13 @@ def collect(work: str) -> dict:
 
     _, _, ks, vs = prefill()  # compile outside the profiled window
     valid = np.zeros((1, cap), np.int64)
-    valid[:, : l + 1] = 1
+    valid[:, :l] = 1
+    slots = iter(range(l, cap))  # decode appends: one new slot per step
 
     def decode():
-        lm.decode(np.array([[5]]), np.array([l]), l, valid, ks, vs)[0].asnumpy()  # ids: Gather in the graph
+        slot = next(slots)
+        valid[:, slot] = 1
+        lm.decode(np.array([[5]]), np.array([slot]), slot, valid, ks, vs)[0].asnumpy()  # ids: Gather in the graph
 
     decode()
     return {"config": "bench --quick LLM (2 layers, GQA 4/2), fp32, CPU",
