@@ -223,9 +223,12 @@ class FeedForward(nn.Cell):
         self.w1 = PLoRA(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.w3 = PLoRA(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.w2 = PLoRA(cfg.intermediate_size, cfg.hidden_size, **kw)
+        self.addcmul = ops.Addcmul()  # one kernel for both products
+        self.zero = Tensor(np.zeros((1,), NP_DTYPES.get(dtype, np.float32)), dtype)
 
     def construct(self, x, im_mask, infer_mode):
-        return self.w2(ops.silu(self.w1(x, im_mask, infer_mode)) * self.w3(x, im_mask, infer_mode), im_mask, infer_mode)
+        a, b = self.w1(x, im_mask, infer_mode), self.w3(x, im_mask, infer_mode)
+        return self.w2(self.addcmul(self.zero, a, ops.sigmoid(a), b), im_mask, infer_mode)  # silu(a)*b = a*sig(a)*b
 
 
 class DecoderLayer(nn.Cell):
