@@ -8,6 +8,7 @@ import mmap
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -522,6 +523,7 @@ DIRECT_BUFFERS = 16      # buffers in flight (being filled, hashed, written): 25
 DIRECT_WRITERS = 8       # concurrent O_DIRECT writes (one synchronous write at a time is ~3x slower)
 USE_DIRECT = os.environ.get("IXC25_CONVERT_DIRECT", "1") != "0"  # "0": buffered writes (page cache)
 HASH_THREADS = max(1, min(2, os.cpu_count() or 1))
+TRACE = bool(os.environ.get("IXC25_CONVERT_TRACE"))  # per-shard timings of the write pipeline on stderr
 MS_TAG_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}  # safetensors' Dtype enum, descending
 
 
@@ -634,6 +636,7 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
     pending = [0] * nbuf
     lock = threading.Lock()
     errors: List[BaseException] = []
+    busy = {"wait_free": 0.0, "fill": 0.0, "hash": 0.0, "write": 0.0}  # seconds, for IXC25_CONVERT_TRACE
 
     def release(i: int) -> None:
         with lock:
@@ -650,9 +653,11 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
             i, pieces = job
             try:
                 if not errors:
+                    t0 = time.perf_counter()
                     mv = memoryview(bufs[i])
                     for h, a, b in pieces:
                         h.update(mv[a:b])
+                    busy["hash"] += time.perf_counter() - t0
             except BaseException as e:  # surfaced by the caller
                 errors.append(e)
             finally:
@@ -666,6 +671,7 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
             i, at, n = job
             try:
                 if not errors:
+                    t0 = time.perf_counter()
                     mv = memoryview(bufs[i])[:n]
                     done = 0
                     while done < n:
@@ -673,6 +679,7 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
                         if k <= 0:
                             raise OSError(errno.EIO, "short write", path)
                         done += k
+                    busy["write"] += time.perf_counter() - t0
             except BaseException as e:  # surfaced by the caller
                 errors.append(e)
             finally:
@@ -686,8 +693,12 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
     fds: Dict[str, int] = {}
     try:
         seg_i, seg_pos, at = 0, 0, 0
+        t_start = time.perf_counter()
         while at < total:
+            t0 = time.perf_counter()
             i = free.get()
+            t1 = time.perf_counter()
+            busy["wait_free"] += t1 - t0
             if errors:
                 break
             buf = memoryview(bufs[i])
@@ -705,6 +716,7 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
                 seg_pos += take
                 if seg_pos == data.nbytes:
                     seg_i, seg_pos = seg_i + 1, 0
+            busy["fill"] += time.perf_counter() - t1
             wn = -(-n // 4096) * 4096 if direct else n
             if wn > n:
                 buf[n:wn] = bytes(wn - n)
@@ -731,6 +743,10 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
             os.close(fd)
     if errors:
         raise errors[0]
+    if TRACE:
+        print(f"[trace] {os.path.basename(path)}: {total / 1e6:.0f} MB in {time.perf_counter() - t_start:.2f} s; "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in busy.items())
+              + f" (hash/write summed over {HASH_THREADS}/{DIRECT_WRITERS} threads)", file=sys.stderr)
     for _, o in segs:
         if o is not None and id(o) in hashers:
             o.sha256 = hashers[id(o)].hexdigest()
@@ -1069,7 +1085,6 @@ def _run(plan: Plan, dst: str, overwrite: bool, quiet: bool, write: Callable[[st
         raise
     summary["warnings"] = warnings
     if warnings and not quiet:
-        import sys
         for w in warnings:
             print(f"{TOOL}: warning: {w}", file=sys.stderr)
     return summary
