@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import weakref
 from typing import Optional, Sequence, Tuple
 
 import mindspore as ms
@@ -323,7 +324,7 @@ class InternLM2ForCausalLM(nn.Cell):
         self.output = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=self.compute_dtype)
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
         self.use_jit = use_jit
-        self._step_memo = None  # (B, k caches, v caches, wrapped k, wrapped v) of the last decode step
+        self._step_memo = None  # (B, weak refs to the k+v caches, last slot) of the last decode step
 
     # -- graph bodies ------------------------------------------------------------------------------
     def _body(self, h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode, last_only):
@@ -408,18 +409,20 @@ class InternLM2ForCausalLM(nn.Cell):
         the new key/value is added into the empty (zero) slot in place, so a slot of the same caches cannot be
         decoded twice (an error). Returns (logits (B,1,V), hidden, ks, vs) with the caches that were written."""
         b, kvh = int(inputs_embeds.shape[0]), self.cfg.num_key_value_heads
-        memo = self._step_memo  # the caches this method returned last time: checked and wrapped already
-        if memo is not None and memo[0] == b and memo[1] is k_caches and memo[2] is v_caches:
-            ks, vs = memo[3], memo[4]
-            if slot <= memo[5]:
+        memo = self._step_memo  # weak refs to the caches of the last step: checked already, last slot written
+        caches = tuple(k_caches) + tuple(v_caches)
+        if memo is not None and memo[0] == b and len(memo[1]) == len(caches) and all(
+                r() is c for r, c in zip(memo[1], caches)):
+            k_caches, v_caches = tuple(k_caches), tuple(v_caches)
+            if slot <= memo[2]:
                 raise ValueError(f"cache slot {slot} of these caches was written by an earlier decode step "
-                                 f"(last {memo[5]}); decode appends, one new slot per step")
+                                 f"(last {memo[2]}); decode appends, one new slot per step")
         else:
             k_caches = self._check_caches(k_caches, b, key_valid, slot)
             v_caches = self._check_caches(v_caches, b, key_valid, slot)
-            ks, vs = k_caches, v_caches
-            if self.use_jit:  # a plain tuple of graph outputs would be re-specialised (recompiled) every call
-                ks, vs = ms.mutable(ks), ms.mutable(vs)
+        ks, vs = k_caches, v_caches
+        if self.use_jit:  # a plain tuple of graph outputs would be re-specialised (recompiled) every call
+            ks, vs = ms.mutable(ks), ms.mutable(vs)
         c = int(k_caches[0].shape[1])
         if not 0 <= slot < c:
             raise ValueError(f"cache slot {slot} is outside the cache capacity {c}")
@@ -434,7 +437,8 @@ class InternLM2ForCausalLM(nn.Cell):
         else:  # token ids (B, 1): embedded inside the step (no separate eager lookup)
             x = Tensor(np.asarray(inputs_embeds, np.int32).reshape(-1, 1))
         logits, h, _, _ = self._run(x, None, cos, sin, mask, ks, vs, write_pos, c, infer_mode, True)
-        self._step_memo = (b, k_caches, v_caches, ks, vs, slot)
+        self._step_memo = (b, tuple(weakref.ref(p) for p in k_caches + v_caches), slot)  # no strong refs: the
+        # caches are freed when the caller drops them
         return logits, h, k_caches, v_caches
 
     def _check_caches(self, caches, b: int, key_valid, slot: int) -> Tuple[Parameter, ...]:

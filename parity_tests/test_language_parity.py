@@ -284,3 +284,22 @@ def test_cached_decode_fp16_jit(tiny):
         logits, _, ks, vs = lm.decode(ms.Tensor(x[:, t:t + 1]), np.array([t, t]), t, key_valid, ks, vs)
     full = lm(ms.Tensor(x[:, :n]), np.concatenate([im[:, :p], np.zeros((2, n - p), bool)], 1)).asnumpy()
     assert_close(logits.asnumpy()[:, 0], full[:, n - 1], "fp16", "fp16 cached decode vs uncached")
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_decode_keeps_no_cache_alive(tiny, use_jit):
+    """The decode step's memo (checked caches, last slot) holds weak references only: caches the caller
+    drops are freed (at 7B size they are gigabytes)."""
+    import gc
+    import weakref
+    cfg, state, x, im = tiny
+    lm = build_ms_lm(cfg, state, use_jit=use_jit)
+    p, cap = 7, 12
+    _, _, ks, vs = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
+    key_valid = np.zeros((2, cap), np.int64)
+    key_valid[:, : p + 1] = 1
+    lm.decode(ms.Tensor(x[:, p:p + 1]), np.array([p, p]), p, key_valid, ks, vs)[0].asnumpy()
+    refs = [weakref.ref(c) for c in ks + vs]
+    del ks, vs
+    gc.collect()
+    assert all(r() is None for r in refs), "a KV cache outlived its last user"
