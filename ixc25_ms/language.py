@@ -89,7 +89,7 @@ def decode_rope_matrices(cos: np.ndarray, sin: np.ndarray, scale: float) -> Tupl
     m = rotate_half_matrix(d)[None] * sin[:, 0, None, :]  # R diag(sin): column j scaled by sin_j (a new array)
     idx = np.arange(d)
     m[:, idx, idx] += cos[:, 0]
-    return (m * np.float32(scale)).astype(np.float32), m.astype(np.float32)
+    return m * np.float32(scale), m  # fp32: cos/sin and R are fp32
 
 
 def qkv_rope_tables(cos: np.ndarray, sin: np.ndarray, kv_heads_groups: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -406,14 +406,14 @@ class InternLM2ForCausalLM(nn.Cell):
         cache slot `slot`; key_valid (B,C) marks valid slots (the new one included). Generated tokens carry no
         image mask. The caches from `prefill` are Parameters written in place; (B,kvh,C,d) tensors are
         accepted too and turned into such Parameters first (their invalid slots zeroed). Slots are appended:
-        the new key/value is added into the empty (zero) slot in place, so a slot of the same caches cannot be
-        decoded twice (an error). Returns (logits (B,1,V), hidden, ks, vs) with the caches that were written."""
+        the new key/value is added into the empty (zero) slot in place, so slots must be decoded in increasing
+        order — a slot at or before the one the previous step wrote into the same caches is an error.
+        Returns (logits (B,1,V), hidden, ks, vs) with the caches that were written."""
         b, kvh = int(inputs_embeds.shape[0]), self.cfg.num_key_value_heads
+        k_caches, v_caches = tuple(k_caches), tuple(v_caches)
         memo = self._step_memo  # weak refs to the caches of the last step: checked already, last slot written
-        caches = tuple(k_caches) + tuple(v_caches)
-        if memo is not None and memo[0] == b and len(memo[1]) == len(caches) and all(
-                r() is c for r, c in zip(memo[1], caches)):
-            k_caches, v_caches = tuple(k_caches), tuple(v_caches)
+        if memo is not None and memo[0] == b and len(memo[1]) == len(k_caches) + len(v_caches) and all(
+                r() is c for r, c in zip(memo[1], k_caches + v_caches)):
             if slot <= memo[2]:
                 raise ValueError(f"cache slot {slot} of these caches was written by an earlier decode step "
                                  f"(last {memo[2]}); decode appends, one new slot per step")
