@@ -523,6 +523,11 @@ DIRECT_BUFFERS = 16      # buffers in flight (being filled, hashed, written): 25
 DIRECT_WRITERS = 8       # concurrent O_DIRECT writes (one synchronous write at a time is ~3x slower)
 USE_DIRECT = os.environ.get("IXC25_CONVERT_DIRECT", "1") != "0"  # "0": buffered writes (page cache)
 HASH_THREADS = max(1, min(2, os.cpu_count() or 1))
+USE_KERNEL_COPY = os.environ.get("IXC25_CONVERT_COPY", "1") != "0"  # "0": always the buffer pipeline
+COPY_CHUNK = 64 << 20    # bytes per copy_file_range call; the disk write of each is started right after it
+# sha256 threads beside the kernel copy: they read the source ranges apart; on 2 cores a second one took CPU
+# from the copy and was slower (notes/conversion.md, session 4)
+COPY_HASH_THREADS = max(1, min(2, (os.cpu_count() or 1) - 1))
 TRACE = bool(os.environ.get("IXC25_CONVERT_TRACE"))  # per-shard timings of the write pipeline on stderr
 MS_TAG_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}  # safetensors' Dtype enum, descending
 
@@ -592,7 +597,8 @@ def ms_order(outs: List[Out]) -> List[Out]:
 def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool = True) -> int:
     """Write a safetensors file of `outs` in the given order (dropped ones skipped); no fsync. Returns the size.
 
-    The byte stream (header, then every tensor) goes through DIRECT_BUFFERS page-aligned buffers of
+    When every tensor is a Span (its bytes pass through unchanged: the default conversion), the kernel copies
+    them (`_copy_stream`, unless IXC25_CONVERT_COPY=0). Otherwise the byte stream (header, then every tensor) goes through DIRECT_BUFFERS page-aligned buffers of
     DIRECT_CHUNK bytes: the calling thread fills a buffer (pread from the source file for a Span, a memory
     copy for an array), hash threads feed the same buffer to the sha256 of each tensor it holds (with
     hash_inline, for every out whose `hashed` is its `data`: the digest lands in `out.sha256` and is the hash
@@ -613,6 +619,10 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
     hb += b" " * ((8 - len(hb) % 8) % 8)
     segs.insert(0, (memoryview(len(hb).to_bytes(8, "little") + hb), None))
     total = 8 + len(hb) + off
+    if USE_KERNEL_COPY and all(isinstance(d, Span) for d, _ in segs[1:]):
+        hash_outs = [o for _, o in segs[1:] if hash_inline and o.hashed is o.data]
+        if _copy_stream(path, bytes(segs[0][0]), [o for _, o in segs[1:]], hash_outs, total):
+            return _check_size(path, total)
     hashers = {id(o): hashlib.sha256() for _, o in segs
                if o is not None and hash_inline and o.hashed is o.data}
 
@@ -750,10 +760,163 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
     for _, o in segs:
         if o is not None and id(o) in hashers:
             o.sha256 = hashers[id(o)].hexdigest()
+    return _check_size(path, total)
+
+
+def _check_size(path: str, total: int) -> int:
     size = os.path.getsize(path)
     if size != total:
         raise ConversionError(f"{path}: wrote {size} bytes, expected {total}")
     return size
+
+
+def _runs(spans: List[Span]) -> List[Span]:
+    """Consecutive spans that continue each other in the same file merged into one (one kernel copy each)."""
+    out: List[Span] = []
+    for sp in spans:
+        if not sp.nbytes:
+            continue
+        if out and out[-1].path == sp.path and out[-1].offset + out[-1].nbytes == sp.offset:
+            out[-1] = Span(sp.path, out[-1].offset, out[-1].nbytes + sp.nbytes)
+        else:
+            out.append(Span(sp.path, sp.offset, sp.nbytes))
+    return out
+
+
+_SYNC_FILE_RANGE = None
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start, without waiting for it, the disk write of [offset, offset + nbytes) of fd: sync_file_range(
+    SYNC_FILE_RANGE_WRITE) through ctypes (Python's os lacks it), else posix_fadvise(DONTNEED), which starts
+    it too. Without this the kernel leaves the disk idle until 10 % of memory is dirty."""
+    global _SYNC_FILE_RANGE
+    if _SYNC_FILE_RANGE is None:
+        try:
+            import ctypes
+            f = ctypes.CDLL(None, use_errno=True).sync_file_range
+            f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            f.restype = ctypes.c_int
+            _SYNC_FILE_RANGE = f
+        except (OSError, AttributeError):
+            _SYNC_FILE_RANGE = False
+    if _SYNC_FILE_RANGE and _SYNC_FILE_RANGE(fd, offset, nbytes, 2) == 0:  # 2: SYNC_FILE_RANGE_WRITE
+        return
+    try:
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
+
+
+_NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY)
+
+
+def _copy_range(src_fd: int, span: Span, fd: int, at: int, on_first: Optional[Callable[[], None]]) -> bool:
+    """Copy the span to fd at `at` in the kernel (copy_file_range, COPY_CHUNK at a time, the disk write of each
+    chunk started at once). With `on_first` (called after the first chunk is copied): False if the kernel
+    refuses that first call (the caller falls back)."""
+    done = 0
+    while done < span.nbytes:
+        try:
+            k = os.copy_file_range(src_fd, fd, min(COPY_CHUNK, span.nbytes - done), span.offset + done, at + done)
+        except OSError as e:
+            if on_first is not None and e.errno in _NO_KERNEL_COPY:
+                return False
+            raise
+        if on_first is not None:
+            on_first()
+            on_first = None
+        if k == 0:  # end of file, or a filesystem that copies nothing: finish through user space
+            if os.fstat(src_fd).st_size < span.offset + span.nbytes:
+                raise _truncated(span, done)
+            buf = _buffer()
+            while done < span.nbytes:
+                n = os.preadv(src_fd, [buf[:min(len(buf), span.nbytes - done)]], span.offset + done)
+                if n <= 0:
+                    raise _truncated(span, done)
+                _pwrite_all(fd, buf[:n], at + done)
+                done += n
+            return True
+        _start_writeback(fd, at + done, k)
+        done += k
+    return True
+
+
+def _pwrite_all(fd: int, data, at: int) -> None:
+    done = 0
+    while done < len(data):
+        k = os.pwrite(fd, data[done:], at + done)
+        if k <= 0:
+            raise OSError(errno.EIO, "short write")
+        done += k
+
+
+def _copy_stream(path: str, head: bytes, outs: List[Out], hash_outs: List[Out], total: int) -> bool:
+    """write_stream's path when every tensor passes through unchanged (the default conversion): the header
+    from memory, then the tensors as runs of source bytes copied by the kernel (copy_file_range, page cache to
+    page cache, as `cp` does, with each chunk's disk write started at once), while COPY_HASH_THREADS threads
+    take the sha256 of each tensor's source range. False, with nothing kept, where the kernel refuses such
+    copies (another filesystem): the caller then streams through its buffers."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fds: Dict[str, int] = {}
+    errors: List[BaseException] = []
+    jobs: "queue.Queue[Out]" = queue.Queue()
+    busy = {"copy": 0.0, "hash": 0.0}
+    threads: List[threading.Thread] = []
+
+    def hash_loop() -> None:
+        while not errors:
+            try:
+                o = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                t0 = time.perf_counter()
+                o.sha256 = sha256_of(o.data)
+                busy["hash"] += time.perf_counter() - t0
+            except BaseException as e:  # surfaced by the caller
+                errors.append(e)
+
+    def start_hashing() -> None:  # the kernel copies: hash beside it
+        for o in hash_outs:
+            jobs.put(o)
+        threads.extend(threading.Thread(target=hash_loop, name="ixc25-sha256", daemon=True)
+                       for _ in range(COPY_HASH_THREADS))
+        for t in threads:
+            t.start()
+
+    t_start = time.perf_counter()
+    try:
+        _pwrite_all(fd, head, 0)
+        at = len(head)
+        for run in _runs([o.data for o in outs]):
+            src = fds.get(run.path)
+            if src is None:
+                src = fds[run.path] = os.open(run.path, os.O_RDONLY)
+            if not _copy_range(src, run, fd, at, None if threads else start_hashing):
+                return False
+            at += run.nbytes
+            if errors:
+                break
+        busy["copy"] = time.perf_counter() - t_start
+        if not threads:  # nothing was copied (empty tensors only)
+            for o in hash_outs:
+                o.sha256 = sha256_of(o.data)
+    except BaseException as e:
+        errors.append(e)
+    finally:
+        for t in threads:
+            t.join()
+        for f in fds.values():
+            os.close(f)
+        os.close(fd)
+    if errors:
+        raise errors[0]
+    if TRACE:
+        print(f"[trace] {os.path.basename(path)}: {total / 1e6:.0f} MB in {time.perf_counter() - t_start:.2f} s "
+              f"(kernel copy); copy {busy['copy']:.2f} s, hash {busy['hash']:.2f} s summed over "
+              f"{COPY_HASH_THREADS} thread(s)", file=sys.stderr)
+    return True
 
 
 def _pread_into(dst: memoryview, span: Span, pos: int, fds: Dict[str, int]) -> None:

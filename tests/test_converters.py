@@ -632,21 +632,31 @@ def _mixed_tensors(seed=3):
     return {k: by_tag[("F32", "BF16", "F16")[i % 3]][k] for i, k in enumerate(by_tag["F32"])}
 
 
-@pytest.mark.parametrize("direct,chunk,threads", [(True, None, None), (True, 4096, 2), (False, 4096, 1),
-                                                  (True, 24576, 1)])
-def test_writer_byte_identical_to_mindspore(tmp_path, capsys, monkeypatch, direct, chunk, threads):
+@pytest.mark.parametrize("kernel,direct,chunk,threads", [
+    (False, True, None, None), (False, True, 4096, 2), (False, False, 4096, 1), (False, True, 24576, 1),
+    (True, None, None, None), (True, None, 4096, 2), (True, None, 1000, 1)])
+def test_writer_byte_identical_to_mindspore(tmp_path, capsys, monkeypatch, kernel, direct, chunk, threads):
     """Our safetensors shards equal, byte for byte, what mindspore.save_checkpoint writes for the same
     tensors, load back bit-exact with mindspore.load_checkpoint, and carry the sha256 of the written bytes;
-    whatever the buffer size (tensors spanning buffers, buffers holding many tensors), hash threads, and with
-    O_DIRECT or buffered writes."""
+    through the kernel copy (copy_file_range, any chunk size, 1 or 2 hash threads) and through the buffer
+    pipeline, whatever its buffer size (tensors spanning buffers, buffers holding many tensors), hash threads,
+    and with O_DIRECT or buffered writes."""
     import mindspore as ms
     from ixc25_ms.ms_checkpoint import ms_numpy_dtype
-    monkeypatch.setattr(conv, "USE_DIRECT", direct)
-    if chunk:
-        monkeypatch.setattr(conv, "DIRECT_CHUNK", chunk)
-        monkeypatch.setattr(conv, "DIRECT_BUFFERS", 3)
-    if threads:
-        monkeypatch.setattr(conv, "HASH_THREADS", threads)
+    monkeypatch.setattr(conv, "USE_KERNEL_COPY", kernel)
+    calls = _count_copy_file_range(monkeypatch)
+    if kernel:
+        if chunk:
+            monkeypatch.setattr(conv, "COPY_CHUNK", chunk)
+        if threads:
+            monkeypatch.setattr(conv, "COPY_HASH_THREADS", threads)
+    else:
+        monkeypatch.setattr(conv, "USE_DIRECT", direct)
+        if chunk:
+            monkeypatch.setattr(conv, "DIRECT_CHUNK", chunk)
+            monkeypatch.setattr(conv, "DIRECT_BUFFERS", 3)
+        if threads:
+            monkeypatch.setattr(conv, "HASH_THREADS", threads)
     src, dst = str(tmp_path / "src"), str(tmp_path / "ms")
     tensors = _mixed_tensors()
     write_ckpt(src, tensors, "sharded")
@@ -673,6 +683,60 @@ def test_writer_byte_identical_to_mindspore(tmp_path, capsys, monkeypatch, direc
         assert t["sha256"] == hashlib.sha256(tensors[t["source_key"]][1].tobytes()).hexdigest(), t["source_key"]
     raw = dict(iter_converted(dst, dtype=None))
     assert all(raw[k].tobytes() == a.tobytes() for k, (_, a) in tensors.items())
+    assert (calls[0] > 0) == kernel  # the default conversion copies in the kernel; the switch turns it off
+
+
+def _count_copy_file_range(monkeypatch, fail=None):
+    """Wrap os.copy_file_range: count the calls; `fail(n)` may return an OSError to raise on call n."""
+    real, calls = os.copy_file_range, [0]
+
+    def wrapped(*a):
+        calls[0] += 1
+        err = fail(calls[0]) if fail else None
+        if err is not None:
+            raise err
+        return real(*a)
+    monkeypatch.setattr(os, "copy_file_range", wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("how", ["refused", "copies-nothing"])
+def test_kernel_copy_fallbacks(tmp_path, capsys, monkeypatch, how):
+    """Where the kernel refuses copy_file_range (EXDEV: another filesystem) the shard streams through the
+    buffers; where it returns 0 with bytes left (some filesystems), the rest goes through user space. Same
+    bytes and sha256 either way."""
+    import errno as _errno
+    src, dst = str(tmp_path / "src"), str(tmp_path / "ms")
+    tensors = _mixed_tensors()
+    write_ckpt(src, tensors, "sharded")
+    monkeypatch.setattr(conv, "COPY_CHUNK", 4096)
+    if how == "refused":
+        calls = _count_copy_file_range(monkeypatch, lambda n: OSError(_errno.EXDEV, "Invalid cross-device link"))
+    else:
+        calls = [0]
+
+        def nothing(*a):
+            calls[0] += 1
+            return 0
+        monkeypatch.setattr(os, "copy_file_range", nothing)
+    rc, err = run(["--src", src, "--dst", dst, "--shard-size", "30KB", "--quiet"], capsys)
+    assert rc == 0, err
+    assert calls[0] > 0
+    raw = dict(iter_converted(dst, dtype=None))
+    assert all(raw[k].tobytes() == a.tobytes() for k, (_, a) in tensors.items())
+    for t in json.load(open(os.path.join(dst, "conversion.json")))["tensors"]:
+        assert t["sha256"] == hashlib.sha256(tensors[t["source_key"]][1].tobytes()).hexdigest(), t["source_key"]
+
+
+def test_kernel_copy_error(tmp_path, capsys, tiny, monkeypatch):
+    """A failing kernel copy (disk full) after the first chunk: the error, no hang, nothing left."""
+    src, _ = tiny
+    dst = str(tmp_path / "ms")
+    monkeypatch.setattr(conv, "COPY_CHUNK", 4096)
+    calls = _count_copy_file_range(monkeypatch, lambda n: OSError(28, "No space left on device") if n == 3 else None)
+    rc, err = run(["--src", src, "--dst", dst], capsys)
+    assert calls[0] == 3
+    assert_clean_failure(rc, err, dst, "No space left on device")
 
 
 def test_safetensors_conversion_does_not_import_mindspore(tmp_path, tiny):
@@ -687,10 +751,12 @@ def test_safetensors_conversion_does_not_import_mindspore(tmp_path, tiny):
     assert json.load(open(os.path.join(dst, "conversion.json")))["mindspore_version"] == version("mindspore")
 
 
-def test_source_truncated_after_planning(tmp_path, capsys, tiny, monkeypatch):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_source_truncated_after_planning(tmp_path, capsys, tiny, monkeypatch, kernel):
     """The headers said N bytes, the file shrank before the bytes were read: a clean one-line failure."""
     src, _ = tiny
     dst = str(tmp_path / "ms")
+    monkeypatch.setattr(conv, "USE_KERNEL_COPY", kernel)
     real = conv.plan_to_ms
 
     def plan_then_truncate(*a, **k):
@@ -708,6 +774,7 @@ def test_write_error_in_pipeline(tmp_path, capsys, tiny, monkeypatch, direct):
     """A failing write on a writer thread (disk full) surfaces as the error, with no hang and nothing left."""
     src, _ = tiny
     dst = str(tmp_path / "ms")
+    monkeypatch.setattr(conv, "USE_KERNEL_COPY", False)
     monkeypatch.setattr(conv, "USE_DIRECT", direct)
     monkeypatch.setattr(conv, "DIRECT_CHUNK", 8192)
     monkeypatch.setattr(conv, "DIRECT_BUFFERS", 2)
