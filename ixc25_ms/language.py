@@ -92,14 +92,19 @@ def decode_rope_matrices(cos: np.ndarray, sin: np.ndarray, scale: float) -> Tupl
     return m * np.float32(scale), m  # fp32: cos/sin and R are fp32
 
 
-def qkv_rope_tables(cos: np.ndarray, sin: np.ndarray, kv_heads_groups: int) -> Tuple[np.ndarray, np.ndarray]:
+def qkv_rope_tables(cos: np.ndarray, sin: np.ndarray, kv_heads_groups: int,
+                    q_scale: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
     """cos/sin (B, L, d) -> (B, L, 1, G+2, d) for the fused qkv layout [q x G, k, v] of each KV group:
-    the q and k slots get cos/sin, the v slot cos=1, sin=0 (so v passes through RoPE exactly unchanged)."""
+    the q and k slots get cos/sin, the v slot cos=1, sin=0 (so v passes through RoPE exactly unchanged).
+    The q slots carry `q_scale` too (the softmax scale 1/sqrt(d), folded into RoPE: no L x L multiply)."""
     b, l, d = cos.shape
-    c = np.ones((b, l, 1, kv_heads_groups + 2, d), np.float32)
+    g = kv_heads_groups
+    c = np.ones((b, l, 1, g + 2, d), np.float32)
     s = np.zeros_like(c)
-    c[:, :, 0, : kv_heads_groups + 1] = cos[:, :, None]
-    s[:, :, 0, : kv_heads_groups + 1] = sin[:, :, None]
+    c[:, :, 0, :g] = cos[:, :, None] * np.float32(q_scale)
+    s[:, :, 0, :g] = sin[:, :, None] * np.float32(q_scale)
+    c[:, :, 0, g] = cos
+    s[:, :, 0, g] = sin
     return c, s
 
 
@@ -153,17 +158,18 @@ class Attention(nn.Cell):
         kw = dict(bias=cfg.bias, lora_r=cfg.lora_r, lora_scaling=cfg.lora_scaling, web_r=cfg.web_lora_r, dtype=dtype)
         self.wqkv = PLoRA(cfg.hidden_size, cfg.qkv_out, **kw)
         self.wo = PLoRA(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, **kw)
-        self.scale = 1.0 / math.sqrt(self.head_dim)
         self.index_add = ops.IndexAdd(axis=1)  # in place on a Parameter along the slot axis, CPU/GPU/Ascend
         self.bmm_qk = ops.BatchMatMul(transpose_b=True)  # q k^T without materialising k^T
         self.bmm = ops.BatchMatMul()
         self.matmul_r = ops.MatMul()
         self.rot_r = Tensor(rotate_half_matrix(self.head_dim), dtype)  # a constant, not a checkpoint parameter
 
-    def construct(self, x, im_mask, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode):
+    def construct(self, x, im_mask, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode,
+                  last_row=False):
         """x (B,L,H); attn_mask (B,1,L,L) in prefill, (B,1,1,C) over the cache slots in decode.
-        Prefill (k_cache None): cos/sin (B,L,1,G+2,d) from `qkv_rope_tables`; the new keys fill slots [0, L)
-        of a fresh cache of `cap` slots (cap >= L).
+        Prefill (k_cache None): cos/sin (B,L,1,G+2,d) from `qkv_rope_tables` with the softmax scale in the q
+        slots; the new keys fill slots [0, L) of a fresh cache of `cap` slots (cap >= L). With `last_row` only
+        the last position's output is computed (B,1,H) — keys and values of all L as always.
         Decode (L=1): cos/sin are the (B,d,d) RoPE matrices Mq (softmax scale folded in) and Mk from
         `decode_rope_matrices`; k_cache/v_cache are Parameters (B*kvh, C, d) whose slot `write_pos` ((1,)
         int32) is empty (zero): the new key/value is added into it in place (IndexAdd along the slot axis:
@@ -177,22 +183,26 @@ class Attention(nn.Cell):
         rot = self.matmul_r(qkv.reshape(-1, d), self.rot_r).reshape(qkv.shape)
         qkv = qkv * cos.astype(qkv.dtype) + rot * sin.astype(qkv.dtype)
         q, k, v = ops.split(qkv, [self.groups, 1, 1], axis=3)
-        q = q.reshape(b, l, self.heads, d).swapaxes(1, 2)  # (B, heads, L, d)
+        lq = l
+        if last_row:  # the last layer of a last-token prefill: one query row, every key
+            q, attn_mask, lq = q[:, -1:], attn_mask[:, :, -1:], 1
+            im_mask = None if im_mask is None else im_mask[:, -1:]
+        q = q.reshape(b, lq, self.heads, d).swapaxes(1, 2)  # (B, heads, Lq, d), scaled by 1/sqrt(d)
         k = k.reshape(b, l, self.kv_heads, d).swapaxes(1, 2)  # (B, kvh, L, d)
         v = v.reshape(b, l, self.kv_heads, d).swapaxes(1, 2)
         k_all, v_all = k, v  # prefill: attend over the L new tokens
         if self.flash:  # Ascend prefill: fused kernel, GQA native, mask 1 = masked
             out = ops.flash_attention_score(q, k_all, v_all, self.heads, attn_mask=(attn_mask < 0).astype(ms.uint8),
-                                            scalar_value=self.scale, input_layout="BNSD")
+                                            scalar_value=1.0, input_layout="BNSD")
         else:  # GQA: kv head g serves query heads g*G .. g*G+G-1
             c = k_all.shape[2]
-            qg = q.reshape(b, self.kv_heads, self.groups * l, self.head_dim)
-            scores = self.bmm_qk(qg, k_all).reshape(b, self.heads, l, c)
-            scores = scores.astype(ms.float32) * self.scale + attn_mask
+            qg = q.reshape(b, self.kv_heads, self.groups * lq, self.head_dim)
+            scores = self.bmm_qk(qg, k_all).reshape(b, self.heads, lq, c)
+            scores = scores.astype(ms.float32) + attn_mask
             probs = ops.softmax(scores, -1).astype(v_all.dtype)
-            out = ops.matmul(probs.reshape(b, self.kv_heads, self.groups * l, c), v_all).reshape(
-                b, self.heads, l, self.head_dim)
-        out = out.swapaxes(1, 2).reshape(b, l, self.heads * self.head_dim)
+            out = ops.matmul(probs.reshape(b, self.kv_heads, self.groups * lq, c), v_all).reshape(
+                b, self.heads, lq, self.head_dim)
+        out = out.swapaxes(1, 2).reshape(b, lq, self.heads * self.head_dim)
         if cap > l:  # a fresh cache of `cap` slots, the prompt in [0, L)
             pad = ops.zeros((b, self.kv_heads, cap - l, self.head_dim), k.dtype)
             k_all, v_all = ops.cat([k, pad], 2), ops.cat([v, pad], 2)
@@ -242,9 +252,14 @@ class DecoderLayer(nn.Cell):
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def construct(self, x, im_mask, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode):
+    def construct(self, x, im_mask, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode,
+                  last_row=False):
+        """last_row: only the last position's output (B,1,H) (keys/values of every position)."""
         a, k, v = self.attention(self.attention_norm(x), im_mask, cos, sin, attn_mask, k_cache, v_cache,
-                                 write_pos, cap, infer_mode)
+                                 write_pos, cap, infer_mode, last_row)
+        if last_row:
+            x = x[:, -1:]
+            im_mask = None if im_mask is None else im_mask[:, -1:]
         x = x + a
         x = x + self.feed_forward(self.ffn_norm(x), im_mask, infer_mode)
         return x, k, v
@@ -260,14 +275,19 @@ class InternLM2Model(nn.Cell):
         self.layers = nn.CellList([DecoderLayer(cfg, dtype, flash) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def construct(self, h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode):
+    def construct(self, h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode,
+                  last_only=False):
         """Runs every layer; returns (normed hidden (B,L,H), k caches, v caches): in prefill the new caches
-        (B,kvh,cap,d) per layer; in decode () and (), the given caches having been written in place."""
+        (B,kvh,cap,d) per layer; in decode () and (), the given caches having been written in place.
+        last_only (prefill): the last layer computes its output for the last position only (B,1,H): the
+        other rows of it feed nothing (the caches hold keys/values, taken before)."""
         ks, vs = (), ()
+        n = len(self.layers)
         for i, layer in enumerate(self.layers):
             kc = None if k_caches is None else k_caches[i]
             vc = None if v_caches is None else v_caches[i]
-            h, k, v = layer(h, im_mask, cos, sin, attn_mask, kc, vc, write_pos, cap, infer_mode)
+            last_row = last_only and k_caches is None and i == n - 1 and h.shape[1] > 1
+            h, k, v = layer(h, im_mask, cos, sin, attn_mask, kc, vc, write_pos, cap, infer_mode, last_row)
             if k_caches is None:
                 ks = ks + (k,)
                 vs = vs + (v,)
@@ -323,6 +343,7 @@ class InternLM2ForCausalLM(nn.Cell):
         self.model = InternLM2Model(cfg, self.compute_dtype, self.flash_attention)
         self.output = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=self.compute_dtype)
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
+        self.q_scale = 1.0 / math.sqrt(cfg.head_dim)  # softmax scale, folded into q's RoPE on the host
         self.use_jit = use_jit
         self._step_memo = None  # (B, weak refs to the k+v caches, last slot) of the last decode step
 
@@ -330,7 +351,8 @@ class InternLM2ForCausalLM(nn.Cell):
     def _body(self, h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode, last_only):
         if h.dtype == ms.int32:  # token ids (decode): the embedding lookup runs inside the graph
             h = self.model.tok_embeddings(h)
-        h, ks, vs = self.model(h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode)
+        h, ks, vs = self.model(h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode,
+                               last_only)
         if last_only:
             h = h[:, -1:, :]
         logits = self.output(h).astype(ms.float32)
@@ -363,7 +385,7 @@ class InternLM2ForCausalLM(nn.Cell):
     def _cos_sin(self, position_ids, kv_len):
         """RoPE tables for the layers: (B, L, 1, G+2, d) cos and sin (see `qkv_rope_tables`)."""
         self.rope.ensure(kv_len)
-        cos, sin = qkv_rope_tables(*self.rope.cos_sin(position_ids), self.cfg.num_kv_groups)
+        cos, sin = qkv_rope_tables(*self.rope.cos_sin(position_ids), self.cfg.num_kv_groups, self.q_scale)
         return Tensor(cos), Tensor(sin)
 
     def prefill(self, inputs_embeds: Tensor, im_mask=None, attention_mask=None, infer_mode: str = "base",
@@ -427,8 +449,7 @@ class InternLM2ForCausalLM(nn.Cell):
         if not 0 <= slot < c:
             raise ValueError(f"cache slot {slot} is outside the cache capacity {c}")
         self.rope.ensure(slot + 1)
-        cos, sin = decode_rope_matrices(*self.rope.cos_sin(np.asarray(position_ids).reshape(-1, 1)),
-                                        1.0 / math.sqrt(self.cfg.head_dim))
+        cos, sin = decode_rope_matrices(*self.rope.cos_sin(np.asarray(position_ids).reshape(-1, 1)), self.q_scale)
         cos, sin = Tensor(cos), Tensor(sin)
         write_pos = Tensor(np.array([slot], np.int32))
         mask = Tensor(decode_mask(key_valid))

@@ -53,9 +53,9 @@ class PLoRA(Linear):
             res = res + self.lora_web_B(self.lora_web_A(x))
         elif infer_mode == "write":
             res = res + self.lora_sft_B(self.lora_sft_A(x)) + self.lora_dpo_B(self.lora_dpo_A(x))
-        if im_mask is not None:
-            part = self.Plora_B(self.Plora_A(x))
+        if im_mask is not None:  # the 0/1 mask on the rank-r activations, r << out: B(A(x)*m) == B(A(x))*m
+            part = self.Plora_B(self.Plora_A(x) * im_mask)
             if self.lora_scaling != 1.0:
                 part = part * self.lora_scaling
-            res = res + part * im_mask
+            res = res + part
         return res
