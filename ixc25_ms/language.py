@@ -15,6 +15,12 @@ from mindspore.common.initializer import initializer
 from .config import IXCConfig
 from .plora import PLoRA, Linear
 
+# causal query chunks in a last-token prefill: at least PREFILL_CHUNK rows each, at most PREFILL_MAX_CHUNKS
+# chunks (bounds the graph), for prompts of two chunks or more (1,280 tokens: 128 rows 5.4-5.6 s, 256 rows
+# 5.6 s, 512 rows 5.8 s, no chunks 6.0 s)
+PREFILL_CHUNK = 128
+PREFILL_MAX_CHUNKS = 16
+
 MS_DTYPES = {"float32": ms.float32, "fp32": ms.float32, "float16": ms.float16, "fp16": ms.float16,
              "bfloat16": ms.bfloat16, "bf16": ms.bfloat16}
 NP_DTYPES = {ms.float32: np.float32, ms.float16: np.float16}
@@ -165,11 +171,14 @@ class Attention(nn.Cell):
         self.rot_r = Tensor(rotate_half_matrix(self.head_dim), dtype)  # a constant, not a checkpoint parameter
 
     def construct(self, x, im_mask, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode,
-                  last_row=False):
+                  last_row=False, chunk_rows=0):
         """x (B,L,H); attn_mask (B,1,L,L) in prefill, (B,1,1,C) over the cache slots in decode.
         Prefill (k_cache None): cos/sin (B,L,1,G+2,d) from `qkv_rope_tables` with the softmax scale in the q
         slots; the new keys fill slots [0, L) of a fresh cache of `cap` slots (cap >= L). With `last_row` only
-        the last position's output is computed (B,1,H) — keys and values of all L as always.
+        the last position's output is computed (B,1,H) — keys and values of all L as always. With
+        `chunk_rows` the queries go in chunks of that many rows, each over the keys up to its last row only
+        (causal: the rest are masked); rows whose every key is masked (left padding) then average over fewer
+        values than in one pass, which nothing reads when only the last token's logits are wanted.
         Decode (L=1): cos/sin are the (B,d,d) RoPE matrices Mq (softmax scale folded in) and Mk from
         `decode_rope_matrices`; k_cache/v_cache are Parameters (B*kvh, C, d) whose slot `write_pos` ((1,)
         int32) is empty (zero): the new key/value is added into it in place (IndexAdd along the slot axis:
@@ -194,19 +203,29 @@ class Attention(nn.Cell):
         if self.flash:  # Ascend prefill: fused kernel, GQA native, mask 1 = masked
             out = ops.flash_attention_score(q, k_all, v_all, self.heads, attn_mask=(attn_mask < 0).astype(ms.uint8),
                                             scalar_value=1.0, input_layout="BNSD")
-        else:  # GQA: kv head g serves query heads g*G .. g*G+G-1
-            c = k_all.shape[2]
-            qg = q.reshape(b, self.kv_heads, self.groups * lq, self.head_dim)
-            scores = self.bmm_qk(qg, k_all).reshape(b, self.heads, lq, c)
-            scores = scores.astype(ms.float32) + attn_mask
-            probs = ops.softmax(scores, -1).astype(v_all.dtype)
-            out = ops.matmul(probs.reshape(b, self.kv_heads, self.groups * lq, c), v_all).reshape(
-                b, self.heads, lq, self.head_dim)
+        elif chunk_rows and lq > chunk_rows:  # causal chunks: about half the L x L work at long prompts
+            outs = []
+            for s0 in range(0, lq, chunk_rows):
+                e0 = min(lq, s0 + chunk_rows)
+                outs.append(self._attend(q[:, :, s0:e0], k[:, :, :e0], v[:, :, :e0], attn_mask[:, :, s0:e0, :e0]))
+            out = ops.cat(outs, 2)
+        else:
+            out = self._attend(q, k, v, attn_mask)
         out = out.swapaxes(1, 2).reshape(b, lq, self.heads * self.head_dim)
         if cap > l:  # a fresh cache of `cap` slots, the prompt in [0, L)
             pad = ops.zeros((b, self.kv_heads, cap - l, self.head_dim), k.dtype)
             k_all, v_all = ops.cat([k, pad], 2), ops.cat([v, pad], 2)
         return self.wo(out, im_mask, infer_mode), k_all, v_all
+
+    def _attend(self, q, k, v, mask):
+        """q (B,heads,Lq,d) pre-scaled, k/v (B,kvh,C,d), additive mask (B,1,Lq,C) -> (B,heads,Lq,d).
+        GQA: kv head g serves query heads g*G .. g*G+G-1 (q regrouped, no repeated k/v)."""
+        b, lq, c = q.shape[0], q.shape[2], k.shape[2]
+        qg = q.reshape(b, self.kv_heads, self.groups * lq, self.head_dim)
+        scores = self.bmm_qk(qg, k).reshape(b, self.heads, lq, c)
+        probs = ops.softmax(scores.astype(ms.float32) + mask, -1).astype(v.dtype)
+        return ops.matmul(probs.reshape(b, self.kv_heads, self.groups * lq, c), v).reshape(
+            b, self.heads, lq, self.head_dim)
 
     def _decode(self, x, mq, mk, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode):
         """One new token per row (no image token): about half the kernels of the prefill path at L=1."""
@@ -253,10 +272,11 @@ class DecoderLayer(nn.Cell):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def construct(self, x, im_mask, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode,
-                  last_row=False):
-        """last_row: only the last position's output (B,1,H) (keys/values of every position)."""
+                  last_row=False, chunk_rows=0):
+        """last_row: only the last position's output (B,1,H) (keys/values of every position); chunk_rows:
+        causal query chunks (see Attention)."""
         a, k, v = self.attention(self.attention_norm(x), im_mask, cos, sin, attn_mask, k_cache, v_cache,
-                                 write_pos, cap, infer_mode, last_row)
+                                 write_pos, cap, infer_mode, last_row, chunk_rows)
         if last_row:
             x = x[:, -1:]
             im_mask = None if im_mask is None else im_mask[:, -1:]
@@ -280,14 +300,19 @@ class InternLM2Model(nn.Cell):
         """Runs every layer; returns (normed hidden (B,L,H), k caches, v caches): in prefill the new caches
         (B,kvh,cap,d) per layer; in decode () and (), the given caches having been written in place.
         last_only (prefill): the last layer computes its output for the last position only (B,1,H): the
-        other rows of it feed nothing (the caches hold keys/values, taken before)."""
+        other rows of it feed nothing (the caches hold keys/values, taken before); and attention runs in causal
+        chunks (PREFILL_CHUNK, PREFILL_MAX_CHUNKS)."""
         ks, vs = (), ()
         n = len(self.layers)
+        chunk_rows = max(PREFILL_CHUNK, -(-h.shape[1] // PREFILL_MAX_CHUNKS))
+        if not (last_only and k_caches is None and h.shape[1] >= 2 * chunk_rows):
+            chunk_rows = 0
         for i, layer in enumerate(self.layers):
             kc = None if k_caches is None else k_caches[i]
             vc = None if v_caches is None else v_caches[i]
             last_row = last_only and k_caches is None and i == n - 1 and h.shape[1] > 1
-            h, k, v = layer(h, im_mask, cos, sin, attn_mask, kc, vc, write_pos, cap, infer_mode, last_row)
+            h, k, v = layer(h, im_mask, cos, sin, attn_mask, kc, vc, write_pos, cap, infer_mode, last_row,
+                            chunk_rows)
             if k_caches is None:
                 ks = ks + (k,)
                 vs = vs + (v,)

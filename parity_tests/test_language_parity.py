@@ -137,6 +137,48 @@ def test_cached_decode_equals_uncached(tiny, use_jit):
         assert_close(logits.asnumpy()[:, 0], ref_full.asnumpy()[:, t], "fp32", f"decode step {t} jit={use_jit}")
 
 
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_last_token_prefill_shortcuts(tiny, monkeypatch, use_jit):
+    """A last-token prefill (generation) takes two shortcuts: causal query chunks (chunk size patched down to
+    2 rows here: 6 chunks of a 12-token prompt) and the last layer's output for the last row only. With a
+    left-padded row, its last logits, the caches at valid slots and the decode steps after it equal the
+    reference's full forward."""
+    import ixc25_ms.language as L
+    monkeypatch.setattr(L, "PREFILL_CHUNK", 2)
+    cfg, state, x, im = tiny
+    calls = []
+    if not use_jit:  # count the query rows of each attention call (a graph cannot call back into Python)
+        real = L.Attention._attend
+        monkeypatch.setattr(L.Attention, "_attend", lambda self, *a: calls.append(a[0].shape[2]) or real(self, *a))
+    lm = build_ms_lm(cfg, state, use_jit=use_jit)
+    ref = RefLM(cfg, state)
+    am = np.ones((2, 12), np.int64)
+    am[1, :3] = 0
+    logits, _, ks, vs = lm.prefill(ms.Tensor(x), im, am, cap=16, last_only=True)
+    n = cfg.num_hidden_layers
+    if not use_jit:
+        assert calls == [2] * 6 * (n - 1) + [1], calls  # chunks in every layer but the last, one row there
+    theirs, _, past = ref.forward(torch.from_numpy(x), torch.from_numpy(im), torch.from_numpy(am))
+    assert logits.shape == (2, 1, cfg.vocab_size)
+    assert_close(logits.asnumpy()[:, 0], theirs[:, -1], "fp32", f"chunked last-token prefill jit={use_jit}")
+    kvh, d = cfg.num_key_value_heads, cfg.head_dim
+    for i in range(n):
+        got = ks[i].asnumpy().reshape(2, kvh, 16, d)
+        want = past[i][0].numpy()
+        assert_close(got[0, :, :12], want[0], "fp32", f"k cache layer {i} row 0")
+        assert_close(got[1, :, 3:12], want[1, :, 3:], "fp32", f"k cache layer {i} row 1 (valid slots)")
+    key_valid = np.zeros((2, 16), np.int64)
+    key_valid[:, :12] = am
+    y = np.random.default_rng(9).standard_normal((2, 3, cfg.hidden_size)).astype(np.float32)
+    for t in range(3):
+        key_valid[:, 12 + t] = 1
+        pos = np.array([12 + t, 12 + t - 3])
+        logits, _, ks, vs = lm.decode(ms.Tensor(y[:, t:t + 1]), pos, 12 + t, key_valid, ks, vs)
+        r, _, past = ref.forward(torch.from_numpy(y[:, t:t + 1]), past=past,
+                                 attention_mask=torch.from_numpy(key_valid[:, :13 + t]))
+        assert_close(logits.asnumpy()[:, 0], r[:, -1], "fp32", f"decode after chunked prefill, step {t}")
+
+
 def test_dynamic_ntk_past_max_positions():
     """Prefill and cached decode across max_position_embeddings with dynamic NTK, against the reference."""
     cfg = tiny_config(max_position_embeddings=16, rope_scaling={"type": "dynamic", "factor": 2.0})
