@@ -332,6 +332,7 @@ def flash_attention_switch(dtype, requested=None) -> bool:
 
 # ------------------------------------------------------------------------------------------------ host-side masks
 MASK_MIN = float(np.finfo(np.float32).min)
+CACHE_LAST = "_ixc25_last_slot"  # attribute of a cache Parameter: the highest slot written into it
 _CACHE_IDS = itertools.count(1)  # unique names for KV-cache Parameters
 
 
@@ -370,7 +371,7 @@ class InternLM2ForCausalLM(nn.Cell):
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
         self.q_scale = 1.0 / math.sqrt(cfg.head_dim)  # softmax scale, folded into q's RoPE on the host
         self.use_jit = use_jit
-        self._step_memo = None  # (B, weak refs to the k+v caches, last slot) of the last decode step
+        self._step_memo = None  # (B, weak refs to the k+v caches) of the last decode step: checked already
 
     # -- graph bodies ------------------------------------------------------------------------------
     def _body(self, h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode, last_only):
@@ -426,13 +427,17 @@ class InternLM2ForCausalLM(nn.Cell):
         mask = Tensor(prefill_mask(am))
         logits, h, ks, vs = self._run(self._cast(inputs_embeds), self._im_mask(im_mask, b, l), cos,
                                       sin, mask, None, None, None, cap, infer_mode, last_only)
-        return logits, h, self._as_cache(ks), self._as_cache(vs)
+        return logits, h, self._as_cache(ks, l - 1), self._as_cache(vs, l - 1)
 
     @staticmethod
-    def _as_cache(tensors) -> Tuple[Parameter, ...]:
-        """(B, kvh, C, d) tensors -> Parameters (B*kvh, C, d) that decode writes in place (unique names)."""
-        return tuple(Parameter(t.reshape((-1,) + tuple(t.shape[-2:])), name=f"kv_cache_{next(_CACHE_IDS)}",
-                               requires_grad=False) for t in tensors)
+    def _as_cache(tensors, last: int) -> Tuple[Parameter, ...]:
+        """(B, kvh, C, d) tensors -> Parameters (B*kvh, C, d) that decode writes in place (unique names),
+        marked as holding slots up to `last` (decode refuses to add into those)."""
+        out = tuple(Parameter(t.reshape((-1,) + tuple(t.shape[-2:])), name=f"kv_cache_{next(_CACHE_IDS)}",
+                              requires_grad=False) for t in tensors)
+        for p in out:
+            setattr(p, CACHE_LAST, last)
+        return out
 
     def reorder_cache(self, caches, index) -> Tuple[Parameter, ...]:
         """Beam search: new caches (same batch size) whose batch row i is row index[i] of `caches`."""
@@ -445,7 +450,7 @@ class InternLM2ForCausalLM(nn.Cell):
             if rows % b:
                 raise ValueError(f"cache with {rows} rows does not split into {b} batch rows")
             out.append(ops.gather(c.reshape((b, rows // b) + tuple(c.shape[1:])), idx, 0))
-        return self._as_cache(out)
+        return self._as_cache(out, max(getattr(c, CACHE_LAST, -1) for c in caches))
 
     def decode(self, inputs_embeds: Tensor, position_ids: np.ndarray, slot: int, key_valid: np.ndarray,
                k_caches, v_caches, infer_mode: str = "base"):
@@ -454,19 +459,20 @@ class InternLM2ForCausalLM(nn.Cell):
         image mask. The caches from `prefill` are Parameters written in place; (B,kvh,C,d) tensors are
         accepted too and turned into such Parameters first (their invalid slots zeroed). Slots are appended:
         the new key/value is added into the empty (zero) slot in place, so slots must be decoded in increasing
-        order — a slot at or before the one the previous step wrote into the same caches is an error.
+        order: each cache Parameter remembers the highest slot written into it (by prefill, a decode step, or
+        `reorder_cache`'s sources), and a slot at or before that is an error.
         Returns (logits (B,1,V), hidden, ks, vs) with the caches that were written."""
         b, kvh = int(inputs_embeds.shape[0]), self.cfg.num_key_value_heads
         k_caches, v_caches = tuple(k_caches), tuple(v_caches)
-        memo = self._step_memo  # weak refs to the caches of the last step: checked already, last slot written
-        if memo is not None and memo[0] == b and len(memo[1]) == len(k_caches) + len(v_caches) and all(
-                r() is c for r, c in zip(memo[1], k_caches + v_caches)):
-            if slot <= memo[2]:
-                raise ValueError(f"cache slot {slot} of these caches was written by an earlier decode step "
-                                 f"(last {memo[2]}); decode appends, one new slot per step")
-        else:
+        memo = self._step_memo  # weak refs to the caches of the last step: checked already
+        if not (memo is not None and memo[0] == b and len(memo[1]) == len(k_caches) + len(v_caches) and all(
+                r() is c for r, c in zip(memo[1], k_caches + v_caches))):
             k_caches = self._check_caches(k_caches, b, key_valid, slot)
             v_caches = self._check_caches(v_caches, b, key_valid, slot)
+        last = max(getattr(p, CACHE_LAST, -1) for p in k_caches + v_caches)
+        if slot <= last:
+            raise ValueError(f"cache slot {slot} of these caches is already written (they hold slots up to {last}: "
+                             f"the prompt or an earlier decode step); decode appends, one new slot per step")
         ks, vs = k_caches, v_caches
         if self.use_jit:  # a plain tuple of graph outputs would be re-specialised (recompiled) every call
             ks, vs = ms.mutable(ks), ms.mutable(vs)
@@ -483,8 +489,10 @@ class InternLM2ForCausalLM(nn.Cell):
         else:  # token ids (B, 1): embedded inside the step (no separate eager lookup)
             x = Tensor(np.asarray(inputs_embeds, np.int32).reshape(-1, 1))
         logits, h, _, _ = self._run(x, None, cos, sin, mask, ks, vs, write_pos, c, infer_mode, True)
-        self._step_memo = (b, tuple(weakref.ref(p) for p in k_caches + v_caches), slot)  # no strong refs: the
-        # caches are freed when the caller drops them
+        for p in k_caches + v_caches:
+            setattr(p, CACHE_LAST, slot)
+        self._step_memo = (b, tuple(weakref.ref(p) for p in k_caches + v_caches))  # no strong refs: the caches
+        # are freed when the caller drops them
         return logits, h, k_caches, v_caches
 
     def _check_caches(self, caches, b: int, key_valid, slot: int) -> Tuple[Parameter, ...]:
@@ -508,7 +516,7 @@ class InternLM2ForCausalLM(nn.Cell):
             keep = np.asarray(key_valid).reshape(b, -1)[:, : a.shape[2]] > 0
             keep[:, slot:slot + 1] = False  # the slot decode adds into must be empty
             out.append(self._cast(Tensor(np.where(keep[:, None, :, None], a, 0).astype(a.dtype))))
-        return self._as_cache(out)
+        return self._as_cache(out, slot - 1)
 
     def construct(self, inputs_embeds, im_mask=None, attention_mask=None, infer_mode="base"):
         """Uncached forward over the whole sequence: logits fp32 (B, L, V)."""

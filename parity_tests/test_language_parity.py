@@ -302,8 +302,16 @@ def test_decode_cache_inputs_checked_and_tensors_accepted(tiny):
     assert all(isinstance(c, ms.Parameter) for c in b[2] + b[3])
     for ours, theirs in zip(a[2] + a[3], b[2] + b[3]):
         assert_close(theirs, ours.asnumpy(), "fp32", "caches after the step")
-    with pytest.raises(ValueError, match="written by an earlier decode step"):
+    with pytest.raises(ValueError, match="already written"):
         lm.decode(*step, b[2], b[3])  # decode appends: the same slot of the same caches again
+    with pytest.raises(ValueError, match="already written"):
+        lm.decode(*step, a[2], a[3])  # after another cache set's step (alternating sets: caught as well)
+    _, _, k2, v2 = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
+    with pytest.raises(ValueError, match=f"slots up to {p - 1}"):
+        lm.decode(ms.Tensor(x[:, p:p + 1]), np.array([p, p]), p - 2, key_valid, k2, v2)  # inside the prompt
+    swapped = lm.reorder_cache(a[2], [1, 0]), lm.reorder_cache(a[3], [1, 0])
+    with pytest.raises(ValueError, match="already written"):
+        lm.decode(*step, *swapped)  # beam reordering keeps what the sources hold
     with pytest.raises(ValueError, match="one per layer"):
         lm.decode(*step, ks[:-1], vs)
     with pytest.raises(ValueError, match="neither a prefill cache"):
