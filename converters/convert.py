@@ -682,13 +682,7 @@ def write_stream(path: str, outs: List[Out], metadata: dict, hash_inline: bool =
             try:
                 if not errors:
                     t0 = time.perf_counter()
-                    mv = memoryview(bufs[i])[:n]
-                    done = 0
-                    while done < n:
-                        k = os.pwrite(fd, mv[done:], at + done)
-                        if k <= 0:
-                            raise OSError(errno.EIO, "short write", path)
-                        done += k
+                    _pwrite_all(fd, memoryview(bufs[i])[:n], at, path)
                     busy["write"] += time.perf_counter() - t0
             except BaseException as e:  # surfaced by the caller
                 errors.append(e)
@@ -811,10 +805,14 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
 _NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY)
 
 
-def _copy_range(src_fd: int, span: Span, fd: int, at: int, on_first: Optional[Callable[[], None]]) -> bool:
-    """Copy the span to fd at `at` in the kernel (copy_file_range, COPY_CHUNK at a time, the disk write of each
-    chunk started at once). With `on_first` (called after the first chunk is copied): False if the kernel
-    refuses that first call (the caller falls back)."""
+def _copy_range(span: Span, fds: Dict[str, int], fd: int, at: int, path: str,
+                on_first: Optional[Callable[[], None]]) -> bool:
+    """Copy the span to fd (the file `path`) at `at` in the kernel (copy_file_range, COPY_CHUNK at a time, the
+    disk write of each chunk started at once); `fds` holds the open source files. With `on_first` (called
+    after the first chunk is copied): False if the kernel refuses that first call (the caller falls back)."""
+    src_fd = fds.get(span.path)
+    if src_fd is None:
+        src_fd = fds[span.path] = os.open(span.path, os.O_RDONLY)
     done = 0
     while done < span.nbytes:
         try:
@@ -826,15 +824,12 @@ def _copy_range(src_fd: int, span: Span, fd: int, at: int, on_first: Optional[Ca
         if on_first is not None:
             on_first()
             on_first = None
-        if k == 0:  # end of file, or a filesystem that copies nothing: finish through user space
-            if os.fstat(src_fd).st_size < span.offset + span.nbytes:
-                raise _truncated(span, done)
-            buf = _buffer()
+        if k == 0:  # end of file, or a filesystem that copies nothing: the rest through user space (a file that
+            buf = _buffer()  # ends early is reported as truncated by _pread_into)
             while done < span.nbytes:
-                n = os.preadv(src_fd, [buf[:min(len(buf), span.nbytes - done)]], span.offset + done)
-                if n <= 0:
-                    raise _truncated(span, done)
-                _pwrite_all(fd, buf[:n], at + done)
+                n = min(len(buf), span.nbytes - done)
+                _pread_into(buf[:n], span, done, fds)
+                _pwrite_all(fd, buf[:n], at + done, path)
                 done += n
             return True
         _start_writeback(fd, at + done, k)
@@ -842,12 +837,13 @@ def _copy_range(src_fd: int, span: Span, fd: int, at: int, on_first: Optional[Ca
     return True
 
 
-def _pwrite_all(fd: int, data, at: int) -> None:
+def _pwrite_all(fd: int, data, at: int, path: str) -> None:
+    """All of `data` at offset `at` of fd (the file `path`), short writes continued."""
     done = 0
     while done < len(data):
         k = os.pwrite(fd, data[done:], at + done)
         if k <= 0:
-            raise OSError(errno.EIO, "short write")
+            raise OSError(errno.EIO, "short write", path)
         done += k
 
 
@@ -887,13 +883,10 @@ def _copy_stream(path: str, head: bytes, outs: List[Out], hash_outs: List[Out], 
 
     t_start = time.perf_counter()
     try:
-        _pwrite_all(fd, head, 0)
+        _pwrite_all(fd, head, 0, path)
         at = len(head)
         for run in _runs([o.data for o in outs]):
-            src = fds.get(run.path)
-            if src is None:
-                src = fds[run.path] = os.open(run.path, os.O_RDONLY)
-            if not _copy_range(src, run, fd, at, None if threads else start_hashing):
+            if not _copy_range(run, fds, fd, at, path, None if threads else start_hashing):
                 return False
             at += run.nbytes
             if errors:
