@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import weakref
 from typing import Optional, Sequence, Tuple
 
 import mindspore as ms
@@ -199,9 +198,8 @@ class Attention(nn.Cell):
         q = q.reshape(b, lq, self.heads, d).swapaxes(1, 2)  # (B, heads, Lq, d), scaled by 1/sqrt(d)
         k = k.reshape(b, l, self.kv_heads, d).swapaxes(1, 2)  # (B, kvh, L, d)
         v = v.reshape(b, l, self.kv_heads, d).swapaxes(1, 2)
-        k_all, v_all = k, v  # prefill: attend over the L new tokens
         if self.flash:  # Ascend prefill: fused kernel, GQA native, mask 1 = masked
-            out = ops.flash_attention_score(q, k_all, v_all, self.heads, attn_mask=(attn_mask < 0).astype(ms.uint8),
+            out = ops.flash_attention_score(q, k, v, self.heads, attn_mask=(attn_mask < 0).astype(ms.uint8),
                                             scalar_value=1.0, input_layout="BNSD")
         elif chunk_rows and lq > chunk_rows:  # causal chunks: about half the L x L work at long prompts
             outs = []
@@ -214,8 +212,8 @@ class Attention(nn.Cell):
         out = out.swapaxes(1, 2).reshape(b, lq, self.heads * self.head_dim)
         if cap > l:  # a fresh cache of `cap` slots, the prompt in [0, L)
             pad = ops.zeros((b, self.kv_heads, cap - l, self.head_dim), k.dtype)
-            k_all, v_all = ops.cat([k, pad], 2), ops.cat([v, pad], 2)
-        return self.wo(out, im_mask, infer_mode), k_all, v_all
+            k, v = ops.cat([k, pad], 2), ops.cat([v, pad], 2)
+        return self.wo(out, im_mask, infer_mode), k, v
 
     def _attend(self, q, k, v, mask):
         """q (B,heads,Lq,d) pre-scaled, k/v (B,kvh,C,d), additive mask (B,1,Lq,C) -> (B,heads,Lq,d).
@@ -303,16 +301,16 @@ class InternLM2Model(nn.Cell):
         other rows of it feed nothing (the caches hold keys/values, taken before); and attention runs in causal
         chunks (PREFILL_CHUNK, PREFILL_MAX_CHUNKS)."""
         ks, vs = (), ()
-        n = len(self.layers)
-        chunk_rows = max(PREFILL_CHUNK, -(-h.shape[1] // PREFILL_MAX_CHUNKS))
-        if not (last_only and k_caches is None and h.shape[1] >= 2 * chunk_rows):
+        n, l = len(self.layers), h.shape[1]
+        last_token_prefill = last_only and k_caches is None and l > 1
+        chunk_rows = max(PREFILL_CHUNK, -(-l // PREFILL_MAX_CHUNKS))
+        if not (last_token_prefill and l >= 2 * chunk_rows):
             chunk_rows = 0
         for i, layer in enumerate(self.layers):
             kc = None if k_caches is None else k_caches[i]
             vc = None if v_caches is None else v_caches[i]
-            last_row = last_only and k_caches is None and i == n - 1 and h.shape[1] > 1
-            h, k, v = layer(h, im_mask, cos, sin, attn_mask, kc, vc, write_pos, cap, infer_mode, last_row,
-                            chunk_rows)
+            h, k, v = layer(h, im_mask, cos, sin, attn_mask, kc, vc, write_pos, cap, infer_mode,
+                            last_token_prefill and i == n - 1, chunk_rows)
             if k_caches is None:
                 ks = ks + (k,)
                 vs = vs + (v,)
@@ -371,7 +369,6 @@ class InternLM2ForCausalLM(nn.Cell):
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
         self.q_scale = 1.0 / math.sqrt(cfg.head_dim)  # softmax scale, folded into q's RoPE on the host
         self.use_jit = use_jit
-        self._step_memo = None  # (B, weak refs to the k+v caches) of the last decode step: checked already
 
     # -- graph bodies ------------------------------------------------------------------------------
     def _body(self, h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode, last_only):
@@ -463,12 +460,9 @@ class InternLM2ForCausalLM(nn.Cell):
         `reorder_cache`'s sources), and a slot at or before that is an error.
         Returns (logits (B,1,V), hidden, ks, vs) with the caches that were written."""
         b, kvh = int(inputs_embeds.shape[0]), self.cfg.num_key_value_heads
-        k_caches, v_caches = tuple(k_caches), tuple(v_caches)
-        memo = self._step_memo  # weak refs to the caches of the last step: checked already
-        if not (memo is not None and memo[0] == b and len(memo[1]) == len(k_caches) + len(v_caches) and all(
-                r() is c for r, c in zip(memo[1], k_caches + v_caches))):
-            k_caches = self._check_caches(k_caches, b, key_valid, slot)
-            v_caches = self._check_caches(v_caches, b, key_valid, slot)
+        # checked every step (~60 us for 2 x 8 caches); the caches' own marks say which slots they hold
+        k_caches = self._check_caches(k_caches, b, key_valid, slot)
+        v_caches = self._check_caches(v_caches, b, key_valid, slot)
         last = max(getattr(p, CACHE_LAST, -1) for p in k_caches + v_caches)
         if slot <= last:
             raise ValueError(f"cache slot {slot} of these caches is already written (they hold slots up to {last}: "
@@ -489,10 +483,8 @@ class InternLM2ForCausalLM(nn.Cell):
         else:  # token ids (B, 1): embedded inside the step (no separate eager lookup)
             x = Tensor(np.asarray(inputs_embeds, np.int32).reshape(-1, 1))
         logits, h, _, _ = self._run(x, None, cos, sin, mask, ks, vs, write_pos, c, infer_mode, True)
-        for p in k_caches + v_caches:
+        for p in k_caches + v_caches:  # the model keeps no reference: caches are freed when the caller drops them
             setattr(p, CACHE_LAST, slot)
-        self._step_memo = (b, tuple(weakref.ref(p) for p in k_caches + v_caches))  # no strong refs: the caches
-        # are freed when the caller drops them
         return logits, h, k_caches, v_caches
 
     def _check_caches(self, caches, b: int, key_valid, slot: int) -> Tuple[Parameter, ...]:

@@ -338,7 +338,7 @@ def test_cached_decode_fp16_jit(tiny):
 
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_decode_keeps_no_cache_alive(tiny, use_jit):
-    """The decode step's memo (checked caches, last slot) holds weak references only: caches the caller
+    """The model keeps no reference to the caches a decode step wrote (only a mark on each): caches the caller
     drops are freed (at 7B size they are gigabytes)."""
     import gc
     import weakref
