@@ -8,6 +8,7 @@ setup(
     python_requires=">=3.9,<3.12",
     packages=find_packages(include=["ixc25_ms", "ixc25_ms.*", "converters", "converters.*",
                                     "parity_tests", "parity_tests.*", "scripts", "scripts.*"]),
+    package_data={"ixc25_ms": ["csrc/*.cc"]},  # the fused CPU decode kernels, compiled on first use
     install_requires=[
         "mindspore==2.10.0",
         "numpy==1.26.4",

@@ -12,6 +12,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from .config import IXCConfig
+from .cpu_kernels import DecodeKernels, library_path as kernel_library, switch as cpu_kernels_switch
 from .plora import PLoRA, Linear
 
 # causal query chunks in a last-token prefill: at least PREFILL_CHUNK rows each, at most PREFILL_MAX_CHUNKS
@@ -168,6 +169,7 @@ class Attention(nn.Cell):
         self.bmm = ops.BatchMatMul()
         self.matmul_r = ops.MatMul()
         self.rot_r = Tensor(rotate_half_matrix(self.head_dim), dtype)  # a constant, not a checkpoint parameter
+        self.kernels = None  # fused CPU decode kernels (cpu_kernels.DecodeKernels), set by the LM
 
     def construct(self, x, im_mask, cos, sin, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode,
                   last_row=False, chunk_rows=0):
@@ -228,10 +230,13 @@ class Attention(nn.Cell):
     def _decode(self, x, mq, mk, attn_mask, k_cache, v_cache, write_pos, cap, infer_mode):
         """One new token per row (no image token): about half the kernels of the prefill path at L=1."""
         b, kvh, g, d = x.shape[0], self.kv_heads, self.groups, self.head_dim
-        qkv = self.wqkv(x, None, infer_mode).reshape(b, kvh, g + 2, d)
-        q, k, v = ops.split(qkv, [g, 1, 1], axis=2)
-        q = self.bmm(q.reshape(b, kvh * g, d), mq.astype(qkv.dtype))  # RoPE and 1/sqrt(d) in one matmul
-        k = self.bmm(k.reshape(b, kvh, d), mk.astype(qkv.dtype))
+        if self.kernels is not None:  # fused CPU kernel: the q/k/v split and RoPE in one (4 launches fewer)
+            q, k, v = self.kernels.rope_split(self.wqkv(x, None, infer_mode), mq, mk)  # (B*kvh, G|1|1, d)
+        else:
+            qkv = self.wqkv(x, None, infer_mode).reshape(b, kvh, g + 2, d)
+            q, k, v = ops.split(qkv, [g, 1, 1], axis=2)
+            q = self.bmm(q.reshape(b, kvh * g, d), mq.astype(qkv.dtype))  # RoPE and 1/sqrt(d) in one matmul
+            k = self.bmm(k.reshape(b, kvh, d), mk.astype(qkv.dtype))
         self.index_add(k_cache, write_pos, k.reshape(b * kvh, 1, d))
         self.index_add(v_cache, write_pos, v.reshape(b * kvh, 1, d))
         # the (B*kvh, C, d) Parameters are read as they are (a reshape of a Parameter is a copy on CPU)
@@ -253,9 +258,12 @@ class FeedForward(nn.Cell):
         self.w2 = PLoRA(cfg.intermediate_size, cfg.hidden_size, **kw)
         self.addcmul = ops.Addcmul()  # one kernel for both products
         self.zero = Tensor(np.zeros((1,), NP_DTYPES.get(dtype, np.float32)), dtype)
+        self.kernels = None  # fused CPU decode kernels, set by the LM
 
     def construct(self, x, im_mask, infer_mode):
         a, b = self.w1(x, im_mask, infer_mode), self.w3(x, im_mask, infer_mode)
+        if x.shape[1] == 1 and self.kernels is not None:
+            return self.w2(self.kernels.swiglu(a, b), im_mask, infer_mode)
         if x.shape[1] == 1:  # decode: silu(a)*b = a*sigmoid(a)*b in one kernel (launches dominate at one token)
             return self.w2(self.addcmul(self.zero, a, ops.sigmoid(a), b), im_mask, infer_mode)
         return self.w2(ops.silu(a) * b, im_mask, infer_mode)  # prefill: Addcmul is the slower kernel here
@@ -292,6 +300,28 @@ class InternLM2Model(nn.Cell):
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
         self.layers = nn.CellList([DecoderLayer(cfg, dtype, flash) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.kernels = None
+
+    def use_kernels(self, kernels):
+        """Fused CPU decode kernels (cpu_kernels.DecodeKernels) for the decode step, or None for the portable ops."""
+        self.kernels = kernels
+        for layer in self.layers:
+            layer.attention.kernels = kernels
+            layer.feed_forward.kernels = kernels
+
+    def _decode_fused(self, h, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode):
+        """Decode with the fused kernels: each residual add goes into the norm after it (one kernel for both)."""
+        n = len(self.layers)
+        first = self.layers[0].attention_norm
+        s, y = h, self.kernels.rms_norm(h, first.weight, first.eps_t)
+        for i, layer in enumerate(self.layers):
+            a, _, _ = layer.attention(y, None, cos, sin, attn_mask, k_caches[i], v_caches[i], write_pos, cap,
+                                      infer_mode)
+            s, y = self.kernels.add_rms_norm(s, a, layer.ffn_norm.weight, layer.ffn_norm.eps_t)
+            f = layer.feed_forward(y, None, infer_mode)
+            nxt = self.layers[i + 1].attention_norm if i + 1 < n else self.norm
+            s, y = self.kernels.add_rms_norm(s, f, nxt.weight, nxt.eps_t)
+        return y, (), ()
 
     def construct(self, h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode,
                   last_only=False):
@@ -300,6 +330,8 @@ class InternLM2Model(nn.Cell):
         last_only (prefill): the last layer computes its output for the last position only (B,1,H): the
         other rows of it feed nothing (the caches hold keys/values, taken before); and attention runs in causal
         chunks (PREFILL_CHUNK, PREFILL_MAX_CHUNKS)."""
+        if k_caches is not None and self.kernels is not None:
+            return self._decode_fused(h, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode)
         ks, vs = (), ()
         n, l = len(self.layers), h.shape[1]
         last_token_prefill = last_only and k_caches is None and l > 1
@@ -359,12 +391,17 @@ class InternLM2ForCausalLM(nn.Cell):
     has fixed shapes for a given batch and cache capacity, so it compiles once per generation setup.
     """
 
-    def __init__(self, cfg: IXCConfig, dtype="float32", use_jit: bool = False, flash_attention=None):
+    def __init__(self, cfg: IXCConfig, dtype="float32", use_jit: bool = False, flash_attention=None,
+                 cpu_kernels=None):
         super().__init__()
         self.cfg = cfg
         self.compute_dtype = ms_dtype(dtype)
         self.flash_attention = flash_attention_switch(self.compute_dtype, flash_attention)
         self.model = InternLM2Model(cfg, self.compute_dtype, self.flash_attention)
+        # fused CPU decode kernels: None = IXC25_CPU_KERNELS (auto: CPU + fp32 + the library builds)
+        self.cpu_kernels = cpu_kernels_switch(self.compute_dtype, cpu_kernels)
+        if self.cpu_kernels:
+            self.model.use_kernels(DecodeKernels(kernel_library(), cfg.num_key_value_heads, cfg.num_kv_groups))
         self.output = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=self.compute_dtype)
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
         self.q_scale = 1.0 / math.sqrt(cfg.head_dim)  # softmax scale, folded into q's RoPE on the host
@@ -376,7 +413,7 @@ class InternLM2ForCausalLM(nn.Cell):
             h = self.model.tok_embeddings(h)
         h, ks, vs = self.model(h, im_mask, cos, sin, attn_mask, k_caches, v_caches, write_pos, cap, infer_mode,
                                last_only)
-        if last_only:
+        if last_only and h.shape[1] > 1:  # (a decode step has one row: no slice launched)
             h = h[:, -1:, :]
         logits = self.output(h).astype(ms.float32)
         return logits, h, ks, vs

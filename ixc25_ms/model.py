@@ -35,8 +35,9 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
     `stream_chat` and the composition helpers in `ixc25_ms.chat`.
     """
 
-    def __init__(self, cfg: IXCConfig, dtype="float32", use_jit: bool = False, flash_attention=None):
-        super().__init__(cfg, dtype=dtype, use_jit=use_jit, flash_attention=flash_attention)
+    def __init__(self, cfg: IXCConfig, dtype="float32", use_jit: bool = False, flash_attention=None,
+                 cpu_kernels=None):
+        super().__init__(cfg, dtype=dtype, use_jit=use_jit, flash_attention=flash_attention, cpu_kernels=cpu_kernels)
         c4 = cfg.vit_merged_dim
         self.vit = CLIPVisionTower(cfg.vision, self.compute_dtype)
         self.vision_proj = build_vision_proj(c4, cfg.hidden_size, self.compute_dtype)

@@ -37,10 +37,10 @@ def random_lm_state(cfg: IXCConfig, seed: int = 0) -> dict:
     return out
 
 
-def build_ms_lm(cfg, state, dtype="float32", use_jit=False):
+def build_ms_lm(cfg, state, dtype="float32", use_jit=False, cpu_kernels=None):
     from ixc25_ms.language import InternLM2ForCausalLM
     from ixc25_ms.loading import assign_state_dict
-    lm = InternLM2ForCausalLM(cfg, dtype=dtype, use_jit=use_jit)
+    lm = InternLM2ForCausalLM(cfg, dtype=dtype, use_jit=use_jit, cpu_kernels=cpu_kernels)
     assign_state_dict(lm, state, "test state", ignore_prefixes=VISION_PREFIXES)
     return lm
 

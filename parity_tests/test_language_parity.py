@@ -120,10 +120,12 @@ def test_padding_mask_row(tiny):
     assert_close(ours[1, 4:], alone[0], "fp32", "left-padded row vs unpadded run")
 
 
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["portable", "fused-cpu"])
 @pytest.mark.parametrize("use_jit", [False, True])
-def test_cached_decode_equals_uncached(tiny, use_jit):
+def test_cached_decode_equals_uncached(tiny, use_jit, cpu_kernels):
     cfg, state, x, im = tiny
-    lm = build_ms_lm(cfg, state, use_jit=use_jit)
+    lm = build_ms_lm(cfg, state, use_jit=use_jit, cpu_kernels=cpu_kernels)
+    assert bool(lm.model.kernels) == cpu_kernels
     full = lm(ms.Tensor(x), im).asnumpy()
     p = 7
     logits, _, ks, vs = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=16, last_only=True)
@@ -134,7 +136,8 @@ def test_cached_decode_equals_uncached(tiny, use_jit):
         key_valid[:, t] = 1
         logits, _, ks, vs = lm.decode(ms.Tensor(x[:, t:t + 1]), np.array([t, t]), t, key_valid, ks, vs)
         ref_full = lm(ms.Tensor(x[:, : t + 1]), np.concatenate([im[:, :p], np.zeros((2, t + 1 - p), bool)], 1))
-        assert_close(logits.asnumpy()[:, 0], ref_full.asnumpy()[:, t], "fp32", f"decode step {t} jit={use_jit}")
+        assert_close(logits.asnumpy()[:, 0], ref_full.asnumpy()[:, t], "fp32",
+                     f"decode step {t} jit={use_jit} cpu_kernels={cpu_kernels}")
 
 
 @pytest.mark.parametrize("use_jit", [False, True])
@@ -226,12 +229,13 @@ def test_golden_last_hidden_state(golden):
     assert_close(h, exp["last_hidden_state"], "fp32", "golden last_hidden_state")
 
 
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["portable", "fused-cpu"])
 @pytest.mark.parametrize("use_jit", [False, True])
-def test_golden_greedy_ids(golden, use_jit):
+def test_golden_greedy_ids(golden, use_jit, cpu_kernels):
     cfg, state, exp = golden
     case = json.load(open(os.path.join(GOLDEN, "case.json")))
     g = case["generate"]
-    lm = build_ms_lm(cfg, state, use_jit=use_jit)
+    lm = build_ms_lm(cfg, state, use_jit=use_jit, cpu_kernels=cpu_kernels)
     ids = generate(lm, ms.Tensor(exp["inputs_embeds"]), exp["im_mask"], max_new_tokens=g["max_new_tokens"],
                    do_sample=False, repetition_penalty=g["repetition_penalty"], eos_token_id=g["eos_token_id"])
     assert ids[0].tolist() == exp["gen_ids"][0, 1:].tolist() == case["new_token_ids"]

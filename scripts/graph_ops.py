@@ -42,7 +42,9 @@ def _profile(fn, calls: int, out_dir: str) -> dict:
     return dict(sorted(counts.items()))
 
 
-def collect(work: str) -> dict:
+def collect(work: str, cpu_kernels: bool = False) -> dict:
+    """Kernel counts of the prefill and decode graphs; cpu_kernels: the decode step with the fused CPU kernels
+    (ixc25_ms/cpu_kernels.py) instead of the portable ops, which are what runs on Ascend."""
     import mindspore as ms
     from mindspore import Tensor
 
@@ -53,7 +55,7 @@ def collect(work: str) -> dict:
 
     ms.set_context(mode=ms.PYNATIVE_MODE)
     cfg = IXCConfig.from_dict(QUICK_CFG)
-    lm = InternLM2ForCausalLM(cfg, "float32", use_jit=True)
+    lm = InternLM2ForCausalLM(cfg, "float32", use_jit=True, cpu_kernels=cpu_kernels)
     state = {k: v for k, v in make_state(cfg, 0).items() if k.startswith(("model.", "output."))}
     assign_state_dict(lm, state)
     l, cap = 24, 32
@@ -78,7 +80,7 @@ def collect(work: str) -> dict:
         lm.decode(np.array([[5]]), np.array([slot]), slot, valid, ks, vs)[0].asnumpy()  # ids: Gather in the graph
 
     decode()
-    return {"config": "bench --quick LLM (2 layers, GQA 4/2), fp32, CPU",
+    return {"config": "bench --quick LLM (2 layers, GQA 4/2), fp32, CPU" + (", fused CPU decode kernels" if cpu_kernels else ""),
             "prefill": _profile(prefill, 2, os.path.join(work, "prefill")),
             "decode": _profile(decode, 4, os.path.join(work, "decode"))}
 
@@ -86,9 +88,11 @@ def collect(work: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="also write the result here")
+    ap.add_argument("--cpu-kernels", action="store_true",
+                    help="decode with the fused CPU kernels (default: the portable ops, as on Ascend)")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ixc25-graph-ops-") as work:
-        res = collect(work)
+        res = collect(work, a.cpu_kernels)
     for graph in ("prefill", "decode"):
         print(f"{graph} graph: {sum(res[graph].values()):.0f} kernel launches per call")
         for op, n in res[graph].items():
