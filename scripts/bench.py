@@ -240,7 +240,8 @@ def worker_main(name: str, spec: dict):
     setup_s = time.perf_counter() - t
     rss_load = _vm("VmRSS")
     peak_ok = _reset_peak()
-    _emit({"ready": True, "setup_s": setup_s, "rss_after_load_mb": rss_load, "views": int(pv.shape[2] // 560 * pv.shape[3] // 560 + 1)})
+    _emit({"ready": True, "setup_s": setup_s, "rss_after_load_mb": rss_load, "views": int(pv.shape[2] // 560 * pv.shape[3] // 560 + 1),
+           "cpu_kernels": bool(getattr(getattr(worker, "model", None), "cpu_kernels", False))})
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "run":
@@ -298,7 +299,7 @@ def summarise(name, runs, ready, final, views, bound_tps, compile_note):
         "warmup_total_s": warm_total, "warmup_minus_median_s": warm_total - statistics.median(total),
         "setup_s": ready["setup_s"], "rss_after_load_mb": ready["rss_after_load_mb"],
         "peak_rss_mb": final["peak_rss_mb"], "peak_rss_is_since_load": final["peak_since_load"],
-        "prompt_len": L, "ids_first8": timed[0]["ids"][:8],
+        "prompt_len": L, "ids_first8": timed[0]["ids"][:8], "fused_cpu_decode_kernels": ready.get("cpu_kernels", False),
         "decode_pct_of_bound": 100 * statistics.median(dec) / bound_tps if dec[0] == dec[0] else None,
     }
     if compile_note:
@@ -403,6 +404,8 @@ def main(argv=None) -> int:
     print(f"memory bandwidth {bandwidth / 1e9:.2f} GB/s; decode reads {wbytes / 1e6:.1f} MB of weights per token; "
           f"bound {bound_tps:.2f} tok/s")
     print(format_table(res))
+    fused = [n for n, c in res["contenders"].items() if c["fused_cpu_decode_kernels"]]
+    print(f"fused CPU decode kernels (IXC25_CPU_KERNELS): {', '.join(fused) if fused else 'none'}")
     if "ms-jit" in res["contenders"]:
         print(f"ms-jit compile (warm-up minus median run): {res['contenders']['ms-jit']['compile_s_estimate']:.2f} s")
     print(f"greedy ids agree across contenders (first 8): {same}")
