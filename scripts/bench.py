@@ -294,6 +294,7 @@ def summarise(name, runs, ready, final, views, bound_tps, compile_note):
     out = {
         "vit_ms_per_view": _stats(vis), "prefill_tok_s": {"min": min(pre), "median": statistics.median(pre), "max": max(pre)},
         "decode_tok_s": {"min": min(dec), "median": statistics.median(dec), "max": max(dec)},
+        "decode_tok_s_per_round": dec,
         "decode_step_ms_median": _stats(step_ms) if step_ms else None,
         "ttft_s": _stats(ttft), "total_s": _stats(total),
         "warmup_total_s": warm_total, "warmup_minus_median_s": warm_total - statistics.median(total),
@@ -397,6 +398,11 @@ def main(argv=None) -> int:
         "decode_weight_bytes_per_token": wbytes, "decode_bound_tok_s": bound_tps,
         "contenders": {n: summarise(n, runs[n], ready[n], final[n], views, bound_tps, n == "ms-jit") for n in names},
     }
+    ref = res["contenders"].get("torch-ref")
+    for c in res["contenders"].values():  # each round's contenders ran within minutes of each other
+        if ref:
+            c["decode_vs_torch_per_round"] = [a / b for a, b in zip(c["decode_tok_s_per_round"],
+                                                                   ref["decode_tok_s_per_round"])]
     same = len({tuple(c["ids_first8"]) for c in res["contenders"].values()}) == 1
     res["greedy_ids_agree_first8"] = same
     print(f"config: {res['config']['preset']} {args.dtype}, threads {args.threads}, prompt {res['contenders'][names[0]]['prompt_len']} "
@@ -404,6 +410,11 @@ def main(argv=None) -> int:
     print(f"memory bandwidth {bandwidth / 1e9:.2f} GB/s; decode reads {wbytes / 1e6:.1f} MB of weights per token; "
           f"bound {bound_tps:.2f} tok/s")
     print(format_table(res))
+    for n, c in res["contenders"].items():
+        if ref and n != "torch-ref":
+            r = c["decode_vs_torch_per_round"]
+            print(f"{n} decode vs torch per round (same round, interleaved): "
+                  + " ".join(f"{x:.2f}x" for x in r) + f" (median {statistics.median(r):.2f}x)")
     fused = [n for n, c in res["contenders"].items() if c["fused_cpu_decode_kernels"]]
     print(f"fused CPU decode kernels (IXC25_CPU_KERNELS): {', '.join(fused) if fused else 'none'}")
     if "ms-jit" in res["contenders"]:

@@ -22,5 +22,8 @@ def test_bench_quick(tmp_path, capsys):
         for k in ("vit_ms_per_view", "prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "decode_pct_of_bound"):
             assert c[k] is not None, k
     assert "compile_s_estimate" in res["contenders"]["ms-jit"]
+    ref = res["contenders"]["torch-ref"]["decode_tok_s_per_round"]
+    jit = res["contenders"]["ms-jit"]
+    assert len(ref) == 1 and jit["decode_vs_torch_per_round"] == [jit["decode_tok_s_per_round"][0] / ref[0]]
     assert res["greedy_ids_agree_first8"]
     assert "ms-jit" in capsys.readouterr().out
