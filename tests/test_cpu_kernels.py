@@ -21,7 +21,7 @@ def _rms_ref(s, w, eps):
     return (s64 / np.sqrt((s64 ** 2).mean(-1, keepdims=True) + eps) * w).astype(np.float32)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1024), (3, 1, 37)])
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (3, 1, 37), (2, 1, 4096)])
 def test_rms_norm_and_add_rms_norm(kernels, shape):
     rng = np.random.default_rng(0)
     x, r = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
@@ -34,9 +34,11 @@ def test_rms_norm_and_add_rms_norm(kernels, shape):
     np.testing.assert_allclose(y.asnumpy(), _rms_ref(x + r, w, 1e-6), rtol=1e-5, atol=1e-6)
 
 
-def test_rope_split_matches_split_and_rope(kernels):
-    """qkv in the per-group layout [q x G, k, v] -> q @ Mq, k @ Mk, v: as the portable split + RoPE matmuls."""
-    b, kvh, g, d = 2, 2, 3, 8
+@pytest.mark.parametrize("b,kvh,g,d", [(2, 2, 3, 8), (1, 8, 4, 128)], ids=["tiny", "7b-shapes"])
+def test_rope_split_matches_split_and_rope(b, kvh, g, d):
+    """qkv in the per-group layout [q x G, k, v] -> q @ Mq, k @ Mk, v: as the portable split + RoPE matmuls
+    (7b-shapes: the real model's 8 KV heads of 4 query heads, head_dim 128)."""
+    kernels = ck.DecodeKernels(ck.build_library(), kv_heads=kvh, groups=g)
     rng = np.random.default_rng(1)
     qkv = rng.standard_normal((b, 1, kvh * (g + 2) * d)).astype(np.float32)
     ang = rng.uniform(0, 6, (b, 1, d)).astype(np.float32)
