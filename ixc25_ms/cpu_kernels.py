@@ -5,8 +5,9 @@ each launch costs tens of microseconds of runtime work. These kernels fuse the s
 (RMSNorm with the residual add before it, the q/k/v split with RoPE, SwiGLU), so a layer launches 15
 kernels instead of 28. Attention stays MindSpore's two-threaded BatchMatMul/Softmax: fused attention
 kernels (one or two threads) were not measurably faster at 1,408 slots (notes/performance.md, session 5).
-They run only where they can: device target CPU, float32, one token per row; elsewhere (Ascend, GPU,
-fp16/bf16, prefill) the portable MindSpore ops run, and those stay tested.
+They run only where they can: device target CPU, float32, one token per row (decode; in a last-token
+prefill also the last layer's SwiGLU, which sees one row); elsewhere (Ascend, GPU, fp16/bf16, the rest of
+prefill) the portable MindSpore ops run, and those stay tested.
 
 Switch: `IXC25_CPU_KERNELS` = `auto` (default: used when the library builds), `0` (never), `1` (required:
 an error when it cannot be built). The library is built once per source/compiler/flags into

@@ -262,10 +262,10 @@ class FeedForward(nn.Cell):
 
     def construct(self, x, im_mask, infer_mode):
         a, b = self.w1(x, im_mask, infer_mode), self.w3(x, im_mask, infer_mode)
-        if x.shape[1] == 1 and self.kernels is not None:
-            return self.w2(self.kernels.swiglu(a, b), im_mask, infer_mode)
-        if x.shape[1] == 1:  # decode: silu(a)*b = a*sigmoid(a)*b in one kernel (launches dominate at one token)
-            return self.w2(self.addcmul(self.zero, a, ops.sigmoid(a), b), im_mask, infer_mode)
+        if x.shape[1] == 1:  # decode: silu(a)*b in one kernel after Sigmoid, or one fused CPU kernel
+            gated = self.kernels.swiglu(a, b) if self.kernels is not None else self.addcmul(self.zero, a,
+                                                                                           ops.sigmoid(a), b)
+            return self.w2(gated, im_mask, infer_mode)
         return self.w2(ops.silu(a) * b, im_mask, infer_mode)  # prefill: Addcmul is the slower kernel here
 
 

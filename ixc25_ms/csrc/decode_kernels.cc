@@ -29,7 +29,7 @@ inline void NormRow(const float *s, const float *w, float eps, int64_t h, float 
 }
 
 // exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, exp(r) by the Cephes expf polynomial
-// (about 1 ulp); branch-free so that loops over it vectorise; 0 below the float range (masked slots)
+// (about 1 ulp); branch-free so that loops over it vectorise; 0 below -87 (where exp underflows anyway)
 inline float Exp(float x) {
   const float xc = std::fmin(std::fmax(x, -87.0f), 88.0f);
   const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
