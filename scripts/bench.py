@@ -127,7 +127,8 @@ class MSWorker:
         self.model = InternLMXComposer2ForCausalLM(cfg, dtype=args.dtype, use_jit=use_jit)
         assign_state_dict(self.model, state, "bench weights")
 
-    def run(self, pv, prompt, n_new):
+    def start(self, pv, prompt, n_new):
+        """ViT + prefill + first token; returns (timings, generator of (step seconds, id) per decode step)."""
         from mindspore import ops
         from ixc25_ms.generate import GenerationConfig, iter_generate
         m = self.model
@@ -140,15 +141,11 @@ class MSWorker:
         im_mask = np.concatenate([np.zeros(1, bool), np.ones(n_img, bool), np.zeros(prompt.post.shape[1], bool)])[None]
         gen = GenerationConfig(max_new_tokens=n_new, eos_token_id=None, pad_token_id=m.cfg.pad_token_id)
         t2 = time.perf_counter()
-        steps, ids = [], []
-        t = t2
-        for nxt in iter_generate(m, embeds, im_mask, None, gen):
-            now = time.perf_counter()
-            steps.append(now - t)
-            ids.append(int(nxt[0]))
-            t = now
-        return dict(vision_s=t1 - t0, prep_s=t2 - t1, prefill_s=steps[0], steps_s=steps[1:], L=int(embeds.shape[1]),
-                    ids=ids)
+        it = iter_generate(m, embeds, im_mask, None, gen)
+        first = int(next(it)[0])
+        info = dict(vision_s=t1 - t0, prep_s=t2 - t1, prefill_s=time.perf_counter() - t2, L=int(embeds.shape[1]),
+                    first=first)
+        return info, _timed_steps(lambda: int(next(it)[0]))
 
 
 class TorchWorker:
@@ -183,7 +180,8 @@ class TorchWorker:
         h = rms_norm(h[:, -1:], lm.w["model.norm.weight"], self.cfg.rms_norm_eps)
         return (h @ lm.w["output.weight"].T).float(), new
 
-    def run(self, pv, prompt, n_new):
+    def start(self, pv, prompt, n_new):
+        """ViT + prefill + first token; returns (timings, generator of (step seconds, id) per decode step)."""
         torch = self.torch
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -194,21 +192,39 @@ class TorchWorker:
             n_img = int(img.shape[1])
             im_mask = torch.cat([torch.zeros(1), torch.ones(n_img), torch.zeros(prompt.post.shape[1])])[None]
             l = embeds.shape[1]
-            am = torch.ones(1, l, dtype=torch.long)
             t2 = time.perf_counter()
-            logits, past = self._forward(embeds, im_mask, am, None)
-            nxt = int(logits[0, -1].argmax())
-            t = time.perf_counter()
-            steps, ids = [t - t2], [nxt]
-            for _ in range(n_new - 1):
-                am = torch.ones(1, am.shape[1] + 1, dtype=torch.long)
-                logits, past = self._forward(lm.embed([[nxt]]), None, am, past)
-                nxt = int(logits[0, -1].argmax())
-                now = time.perf_counter()
-                steps.append(now - t)
-                ids.append(nxt)
-                t = now
-        return dict(vision_s=t1 - t0, prep_s=t2 - t1, prefill_s=steps[0], steps_s=steps[1:], L=int(l), ids=ids)
+            logits, past = self._forward(embeds, im_mask, torch.ones(1, l, dtype=torch.long), None)
+            first = int(logits[0, -1].argmax())
+            info = dict(vision_s=t1 - t0, prep_s=t2 - t1, prefill_s=time.perf_counter() - t2, L=int(l), first=first)
+        state = dict(nxt=first, past=past, n=int(l))
+
+        def step():
+            with torch.inference_mode():
+                state["n"] += 1
+                logits, state["past"] = self._forward(lm.embed([[state["nxt"]]]), None,
+                                                      torch.ones(1, state["n"], dtype=torch.long), state["past"])
+                state["nxt"] = int(logits[0, -1].argmax())
+            return state["nxt"]
+        return info, _timed_steps(step)
+
+
+def _timed_steps(step):
+    """Generator over decode steps: each `step()` call (one token, id returned) timed on its own."""
+    while True:
+        t = time.perf_counter()
+        nxt = step()
+        yield time.perf_counter() - t, nxt
+
+
+def run_once(worker, pv, prompt, n_new) -> dict:
+    """One timed repeat: ViT, prefill and the first token, then n_new - 1 decode steps."""
+    info, steps = worker.start(pv, prompt, n_new)
+    dts, ids = [], [info.pop("first")]
+    for _ in range(n_new - 1):
+        dt, nxt = next(steps)
+        dts.append(dt)
+        ids.append(nxt)
+    return dict(info, steps_s=dts, ids=ids)
 
 
 def _emit(obj):
@@ -245,8 +261,13 @@ def worker_main(name: str, spec: dict):
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "run":
-            res = worker.run(pv, prompt, spec["new_tokens"])
-            _emit(res)
+            _emit(run_once(worker, pv, prompt, spec["new_tokens"]))
+        elif cmd == "pstart":  # paired decode: prefill now, then steps in chunks on request
+            info, paired = worker.start(pv, prompt, spec["new_tokens"])
+            _emit({"first": info["first"]})
+        elif cmd.startswith("psteps "):
+            took = [next(paired) for _ in range(int(cmd.split()[1]))]
+            _emit({"steps_s": [t for t, _ in took], "ids": [i for _, i in took]})
         elif cmd == "quit":
             _emit({"peak_rss_mb": _vm("VmHWM"), "peak_since_load": peak_ok, "rss_end_mb": _vm("VmRSS")})
             return 0
@@ -275,6 +296,28 @@ class _Proc:
     def send(self, cmd):
         self.p.stdin.write(cmd + "\n")
         self.p.stdin.flush()
+
+
+def paired_decode(procs, names, steps: int, chunk: int) -> dict:
+    """One more decode per contender, the contenders taking turns every `chunk` steps (order alternating), so
+    that each chunk of one is timed within seconds of the same chunk of the others: per-chunk ratios then
+    share the machine's phase, which the rounds (minutes apart) do not. {} when chunk is 0."""
+    if chunk <= 0 or steps <= 0:
+        return {}
+    out = {n: {"steps_s": [], "ids": [], "chunks": []} for n in names}
+    for n in names:
+        procs[n].send("pstart")
+        procs[n].read()
+    for c, s0 in enumerate(range(0, steps, chunk)):
+        k = min(chunk, steps - s0)
+        for n in (names if c % 2 == 0 else names[::-1]):
+            procs[n].send(f"psteps {k}")
+            r = procs[n].read()
+            out[n]["steps_s"] += r["steps_s"]
+            out[n]["ids"] += r["ids"]
+            out[n]["chunks"].append(r["steps_s"])
+    print(f"[bench] paired decode done ({steps} steps in chunks of {chunk})", file=sys.stderr)
+    return out
 
 
 def _stats(xs):
@@ -341,6 +384,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for every contender")
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help="comma list of " + ",".join(CONTENDERS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--paired-chunk", type=int, default=None, metavar="K",
+                    help="after the rounds, decode once more with the contenders taking turns every K steps "
+                         "(default 16, --quick 2; 0 = off): paired ratios against torch-ref that share the "
+                         "machine's phase")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON ('-' for stdout)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -356,6 +403,9 @@ def main(argv=None) -> int:
     new_tokens = args.new_tokens if args.new_tokens is not None else (8 if args.quick else 128)
     if repeats < 1 or new_tokens < 2:
         ap.error("--repeats must be >= 1 and --new-tokens >= 2")
+    chunk = args.paired_chunk if args.paired_chunk is not None else (2 if args.quick else 16)
+    if chunk < 0:
+        ap.error("--paired-chunk must be >= 0")
     w, h = (int(v) for v in args.image.lower().split("x"))
     cfg_dict = QUICK_CFG if args.quick else DEFAULT_CFG
     spec = dict(cfg=cfg_dict, threads=args.threads, dtype=args.dtype, seed=args.seed, new_tokens=new_tokens,
@@ -376,6 +426,7 @@ def main(argv=None) -> int:
                 procs[n].send("run")
                 runs[n].append(procs[n].read())
             print(f"[bench] round {rep}/{repeats} done" + (" (warm-up)" if rep == 0 else ""), file=sys.stderr)
+        paired = paired_decode(procs, names, new_tokens - 1, chunk)
         final = {}
         for n, p in procs.items():
             p.send("quit")
@@ -403,6 +454,14 @@ def main(argv=None) -> int:
         if ref:
             c["decode_vs_torch_per_round"] = [a / b for a, b in zip(c["decode_tok_s_per_round"],
                                                                    ref["decode_tok_s_per_round"])]
+    for n, c in res["contenders"].items():
+        if n in paired:
+            c["paired_decode_steps_s"] = paired[n]["steps_s"]
+            c["paired_ids_equal_rounds"] = paired[n]["ids"] == runs[n][1]["ids"][1:1 + len(paired[n]["ids"])]
+            if ref and "torch-ref" in paired and n != "torch-ref":
+                c["decode_vs_torch_paired_chunks"] = [sum(t) / sum(m) for t, m in zip(paired["torch-ref"]["chunks"],
+                                                                                      paired[n]["chunks"])]
+    res["paired_chunk_steps"] = chunk
     same = len({tuple(c["ids_first8"]) for c in res["contenders"].values()}) == 1
     res["greedy_ids_agree_first8"] = same
     print(f"config: {res['config']['preset']} {args.dtype}, threads {args.threads}, prompt {res['contenders'][names[0]]['prompt_len']} "
@@ -415,6 +474,10 @@ def main(argv=None) -> int:
             r = c["decode_vs_torch_per_round"]
             print(f"{n} decode vs torch per round (same round, interleaved): "
                   + " ".join(f"{x:.2f}x" for x in r) + f" (median {statistics.median(r):.2f}x)")
+            r = c.get("decode_vs_torch_paired_chunks")
+            if r:
+                print(f"{n} decode vs torch in paired chunks of {chunk} steps (turns taken, same minutes): median "
+                      f"{statistics.median(r):.2f}x, range {min(r):.2f}-{max(r):.2f}x over {len(r)} chunks")
     fused = [n for n, c in res["contenders"].items() if c["fused_cpu_decode_kernels"]]
     print(f"fused CPU decode kernels (IXC25_CPU_KERNELS): {', '.join(fused) if fused else 'none'}")
     if "ms-jit" in res["contenders"]:

@@ -26,4 +26,10 @@ def test_bench_quick(tmp_path, capsys):
     jit = res["contenders"]["ms-jit"]
     assert len(ref) == 1 and jit["decode_vs_torch_per_round"] == [jit["decode_tok_s_per_round"][0] / ref[0]]
     assert res["greedy_ids_agree_first8"]
+    # paired decode (--quick: chunks of 2 steps): the 2 decode steps in one chunk each, the same ids as the rounds
+    assert res["paired_chunk_steps"] == 2
+    for c in res["contenders"].values():
+        assert len(c["paired_decode_steps_s"]) == 2 and c["paired_ids_equal_rounds"]
+    steps = {n: res["contenders"][n]["paired_decode_steps_s"] for n in ("ms-jit", "torch-ref")}
+    assert jit["decode_vs_torch_paired_chunks"] == [sum(steps["torch-ref"]) / sum(steps["ms-jit"])]
     assert "ms-jit" in capsys.readouterr().out
