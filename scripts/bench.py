@@ -7,6 +7,8 @@ interleaved across contenders (round robin) so machine noise hits all of them al
 Per contender: ViT ms per view (global view + crops, projector included), prefill tokens/s, decode
 tokens/s, time to first token (ViT + prefill + first argmax), peak RSS, speed-ups against torch, and the
 share of the decode physical bound = measured memory bandwidth / bytes of LLM weights read per token.
+After the rounds, one paired decode (`--paired-chunk K`): the contenders take turns every K steps, and each
+chunk's decode ratio against torch compares steps timed seconds apart.
 """
 from __future__ import annotations
 
