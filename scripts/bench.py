@@ -147,7 +147,7 @@ class MSWorker:
         first = int(next(it)[0])
         info = dict(vision_s=t1 - t0, prep_s=t2 - t1, prefill_s=time.perf_counter() - t2, L=int(embeds.shape[1]),
                     first=first)
-        return info, _timed_steps(lambda: int(next(it)[0]))
+        return info, _timed(int(nxt[0]) for nxt in it)
 
 
 class TorchWorker:
@@ -198,23 +198,26 @@ class TorchWorker:
             logits, past = self._forward(embeds, im_mask, torch.ones(1, l, dtype=torch.long), None)
             first = int(logits[0, -1].argmax())
             info = dict(vision_s=t1 - t0, prep_s=t2 - t1, prefill_s=time.perf_counter() - t2, L=int(l), first=first)
-        state = dict(nxt=first, past=past, n=int(l))
 
-        def step():
-            with torch.inference_mode():
-                state["n"] += 1
-                logits, state["past"] = self._forward(lm.embed([[state["nxt"]]]), None,
-                                                      torch.ones(1, state["n"], dtype=torch.long), state["past"])
-                state["nxt"] = int(logits[0, -1].argmax())
-            return state["nxt"]
-        return info, _timed_steps(step)
+        def ids(nxt, past, n):  # one decode step per id, the cache grown by concatenation
+            while True:
+                n += 1
+                with torch.inference_mode():
+                    logits, past = self._forward(lm.embed([[nxt]]), None, torch.ones(1, n, dtype=torch.long), past)
+                    nxt = int(logits[0, -1].argmax())
+                yield nxt
+        return info, _timed(ids(first, past, int(l)))
 
 
-def _timed_steps(step):
-    """Generator over decode steps: each `step()` call (one token, id returned) timed on its own."""
+def _timed(ids):
+    """(seconds, id) per decode step: each step of the id iterator `ids` timed on its own."""
+    ids = iter(ids)
     while True:
         t = time.perf_counter()
-        nxt = step()
+        try:
+            nxt = next(ids)
+        except StopIteration:
+            return
         yield time.perf_counter() - t, nxt
 
 
@@ -452,11 +455,10 @@ def main(argv=None) -> int:
         "contenders": {n: summarise(n, runs[n], ready[n], final[n], views, bound_tps, n == "ms-jit") for n in names},
     }
     ref = res["contenders"].get("torch-ref")
-    for c in res["contenders"].values():  # each round's contenders ran within minutes of each other
-        if ref:
+    for n, c in res["contenders"].items():
+        if ref:  # each round's contenders ran within minutes of each other
             c["decode_vs_torch_per_round"] = [a / b for a, b in zip(c["decode_tok_s_per_round"],
                                                                    ref["decode_tok_s_per_round"])]
-    for n, c in res["contenders"].items():
         if n in paired:
             c["paired_decode_steps_s"] = paired[n]["steps_s"]
             c["paired_ids_equal_rounds"] = paired[n]["ids"] == runs[n][1]["ids"][1:1 + len(paired[n]["ids"])]
