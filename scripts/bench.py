@@ -303,16 +303,19 @@ class _Proc:
         self.p.stdin.flush()
 
 
-def paired_decode(procs, names, steps: int, chunk: int) -> dict:
+def paired_decode(procs, names, steps: int, chunk: int, bandwidth=None) -> dict:
     """One more decode per contender, the contenders taking turns every `chunk` steps (order alternating), so
     that each chunk of one is timed within seconds of the same chunk of the others: per-chunk ratios then
-    share the machine's phase, which the rounds (minutes apart) do not. {} when chunk is 0."""
+    share the machine's phase, which the rounds (minutes apart) do not. `bandwidth()` (bytes/s), when given,
+    is sampled before the first chunk and after every chunk (workers idle meanwhile): out["bandwidth"] has
+    len(chunks) + 1 samples, so each chunk's bound is measured in its own minutes. {} when chunk is 0."""
     if chunk <= 0 or steps <= 0:
         return {}
     out = {n: {"steps_s": [], "ids": [], "chunks": []} for n in names}
     for n in names:
         procs[n].send("pstart")
         procs[n].read()
+    bw = [bandwidth()] if bandwidth else []
     for c, s0 in enumerate(range(0, steps, chunk)):
         k = min(chunk, steps - s0)
         for n in (names if c % 2 == 0 else names[::-1]):
@@ -321,8 +324,17 @@ def paired_decode(procs, names, steps: int, chunk: int) -> dict:
             out[n]["steps_s"] += r["steps_s"]
             out[n]["ids"] += r["ids"]
             out[n]["chunks"].append(r["steps_s"])
+        if bandwidth:
+            bw.append(bandwidth())
+    out["bandwidth"] = bw
     print(f"[bench] paired decode done ({steps} steps in chunks of {chunk})", file=sys.stderr)
     return out
+
+
+def paired_pct_of_bound(chunks, bw, wbytes: int) -> list:
+    """% of the decode bound per paired chunk: the chunk's tok/s over (bandwidth / weight bytes per token), the
+    bandwidth being the higher of the samples just before and just after the chunk (the conservative bound)."""
+    return [100 * (len(st) / sum(st)) / (max(bw[c], bw[c + 1]) / wbytes) for c, st in enumerate(chunks)]
 
 
 def _stats(xs):
@@ -431,7 +443,7 @@ def main(argv=None) -> int:
                 procs[n].send("run")
                 runs[n].append(procs[n].read())
             print(f"[bench] round {rep}/{repeats} done" + (" (warm-up)" if rep == 0 else ""), file=sys.stderr)
-        paired = paired_decode(procs, names, new_tokens - 1, chunk)
+        paired = paired_decode(procs, names, new_tokens - 1, chunk, lambda: memory_bandwidth(64 if args.quick else 256))
         final = {}
         for n, p in procs.items():
             p.send("quit")
@@ -462,10 +474,12 @@ def main(argv=None) -> int:
         if n in paired:
             c["paired_decode_steps_s"] = paired[n]["steps_s"]
             c["paired_ids_equal_rounds"] = paired[n]["ids"] == runs[n][1]["ids"][1:1 + len(paired[n]["ids"])]
+            c["decode_pct_of_bound_paired_chunks"] = paired_pct_of_bound(paired[n]["chunks"], paired["bandwidth"], wbytes)
             if ref and "torch-ref" in paired and n != "torch-ref":
                 c["decode_vs_torch_paired_chunks"] = [sum(t) / sum(m) for t, m in zip(paired["torch-ref"]["chunks"],
                                                                                       paired[n]["chunks"])]
     res["paired_chunk_steps"] = chunk
+    res["paired_bandwidth_samples_GBps"] = [b / 1e9 for b in paired.get("bandwidth", [])]
     same = len({tuple(c["ids_first8"]) for c in res["contenders"].values()}) == 1
     res["greedy_ids_agree_first8"] = same
     print(f"config: {res['config']['preset']} {args.dtype}, threads {args.threads}, prompt {res['contenders'][names[0]]['prompt_len']} "
@@ -482,6 +496,11 @@ def main(argv=None) -> int:
             if r:
                 print(f"{n} decode vs torch in paired chunks of {chunk} steps (turns taken, same minutes): median "
                       f"{statistics.median(r):.2f}x, range {min(r):.2f}-{max(r):.2f}x over {len(r)} chunks")
+        p = c.get("decode_pct_of_bound_paired_chunks")
+        if p:
+            b = res["paired_bandwidth_samples_GBps"]
+            print(f"{n} % of the decode bound in paired chunks (bandwidth sampled between chunks, {min(b):.1f}-"
+                  f"{max(b):.1f} GB/s): median {statistics.median(p):.0f}%, range {min(p):.0f}-{max(p):.0f}%")
     fused = [n for n, c in res["contenders"].items() if c["fused_cpu_decode_kernels"]]
     print(f"fused CPU decode kernels (IXC25_CPU_KERNELS): {', '.join(fused) if fused else 'none'}")
     if "ms-jit" in res["contenders"]:

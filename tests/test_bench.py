@@ -32,4 +32,11 @@ def test_bench_quick(tmp_path, capsys):
         assert len(c["paired_decode_steps_s"]) == 2 and c["paired_ids_equal_rounds"]
     steps = {n: res["contenders"][n]["paired_decode_steps_s"] for n in ("ms-jit", "torch-ref")}
     assert jit["decode_vs_torch_paired_chunks"] == [sum(steps["torch-ref"]) / sum(steps["ms-jit"])]
+    # one chunk: bandwidth sampled before and after it; its bound uses the higher of the two
+    bw = res["paired_bandwidth_samples_GBps"]
+    assert len(bw) == 2 and min(bw) > 0
+    bound = max(bw) * 1e9 / res["decode_weight_bytes_per_token"]
+    for n, st in steps.items():
+        want = 100 * (len(st) / sum(st)) / bound
+        assert abs(res["contenders"][n]["decode_pct_of_bound_paired_chunks"][0] - want) < 1e-9 * want
     assert "ms-jit" in capsys.readouterr().out
