@@ -34,6 +34,14 @@ def ms_dtype(dtype) -> "ms.dtype":
     return dtype
 
 
+# ------------------------------------------------------------------------------------------------ broadcasts
+def full_mul(x: Tensor, y: Tensor) -> Tensor:
+    """x * y with y broadcast to x's shape first. In a compiled CPU graph (MindSpore 2.10) a broadcasting
+    Mul/Add keeps about 4 output-sized buffers for the whole call (prefill peak RSS grew ~0.45 GB per layer at
+    1,280 tokens) and is slower than BroadcastTo + a same-shape Mul (notes/performance.md, session 7)."""
+    return x * ops.broadcast_to(y, x.shape)
+
+
 # ------------------------------------------------------------------------------------------------ RoPE
 class RotaryTable:
     """Host-side RoPE state with the official semantics (fp32 arithmetic as torch does it).
@@ -149,8 +157,8 @@ class RMSNorm(nn.Cell):
             return self.addcmul(self.zero, x, r, self.weight)
         h = x.astype(ms.float32)
         var = ops.mean(h * h, -1, True)
-        h = h * ops.rsqrt(var + self.eps)
-        return self.weight * h.astype(in_dtype)
+        h = full_mul(h, ops.rsqrt(var + self.eps))
+        return full_mul(h.astype(in_dtype), self.weight)
 
 
 class Attention(nn.Cell):
@@ -191,7 +199,7 @@ class Attention(nn.Cell):
         qkv = self.wqkv(x, im_mask, infer_mode).reshape(b, l, self.kv_heads, self.groups + 2, d)
         # RoPE on q and k in one pass over the fused layout (v slots: cos 1, sin 0); rotate_half as x @ R
         rot = self.matmul_r(qkv.reshape(-1, d), self.rot_r).reshape(qkv.shape)
-        qkv = qkv * cos.astype(qkv.dtype) + rot * sin.astype(qkv.dtype)
+        qkv = full_mul(qkv, cos.astype(qkv.dtype)) + full_mul(rot, sin.astype(qkv.dtype))
         q, k, v = ops.split(qkv, [self.groups, 1, 1], axis=3)
         lq = l
         if last_row:  # the last layer of a last-token prefill: one query row, every key
@@ -223,7 +231,8 @@ class Attention(nn.Cell):
         b, lq, c = q.shape[0], q.shape[2], k.shape[2]
         qg = q.reshape(b, self.kv_heads, self.groups * lq, self.head_dim)
         scores = self.bmm_qk(qg, k).reshape(b, self.heads, lq, c)
-        probs = ops.softmax(scores.astype(ms.float32) + mask, -1).astype(v.dtype)
+        scores = scores.astype(ms.float32)
+        probs = ops.softmax(scores + ops.broadcast_to(mask, scores.shape), -1).astype(v.dtype)
         return ops.matmul(probs.reshape(b, self.kv_heads, self.groups * lq, c), v).reshape(
             b, self.heads, lq, self.head_dim)
 

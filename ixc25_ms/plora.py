@@ -17,12 +17,13 @@ class Linear(nn.Cell):
         self.weight = Parameter(initializer("zeros", (out_features, in_features), dtype), name="weight")
         self.bias = Parameter(initializer("zeros", (out_features,), dtype), name="bias") if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
+        self.bias_add = ops.BiasAdd()  # not `y + bias`: see language.full_mul
 
     def construct(self, x):
         shape = x.shape
         y = self.matmul(x.reshape(-1, shape[-1]), self.weight)
         if self.bias is not None:
-            y = y + self.bias
+            y = self.bias_add(y, self.bias)
         return y.reshape(shape[:-1] + (self.out_features,))
 
 
@@ -54,7 +55,8 @@ class PLoRA(Linear):
         elif infer_mode == "write":
             res = res + self.lora_sft_B(self.lora_sft_A(x)) + self.lora_dpo_B(self.lora_dpo_A(x))
         if im_mask is not None:  # the 0/1 mask on the rank-r activations, r << out: B(A(x)*m) == B(A(x))*m
-            part = self.Plora_B(self.Plora_A(x) * im_mask)
+            a = self.Plora_A(x)
+            part = self.Plora_B(a * ops.broadcast_to(im_mask, a.shape))  # (see language.full_mul)
             if self.lora_scaling != 1.0:
                 part = part * self.lora_scaling
             res = res + part
