@@ -13,13 +13,19 @@ from mindspore.common.initializer import initializer
 
 from .config import IXCConfig
 from .cpu_kernels import DecodeKernels, library_path as kernel_library, switch as cpu_kernels_switch
-from .plora import PLoRA, Linear
+from .plora import PLoRA, Linear, full_mul
 
 # causal query chunks in a last-token prefill: at least PREFILL_CHUNK rows each, at most PREFILL_MAX_CHUNKS
 # chunks (bounds the graph), for prompts of two chunks or more (1,280 tokens: 128 rows 5.4-5.6 s, 256 rows
 # 5.6 s, 512 rows 5.8 s, no chunks 6.0 s)
 PREFILL_CHUNK = 128
 PREFILL_MAX_CHUNKS = 16
+
+
+def prefill_chunk_rows(l: int) -> int:
+    """Rows per causal query chunk of an l-token last-token prefill; 0 = one pass (under two chunks)."""
+    rows = max(PREFILL_CHUNK, -(-l // PREFILL_MAX_CHUNKS))
+    return rows if l >= 2 * rows else 0
 
 MS_DTYPES = {"float32": ms.float32, "fp32": ms.float32, "float16": ms.float16, "fp16": ms.float16,
              "bfloat16": ms.bfloat16, "bf16": ms.bfloat16}
@@ -32,14 +38,6 @@ def ms_dtype(dtype) -> "ms.dtype":
             raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(MS_DTYPES)}")
         return MS_DTYPES[dtype]
     return dtype
-
-
-# ------------------------------------------------------------------------------------------------ broadcasts
-def full_mul(x: Tensor, y: Tensor) -> Tensor:
-    """x * y with y broadcast to x's shape first. In a compiled CPU graph (MindSpore 2.10) a broadcasting
-    Mul/Add keeps about 4 output-sized buffers for the whole call (prefill peak RSS grew ~0.45 GB per layer at
-    1,280 tokens) and is slower than BroadcastTo + a same-shape Mul (notes/performance.md, session 7)."""
-    return x * ops.broadcast_to(y, x.shape)
 
 
 # ------------------------------------------------------------------------------------------------ RoPE
@@ -344,9 +342,7 @@ class InternLM2Model(nn.Cell):
         ks, vs = (), ()
         n, l = len(self.layers), h.shape[1]
         last_token_prefill = last_only and k_caches is None and l > 1
-        chunk_rows = max(PREFILL_CHUNK, -(-l // PREFILL_MAX_CHUNKS))
-        if not (last_token_prefill and l >= 2 * chunk_rows):
-            chunk_rows = 0
+        chunk_rows = prefill_chunk_rows(l) if last_token_prefill else 0
         for i, layer in enumerate(self.layers):
             kc = None if k_caches is None else k_caches[i]
             vc = None if v_caches is None else v_caches[i]

@@ -8,6 +8,13 @@ from mindspore.common.initializer import initializer
 INFER_MODES = ("base", "write", "web")
 
 
+def full_mul(x, y):
+    """x * y with y broadcast to x's shape first. In a compiled CPU graph (MindSpore 2.10) a broadcasting
+    Mul/Add keeps about 4 output-sized buffers for the whole call (prefill peak RSS grew ~0.45 GB per layer at
+    1,280 tokens) and is slower than BroadcastTo + a same-shape Mul (notes/performance.md, session 7)."""
+    return x * ops.broadcast_to(y, x.shape)
+
+
 class Linear(nn.Cell):
     """y = x W^T (+ b); parameters `weight` (out, in) and `bias` as in torch.nn.Linear."""
 
@@ -17,7 +24,7 @@ class Linear(nn.Cell):
         self.weight = Parameter(initializer("zeros", (out_features, in_features), dtype), name="weight")
         self.bias = Parameter(initializer("zeros", (out_features,), dtype), name="bias") if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
-        self.bias_add = ops.BiasAdd()  # not `y + bias`: see language.full_mul
+        self.bias_add = ops.BiasAdd()  # not `y + bias`: see full_mul
 
     def construct(self, x):
         shape = x.shape
@@ -55,8 +62,7 @@ class PLoRA(Linear):
         elif infer_mode == "write":
             res = res + self.lora_sft_B(self.lora_sft_A(x)) + self.lora_dpo_B(self.lora_dpo_A(x))
         if im_mask is not None:  # the 0/1 mask on the rank-r activations, r << out: B(A(x)*m) == B(A(x))*m
-            a = self.Plora_A(x)
-            part = self.Plora_B(a * ops.broadcast_to(im_mask, a.shape))  # (see language.full_mul)
+            part = self.Plora_B(full_mul(self.Plora_A(x), im_mask))
             if self.lora_scaling != 1.0:
                 part = part * self.lora_scaling
             res = res + part

@@ -303,11 +303,10 @@ class _Proc:
         self.p.stdin.flush()
 
 
-def paired_decode(procs, names, steps: int, chunk: int, bandwidth=None) -> dict:
+def paired_decode(procs, names, steps: int, chunk: int, bandwidth) -> dict:
     """One more decode per contender, the contenders taking turns every `chunk` steps (order alternating), so
     that each chunk of one is timed within seconds of the same chunk of the others: per-chunk ratios then
-    share the machine's phase, which the rounds (minutes apart) do not. `bandwidth()` (bytes/s), when given,
-    is sampled before the first chunk and after every chunk (workers idle meanwhile): out["bandwidth"] has
+    share the machine's phase, which the rounds (minutes apart) do not. `bandwidth()` (bytes/s) is sampled before the first chunk and after every chunk (workers idle meanwhile): out["bandwidth"] has
     len(chunks) + 1 samples, so each chunk's bound is measured in its own minutes. {} when chunk is 0."""
     if chunk <= 0 or steps <= 0:
         return {}
@@ -315,7 +314,7 @@ def paired_decode(procs, names, steps: int, chunk: int, bandwidth=None) -> dict:
     for n in names:
         procs[n].send("pstart")
         procs[n].read()
-    bw = [bandwidth()] if bandwidth else []
+    bw = [bandwidth()]
     for c, s0 in enumerate(range(0, steps, chunk)):
         k = min(chunk, steps - s0)
         for n in (names if c % 2 == 0 else names[::-1]):
@@ -324,8 +323,7 @@ def paired_decode(procs, names, steps: int, chunk: int, bandwidth=None) -> dict:
             out[n]["steps_s"] += r["steps_s"]
             out[n]["ids"] += r["ids"]
             out[n]["chunks"].append(r["steps_s"])
-        if bandwidth:
-            bw.append(bandwidth())
+        bw.append(bandwidth())
     out["bandwidth"] = bw
     print(f"[bench] paired decode done ({steps} steps in chunks of {chunk})", file=sys.stderr)
     return out
@@ -431,7 +429,9 @@ def main(argv=None) -> int:
     cfg = IXCConfig.from_dict(cfg_dict)
     dtype_bytes = 2 if args.dtype == "float16" else 4
     wbytes = decode_weight_bytes(cfg, dtype_bytes)
-    bw = [memory_bandwidth(64 if args.quick else 256)]
+    def sample_bandwidth():
+        return memory_bandwidth(64 if args.quick else 256)
+    bw = [sample_bandwidth()]
 
     procs = {n: _Proc(n, spec) for n in names}
     ready = {n: p.read() for n, p in procs.items()}
@@ -443,7 +443,7 @@ def main(argv=None) -> int:
                 procs[n].send("run")
                 runs[n].append(procs[n].read())
             print(f"[bench] round {rep}/{repeats} done" + (" (warm-up)" if rep == 0 else ""), file=sys.stderr)
-        paired = paired_decode(procs, names, new_tokens - 1, chunk, lambda: memory_bandwidth(64 if args.quick else 256))
+        paired = paired_decode(procs, names, new_tokens - 1, chunk, sample_bandwidth)
         final = {}
         for n, p in procs.items():
             p.send("quit")
@@ -453,7 +453,7 @@ def main(argv=None) -> int:
         for p in procs.values():
             if p.p.poll() is None:
                 p.p.kill()
-    bw.append(memory_bandwidth(64 if args.quick else 256))
+    bw.append(sample_bandwidth())
     bandwidth = max(bw)
     bound_tps = bandwidth / wbytes
     views = ready[names[0]]["views"]

@@ -20,6 +20,7 @@ import mindspore as ms
 ms.set_context(mode=ms.PYNATIVE_MODE)
 from ixc25_ms.config import IXCConfig
 from ixc25_ms.language import InternLM2ForCausalLM
+from scripts.bench import _reset_peak, _vm
 layers, L, heads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 cfg = IXCConfig.from_dict(dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                                num_attention_heads=heads, num_key_value_heads=4, lora_r=8, web_lora_r=8))
@@ -29,15 +30,11 @@ for p in lm.get_parameters():
     p.set_data(ms.Tensor((rng.standard_normal(p.shape) * 0.02).astype(np.float32)))
 x = ms.Tensor(rng.standard_normal((1, L, 64)).astype(np.float32))
 im = np.zeros((1, L), bool); im[0, 1:L // 2] = True
-def vm(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024.0
-base = vm("VmRSS")
-open("/proc/self/clear_refs", "w").write("5")
+base = _vm("VmRSS")
+assert _reset_peak(), "cannot reset VmHWM (/proc/self/clear_refs)"
 for _ in range(2):
     logits = lm.prefill(x, im, None, cap=L + 16)[0].asnumpy()
-print("@@" + json.dumps({"peak_mb": vm("VmHWM") - base, "finite": bool(np.isfinite(logits).all())}))
+print("@@" + json.dumps({"peak_mb": _vm("VmHWM") - base, "finite": bool(np.isfinite(logits).all())}))
 '''
 
 
@@ -51,14 +48,15 @@ def _peak(layers: int) -> dict:
 
 
 def test_jit_prefill_peak_does_not_grow_per_layer():
-    from ixc25_ms.language import PREFILL_CHUNK, PREFILL_MAX_CHUNKS
+    from ixc25_ms.language import prefill_chunk_rows
     one, three = _peak(1), _peak(3)
     assert one["finite"] and three["finite"]
-    rows = max(PREFILL_CHUNK, -(-L // PREFILL_MAX_CHUNKS))
+    rows = prefill_chunk_rows(L)
+    assert rows, "the prompt must be chunked"
     # the causal chunks' scores of one layer, (heads, rows, keys up to the chunk's end) fp32: 36 MiB here
     half_mb = HEADS * sum(min(rows, L - s) * min(L, s + rows) for s in range(0, L, rows)) * 4 / 2 ** 20
     per_layer = (three["peak_mb"] - one["peak_mb"]) / 2
-    # measured (session 7): ~6.9 of those per extra layer with the broadcasting products, ~3.6 without them
+    # measured (session 7): 7.2 of those per extra layer with the broadcasting products, 3.8 without them
     # (the rest is the CPU memory pool's, see notes/performance.md)
     assert per_layer < 5 * half_mb, (f"each extra layer grew the jit prefill peak by {per_layer:.0f} MiB "
                                      f"({per_layer / half_mb:.1f} x the {half_mb:.0f} MiB of its causal scores)")
