@@ -12,6 +12,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from .config import IXCConfig
+from .dtypes import ms_dtype, np_dtype
 from .cpu_kernels import DecodeKernels, library_path as kernel_library, switch as cpu_kernels_switch
 from .plora import PLoRA, Linear, full_mul
 
@@ -26,18 +27,6 @@ def prefill_chunk_rows(l: int) -> int:
     """Rows per causal query chunk of an l-token last-token prefill; 0 = one pass (under two chunks)."""
     rows = max(PREFILL_CHUNK, -(-l // PREFILL_MAX_CHUNKS))
     return rows if l >= 2 * rows else 0
-
-MS_DTYPES = {"float32": ms.float32, "fp32": ms.float32, "float16": ms.float16, "fp16": ms.float16,
-             "bfloat16": ms.bfloat16, "bf16": ms.bfloat16}
-NP_DTYPES = {ms.float32: np.float32, ms.float16: np.float16}
-
-
-def ms_dtype(dtype) -> "ms.dtype":
-    if isinstance(dtype, str):
-        if dtype not in MS_DTYPES:
-            raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(MS_DTYPES)}")
-        return MS_DTYPES[dtype]
-    return dtype
 
 
 # ------------------------------------------------------------------------------------------------ RoPE
@@ -264,7 +253,7 @@ class FeedForward(nn.Cell):
         self.w3 = PLoRA(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.w2 = PLoRA(cfg.intermediate_size, cfg.hidden_size, **kw)
         self.addcmul = ops.Addcmul()  # one kernel for both products
-        self.zero = Tensor(np.zeros((1,), NP_DTYPES.get(dtype, np.float32)), dtype)
+        self.zero = Tensor(np.zeros((1,), np_dtype(dtype)), dtype)
         self.kernels = None  # fused CPU decode kernels, set by the LM
 
     def construct(self, x, im_mask, infer_mode):
@@ -445,7 +434,7 @@ class InternLM2ForCausalLM(nn.Cell):
         m = np.asarray(im_mask.asnumpy() if hasattr(im_mask, "asnumpy") else im_mask).reshape(b, l)
         if not m.any():
             return None  # no image position: the PLoRA branch adds nothing (official adds *0)
-        return Tensor(m.astype(NP_DTYPES.get(self.compute_dtype, np.float32))[..., None])
+        return Tensor(m.astype(np_dtype(self.compute_dtype))[..., None])
 
     def _cos_sin(self, position_ids, kv_len):
         """RoPE tables for the layers: (B, L, 1, G+2, d) cos and sin (see `qkv_rope_tables`)."""

@@ -9,11 +9,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
+from .dtypes import np_dtype
 from .checkpoint import CheckpointError, SafetensorsFile, bf16_to_f32, iter_raw_tensors, list_weight_files
 
 # buffers some official checkpoints carry that the model recomputes
 DROPPABLE = (re.compile(r".*\.rotary_emb\.inv_freq$"), re.compile(r".*embeddings\.position_ids$"))
-_NP = {ms.float32: np.float32, ms.float16: np.float16}
 
 
 def is_droppable(key: str) -> bool:
@@ -41,10 +41,8 @@ def check_keys(cell, shapes: Mapping[str, Tuple[int, ...]], source: str, ignore_
 
 
 def _set(p, arr: np.ndarray):
-    if p.dtype == ms.bfloat16:
-        p.set_data(Tensor(arr.astype(np.float32, copy=False)).astype(ms.bfloat16))
-    else:
-        p.set_data(Tensor(arr.astype(_NP[p.dtype], copy=False)))
+    t = Tensor(arr.astype(np_dtype(p.dtype), copy=False))
+    p.set_data(t if t.dtype == p.dtype else t.astype(p.dtype))  # bf16: fp32 on the host, cast
 
 
 def assign_state_dict(cell, state: Dict[str, np.ndarray], source: str = "state dict",

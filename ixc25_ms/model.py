@@ -14,6 +14,7 @@ from mindspore.common.initializer import initializer
 from . import chat as _chat
 from .checkpoint import CheckpointError, load_state_dict
 from .config import IXCConfig
+from .dtypes import ms_dtype
 from .generate import GenerationConfig, generate as _generate
 from .language import InternLM2ForCausalLM
 from .loading import stream_into
@@ -159,6 +160,7 @@ def load(path: str, dtype: str = "float32", allow_pickle: bool = False, use_jit:
     from .tokenizer import InternLM2Tokenizer
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory (expected config.json, tokenizer.model and weights)")
+    dtype = ms_dtype(dtype, check_device=True)  # bf16 only where the device target has its kernels
     cfg = IXCConfig.from_file(path)
     tok = InternLM2Tokenizer.from_pretrained(path)
     model = InternLMXComposer2ForCausalLM(cfg, dtype=dtype, use_jit=use_jit)

@@ -9,23 +9,11 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from .config import VisionConfig
+from .dtypes import ms_dtype, np_dtype
 from .processing import PATCH, global_view
 
 GRID = 40  # patches per side at 560/14
 HALF = GRID // 2  # 20: tokens per side after the 2x2 merge
-_DTYPES = {"float32": ms.float32, "fp32": ms.float32, "float16": ms.float16, "fp16": ms.float16}
-_NP = {ms.float32: np.float32, ms.float16: np.float16}
-
-
-def _ms_dtype(dtype):
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"vision: unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype]
-    if dtype not in (ms.float32, ms.float16):
-        raise ValueError(f"vision: unsupported dtype {dtype} (float32 or float16; bf16 has no CPU kernels)")
-    return dtype
-
 
 def _param(shape, dtype, init="zeros"):
     return Parameter(initializer(init, shape, dtype))
@@ -204,7 +192,7 @@ class CLIPVisionTower(nn.Cell):
         if not isinstance(vision_cfg, VisionConfig):
             raise TypeError(f"CLIPVisionTower needs a VisionConfig, got {type(vision_cfg).__name__}")
         self.cfg = vision_cfg
-        self.compute_dtype = _ms_dtype(dtype)
+        self.compute_dtype = ms_dtype(dtype)
         self.hidden_size = vision_cfg.hidden_size
         self.vision_tower = _VisionModel(vision_cfg, self.compute_dtype)
 
@@ -223,7 +211,7 @@ class CLIPVisionTower(nn.Cell):
 
 def build_vision_proj(in_dim: int, out_dim: int, dtype=ms.float32) -> nn.SequentialCell:
     """The 'mlp2x_gelu' projector: Dense(in,out) -> exact GELU -> Dense(out,out); params 0.* and 2.*."""
-    dtype = _ms_dtype(dtype)
+    dtype = ms_dtype(dtype)
     return nn.SequentialCell([_dense(in_dim, out_dim, dtype), nn.GELU(approximate=False),
                               _dense(out_dim, out_dim, dtype)])
 
@@ -303,7 +291,7 @@ def encode_pixels(vit: CLIPVisionTower, vision_proj: nn.Cell, glb_GN, sub_GN, pi
         raise TypeError(f"encode_pixels: vit must be a CLIPVisionTower, got {type(vit).__name__}")
     views = split_views(pixel_values)
     h, w = pixel_values.shape[2] // PATCH, pixel_values.shape[3] // PATCH
-    x = Tensor(views.astype(_NP[vit.compute_dtype]))
+    x = Tensor(views.astype(np_dtype(vit.compute_dtype)))
     feats = vit.forward_jit(x) if use_jit else vit(x)
     layout = global_local_layout(feats, h, w, glb_GN, sub_GN)
     n = expected_tokens(h, w)

@@ -112,3 +112,21 @@ def test_errors_leave_model_unassigned_and_name_the_key(tmp_path):
     json.dump(idx, open(d / "model.safetensors.index.json", "w"))
     with pytest.raises(ixc25_ms.CheckpointError, match="missing file 'model-00009-of-00009.safetensors'"):
         ixc25_ms.load(str(d))
+
+
+def test_bf16_is_refused_on_cpu_and_builds_where_supported(monkeypatch):
+    """One dtype table: bf16 needs a device target with bf16 kernels; on CPU a one-line error says what to use."""
+    from ixc25_ms import dtypes
+    with pytest.raises(dtypes.DtypeError) as e:
+        ixc25_ms.load(GOLDEN, dtype="bfloat16")
+    msg = str(e.value)
+    assert "\n" not in msg and "float32" in msg and "float16" in msg and "CPU" in msg
+    # where the target has bf16 kernels (Ascend) the model is built and loaded in bf16, ViT and LLM alike
+    monkeypatch.setattr(dtypes, "BF16_TARGETS", ("Ascend", ms.get_context("device_target")))
+    model, _ = ixc25_ms.load(GOLDEN, dtype="bf16")
+    dts = {p.dtype for _, p in model.parameters_and_names()}
+    assert dts == {ms.bfloat16}
+    w = model.vit.vision_tower.vision_model.embeddings.patch_embedding.weight
+    src = SafetensorsFile(os.path.join(GOLDEN, "model.safetensors")).read(
+        "vit.vision_tower.vision_model.embeddings.patch_embedding.weight")
+    np.testing.assert_allclose(w.astype(ms.float32).asnumpy(), src, rtol=2 ** -8)
