@@ -6,8 +6,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 from mindspore import ops
 
-from .chat import META_INSTRUCTION, _finish, _prepare_chat, eos_ids
-from .generate import PROMPT_BUCKET, GenerationConfig, bucket_length, generate, left_pad
+from .chat import META_INSTRUCTION, chat_config, finish, prepare_chat
+from .generation import PROMPT_BUCKET, bucket_length, generate, left_pad
 
 
 def pad_batch(rows, bos_token_id: int, bucket: Optional[int] = PROMPT_BUCKET):
@@ -59,13 +59,11 @@ def batch_chat(model, tokenizer, queries: Sequence[str], images=None, max_new_to
     images = list(images)
     if len(images) != len(queries):
         raise ValueError(f"batch_chat: {len(queries)} queries but {len(images)} image entries")
-    rows = [_prepare_chat(model, tokenizer, q, img, hd_num, (), use_meta, meta_instruction)
+    rows = [prepare_chat(model, tokenizer, q, img, hd_num, (), use_meta, meta_instruction)
             for q, img in zip(queries, images)]
     embeds, im_mask, am, seeds = pad_batch(rows, model.cfg.bos_token_id, bucket)
     prompt_ids = seeds if any(ids is not None for _, _, ids in rows) else None
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                           top_k=top_k, repetition_penalty=repetition_penalty, eos_token_id=eos_ids(tokenizer),
-                           pad_token_id=model.cfg.pad_token_id, bos_token_id=model.cfg.bos_token_id,
-                           infer_mode=infer_mode, seed=seed)
+    gen = chat_config(model, tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                      top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, infer_mode=infer_mode, seed=seed)
     out = generate(model, embeds, im_mask, am, gen, prompt_ids=prompt_ids)
-    return [_finish(tokenizer, row) for row in out]
+    return [finish(tokenizer, row) for row in out]

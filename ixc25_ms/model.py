@@ -11,11 +11,11 @@ import numpy as np
 from mindspore import Parameter, Tensor, ops
 from mindspore.common.initializer import initializer
 
-from . import chat as _chat
+from . import chat as _chat, compose as _compose
 from .checkpoint import CheckpointError, load_state_dict
 from .config import IXCConfig
 from .dtypes import ms_dtype
-from .generate import GenerationConfig, generate as _generate
+from .generation import GenerationConfig, generate as _generate
 from .language import InternLM2ForCausalLM
 from .loading import stream_into
 from .processing import preprocess_image
@@ -49,6 +49,15 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
         self.font_path = None  # video headers; None = the default font (see notes/vision.md)
         self.max_length = cfg.max_length
         self.timings = {}
+        self.last_prompt = None  # the Prompt (ids, roles) of the last interleav_wrap_chat
+
+    def timed(self, key: str, fn, *args, **kwargs):
+        """fn(*args, **kwargs), its wall time added to `timings[key]`."""
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t
 
     # ------------------------------------------------------------------------------------------ vision
     def img2emb(self, pixel_values: np.ndarray) -> Tensor:
@@ -58,16 +67,11 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
 
     def encode_img(self, image, hd_num: int = 24) -> Tensor:
         """A path (image or video), PIL image or HxWx3 uint8 array -> image embeddings (1, N, hidden)."""
-        t = time.perf_counter()
         if isinstance(image, (str, os.PathLike)) and is_video_path(image):
-            pv = preprocess_video(image, font_path=self.font_path)
+            pv = self.timed("preprocess_s", preprocess_video, image, font_path=self.font_path)
         else:
-            pv = preprocess_image(image, hd_num=hd_num)
-        self.timings["preprocess_s"] = self.timings.get("preprocess_s", 0.0) + time.perf_counter() - t
-        t = time.perf_counter()
-        emb = self.img2emb(pv)
-        self.timings["vision_s"] = self.timings.get("vision_s", 0.0) + time.perf_counter() - t
-        return emb
+            pv = self.timed("preprocess_s", preprocess_image, image, hd_num=hd_num)
+        return self.timed("vision_s", self.img2emb, pv)
 
     # ------------------------------------------------------------------------------------------ prompts
     def interleav_wrap_chat(self, query: str, image, history=(), meta_instruction: str = "",
@@ -77,6 +81,17 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
 
     interleave_wrap_chat = interleav_wrap_chat
 
+    def embed_prompt(self, prompt, image_embeds: Sequence[Tensor]) -> Tensor:
+        """A Prompt's embeddings (1, L, H): text segments through tok_embeddings, image slot i from
+        image_embeds[i] (1, n_i, H); slots whose image was not encoded (cut at max_length) end the prompt."""
+        parts = []
+        for seg in prompt.segments:
+            if not seg.is_image:
+                parts.append(self.embed(seg.ids[None]))
+            elif seg.image < len(image_embeds):
+                parts.append(image_embeds[seg.image].astype(self.compute_dtype))
+        return ops.cat(parts, 1)
+
     # ------------------------------------------------------------------------------------------ forward / generate
     def construct(self, inputs_embeds=None, im_mask=None, attention_mask=None, infer_mode="base", input_ids=None):
         """Uncached forward: returns an object with `.logits` fp32 (B, L, V)."""
@@ -84,7 +99,7 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
             if input_ids is None:
                 raise ValueError("forward needs inputs_embeds or input_ids")
             inputs_embeds = self.embed(input_ids)
-        logits = self.prefill(inputs_embeds, im_mask, attention_mask, infer_mode, last_only=False)[0]
+        logits, _ = self.forward_hidden(inputs_embeds, im_mask, attention_mask, infer_mode)
         return CausalLMOutput(logits=logits)
 
     def generate(self, inputs_embeds=None, im_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
@@ -94,22 +109,19 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
                  length_penalty: float = 1.0, **unused) -> np.ndarray:
         """Returns the new token ids (B, n). With `input_ids` (text only) the prompt ids also seed the
         repetition-penalty set, as transformers does; with `inputs_embeds` a placeholder BOS does."""
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
-                               num_beams=num_beams, temperature=temperature, top_p=top_p, top_k=top_k,
-                               repetition_penalty=repetition_penalty, length_penalty=length_penalty,
-                               eos_token_id=self.cfg.eos_token_id if eos_token_id is None else eos_token_id,
-                               pad_token_id=self.cfg.pad_token_id, bos_token_id=self.cfg.bos_token_id,
-                               infer_mode=infer_mode, seed=seed)
+        gen = GenerationConfig.build(self.cfg, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                     do_sample=do_sample, num_beams=num_beams, temperature=temperature, top_p=top_p,
+                                     top_k=top_k, repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+                                     eos_token_id=self.cfg.eos_token_id if eos_token_id is None else eos_token_id,
+                                     infer_mode=infer_mode, seed=seed)
         prompt_ids = None
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("generate needs inputs_embeds or input_ids")
             prompt_ids = np.asarray(input_ids.asnumpy() if hasattr(input_ids, "asnumpy") else input_ids, np.int64)
             inputs_embeds = self.embed(prompt_ids)
-        t = time.perf_counter()
-        out = _generate(self, inputs_embeds, im_mask, attention_mask, gen, streamer, prompt_ids=prompt_ids)
-        self.timings["generate_s"] = time.perf_counter() - t
-        return out
+        return self.timed("generate_s", _generate, self, inputs_embeds, im_mask, attention_mask, gen, streamer,
+                          prompt_ids=prompt_ids)
 
     # ------------------------------------------------------------------------------------------ chat
     def chat(self, tokenizer, query: str, image=(), hd_num: int = 24, history=(), streamer=None,
@@ -132,16 +144,16 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
         return _chat.stream_chat(self, tokenizer, query, image=image, **kwargs)
 
     def write_artical(self, *args, **kwargs):
-        return _chat.write_artical(self, *args, **kwargs)
+        return _compose.write_artical(self, *args, **kwargs)
 
     def write_webpage(self, *args, **kwargs):
-        return _chat.write_webpage(self, *args, **kwargs)
+        return _compose.write_webpage(self, *args, **kwargs)
 
     def resume_2_webpage(self, *args, **kwargs):
-        return _chat.resume_2_webpage(self, *args, **kwargs)
+        return _compose.resume_2_webpage(self, *args, **kwargs)
 
     def screen_2_webpage(self, *args, **kwargs):
-        return _chat.screen_2_webpage(self, *args, **kwargs)
+        return _compose.screen_2_webpage(self, *args, **kwargs)
 
 
 def read_weights(path: str, allow_pickle: bool = False):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ixc25_ms.generate import generate
+from ixc25_ms.generation import generate
 from ixc25_ms.language import RMSNorm, RotaryTable
 from parity_tests.helpers import GOLDEN, build_ms_lm, load_golden, random_lm_state, tiny_config
 from parity_tests.reference.language import RefLM, Rope, rms_norm
@@ -76,11 +76,11 @@ def test_decoder_layer_row(tiny, mode):
     ref = RefLM(cfg, state)
     l = x.shape[1]
     pos = np.tile(np.arange(l), (2, 1))
-    cos, sin = lm._cos_sin(pos, l)
+    cos, sin = lm.rope_tables(pos, l)
     from ixc25_ms.language import prefill_mask
     mask = prefill_mask(np.ones((2, l), np.int64))
-    ours, _, _ = lm.model.layers[0](ms.Tensor(x), ms.Tensor(im.astype(np.float32)[..., None]), cos,
-                                   sin, ms.Tensor(mask), None, None, None, l, mode)
+    ours = lm.model.layers[0](ms.Tensor(x), ms.Tensor(im.astype(np.float32)[..., None]), cos, sin, ms.Tensor(mask),
+                              mode)
     rc, rs = ref.rope(torch.from_numpy(pos), l)
     rmask = torch.from_numpy(mask)
     theirs, _ = ref.layer(0, torch.from_numpy(x), torch.from_numpy(im), rc, rs, rmask, None, mode)
@@ -128,13 +128,11 @@ def test_cached_decode_equals_uncached(tiny, use_jit, cpu_kernels):
     assert bool(lm.model.kernels) == cpu_kernels
     full = lm(ms.Tensor(x), im).asnumpy()
     p = 7
-    logits, _, ks, vs = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=16, last_only=True)
+    logits, _, cache = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=16, last_only=True)
     assert_close(logits.asnumpy()[:, 0], full[:, p - 1], "fp32", "prefill last logits")
-    key_valid = np.zeros((2, 16), np.int64)
-    key_valid[:, :p] = 1
     for t in range(p, 12):  # positions >= 7 carry no image mask except row 1 pos 9: drop it for this check
-        key_valid[:, t] = 1
-        logits, _, ks, vs = lm.decode(ms.Tensor(x[:, t:t + 1]), np.array([t, t]), t, key_valid, ks, vs)
+        assert cache.offset == t and (cache.positions + 1).tolist() == [t, t]
+        logits, _ = lm.decode(ms.Tensor(x[:, t:t + 1]), cache)
         ref_full = lm(ms.Tensor(x[:, : t + 1]), np.concatenate([im[:, :p], np.zeros((2, t + 1 - p), bool)], 1))
         assert_close(logits.asnumpy()[:, 0], ref_full.asnumpy()[:, t], "fp32",
                      f"decode step {t} jit={use_jit} cpu_kernels={cpu_kernels}")
@@ -147,7 +145,8 @@ def test_last_token_prefill_shortcuts(tiny, monkeypatch, use_jit):
     left-padded row, its last logits, the caches at valid slots and the decode steps after it equal the
     reference's full forward."""
     import ixc25_ms.language as L
-    monkeypatch.setattr(L, "PREFILL_CHUNK", 2)
+    import ixc25_ms.language.model as LM
+    monkeypatch.setattr(LM, "PREFILL_CHUNK", 2)
     cfg, state, x, im = tiny
     calls = []
     if not use_jit:  # count the query rows of each attention call (a graph cannot call back into Python)
@@ -157,7 +156,7 @@ def test_last_token_prefill_shortcuts(tiny, monkeypatch, use_jit):
     ref = RefLM(cfg, state)
     am = np.ones((2, 12), np.int64)
     am[1, :3] = 0
-    logits, _, ks, vs = lm.prefill(ms.Tensor(x), im, am, cap=16, last_only=True)
+    logits, _, cache = lm.prefill(ms.Tensor(x), im, am, cap=16, last_only=True)
     n = cfg.num_hidden_layers
     if not use_jit:
         assert calls == [2] * 6 * (n - 1) + [1], calls  # chunks in every layer but the last, one row there
@@ -166,7 +165,7 @@ def test_last_token_prefill_shortcuts(tiny, monkeypatch, use_jit):
     assert_close(logits.asnumpy()[:, 0], theirs[:, -1], "fp32", f"chunked last-token prefill jit={use_jit}")
     kvh, d = cfg.num_key_value_heads, cfg.head_dim
     for i in range(n):
-        got = ks[i].asnumpy().reshape(2, kvh, 16, d)
+        got = cache.keys[i].asnumpy().reshape(2, kvh, 16, d)
         want = past[i][0].numpy()
         assert_close(got[0, :, :12], want[0], "fp32", f"k cache layer {i} row 0")
         assert_close(got[1, :, 3:12], want[1, :, 3:], "fp32", f"k cache layer {i} row 1 (valid slots)")
@@ -175,8 +174,9 @@ def test_last_token_prefill_shortcuts(tiny, monkeypatch, use_jit):
     y = np.random.default_rng(9).standard_normal((2, 3, cfg.hidden_size)).astype(np.float32)
     for t in range(3):
         key_valid[:, 12 + t] = 1
-        pos = np.array([12 + t, 12 + t - 3])
-        logits, _, ks, vs = lm.decode(ms.Tensor(y[:, t:t + 1]), pos, 12 + t, key_valid, ks, vs)
+        assert cache.offset == 12 + t and (cache.positions + 1).tolist() == [12 + t, 12 + t - 3]
+        logits, _ = lm.decode(ms.Tensor(y[:, t:t + 1]), cache)
+        assert np.array_equal(cache.key_valid, key_valid)
         r, _, past = ref.forward(torch.from_numpy(y[:, t:t + 1]), past=past,
                                  attention_mask=torch.from_numpy(key_valid[:, :13 + t]))
         assert_close(logits.asnumpy()[:, 0], r[:, -1], "fp32", f"decode after chunked prefill, step {t}")
@@ -191,12 +191,10 @@ def test_dynamic_ntk_past_max_positions():
     ours = lm(ms.Tensor(x[:, :12])).asnumpy()
     theirs, _, past = ref.forward(torch.from_numpy(x[:, :12]))
     assert_close(ours, theirs, "fp32", "dynamic NTK prefill below max")
-    logits, _, ks, vs = lm.prefill(ms.Tensor(x[:, :12]), cap=32)
-    kv = np.zeros((1, 32), np.int64)
-    kv[:, :12] = 1
+    logits, _, cache = lm.prefill(ms.Tensor(x[:, :12]), cap=32)
     for t in range(12, 20):  # crosses 16: each step rebuilds the table for the longer length
-        kv[:, t] = 1
-        logits, _, ks, vs = lm.decode(ms.Tensor(x[:, t:t + 1]), np.array([t]), t, kv, ks, vs)
+        assert cache.offset == t and (cache.positions + 1).tolist() == [t]
+        logits, _ = lm.decode(ms.Tensor(x[:, t:t + 1]), cache)
         r, _, past = ref.forward(torch.from_numpy(x[:, t:t + 1]), past=past,
                                  attention_mask=torch.ones(1, t + 1, dtype=torch.long))
         assert_close(logits.asnumpy()[:, 0], r[:, -1], "fp32", f"dynamic NTK decode t={t}")
@@ -225,7 +223,7 @@ def test_golden_logits(golden, mode, key, zero):
 def test_golden_last_hidden_state(golden):
     cfg, state, exp = golden
     lm = build_ms_lm(cfg, state)
-    _, h, _, _ = lm.prefill(ms.Tensor(exp["inputs_embeds"]), exp["im_mask"], last_only=False)
+    _, h, _ = lm.prefill(ms.Tensor(exp["inputs_embeds"]), exp["im_mask"], last_only=False)
     assert_close(h, exp["last_hidden_state"], "fp32", "golden last_hidden_state")
 
 
@@ -259,69 +257,73 @@ def test_flash_attention_switch_is_ascend_only():
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_cache_written_in_place_and_reordered(tiny, use_jit):
     """decode writes the new slot of the (B*kvh, C, d) cache Parameters in place and touches nothing else;
-    reorder_cache permutes batch rows into new caches and leaves the old ones as they were."""
+    reorder permutes batch rows into new caches and leaves the old ones as they were."""
     cfg, state, x, im = tiny
     lm = build_ms_lm(cfg, state, use_jit=use_jit)
     p, n, cap = 7, 11, 16
     im_dec = np.concatenate([im[:, :p], np.zeros((2, n - p), bool)], 1)  # decoded tokens carry no image mask
-    _, _, ks, vs = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
-    key_valid = np.zeros((2, cap), np.int64)
-    key_valid[:, :p] = 1
+    _, _, cache = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
+    ks, vs = cache.keys, cache.values
     for t in range(p, n):
-        key_valid[:, t] = 1
-        _, _, ks2, vs2 = lm.decode(ms.Tensor(x[:, t:t + 1]), np.array([t, t]), t, key_valid, ks, vs)
-        assert all(a is b for a, b in zip(ks2 + vs2, ks + vs)), "decode must return the caches it was given"
-    _, _, kf, vf = lm.prefill(ms.Tensor(x[:, :n]), im_dec, cap=cap)  # the same n tokens in one uncached pass
+        lm.decode(ms.Tensor(x[:, t:t + 1]), cache)
+        assert all(a is b for a, b in zip(cache.keys + cache.values, ks + vs)), "decode must write the given caches"
+    _, _, full_cache = lm.prefill(ms.Tensor(x[:, :n]), im_dec, cap=cap)  # the same n tokens in one uncached pass
     kvh, d = cfg.num_key_value_heads, cfg.head_dim
-    for i, (ours, full) in enumerate(zip(ks + vs, kf + vf)):
+    for i, (ours, full) in enumerate(zip(ks + vs, full_cache.keys + full_cache.values)):
         ours = ours.asnumpy().reshape(2, kvh, cap, d)
         full = full.asnumpy().reshape(2, kvh, cap, d)
         assert_close(ours[:, :, :n], full[:, :, :n], "fp32", f"cache {i} slots [0, {n})")
         assert not ours[:, :, n:].any(), f"cache {i}: slots past the written ones must stay zero"
     before = [c.asnumpy().copy() for c in ks]
-    swapped = lm.reorder_cache(ks, [1, 0])
-    for old, new, b in zip(ks, swapped, before):
+    swapped = cache.reorder([1, 0])
+    for old, new, b in zip(ks, swapped.keys, before):
         assert np.array_equal(new.asnumpy().reshape(2, -1, d)[::-1], b.reshape(2, -1, d))
-        assert np.array_equal(old.asnumpy(), b), "reorder_cache must not modify its input"
+        assert np.array_equal(old.asnumpy(), b), "reorder must not modify its input"
+    assert np.array_equal(swapped.positions, cache.positions[::-1]) and swapped.offset == cache.offset
     with pytest.raises(ValueError, match="batch rows"):
-        lm.reorder_cache(ks, [0, 1, 0])
+        cache.reorder([0, 1, 0])
 
 
 def test_decode_cache_inputs_checked_and_tensors_accepted(tiny):
+    from ixc25_ms.language import KVCache
     cfg, state, x, im = tiny
     lm = build_ms_lm(cfg, state, use_jit=True)
     p, cap = 7, 12
     kvh, d = cfg.num_key_value_heads, cfg.head_dim
-    _, _, ks, vs = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
-    k4 = [k.asnumpy().reshape(2, kvh, cap, d).copy() for k in ks]  # the same caches as (B, kvh, C, d) arrays
-    v4 = [v.asnumpy().reshape(2, kvh, cap, d).copy() for v in vs]
+    _, _, a = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
+    k4 = [k.asnumpy().reshape(2, kvh, cap, d).copy() for k in a.keys]  # the same caches as (B, kvh, C, d) arrays
+    v4 = [v.asnumpy().reshape(2, kvh, cap, d).copy() for v in a.values]
     key_valid = np.zeros((2, cap), np.int64)
-    key_valid[:, : p + 1] = 1
+    key_valid[:, :p] = 1
     for c in k4 + v4:  # junk in the slots that are not valid (the one decode writes included) is ignored
         c[:, :, p:] = 1e3
-    step = (ms.Tensor(x[:, p:p + 1]), np.array([p, p]), p, key_valid)
-    a = lm.decode(*step, ks, vs)
-    b = lm.decode(*step, k4, v4)
-    assert_close(b[0], a[0].asnumpy(), "fp32", "decode from (B,kvh,C,d) arrays vs prefill caches")
-    assert all(isinstance(c, ms.Parameter) for c in b[2] + b[3])
-    for ours, theirs in zip(a[2] + a[3], b[2] + b[3]):
+    pos = np.array([p - 1, p - 1])
+    b = KVCache.from_arrays(k4, v4, key_valid, pos, p, ms.float32)
+    step = ms.Tensor(x[:, p:p + 1])
+    la = lm.decode(step, a)
+    lb = lm.decode(step, b)
+    assert_close(lb[0], la[0].asnumpy(), "fp32", "decode from (B,kvh,C,d) arrays vs prefill caches")
+    assert all(isinstance(c, ms.Parameter) for c in b.keys + b.values)
+    for ours, theirs in zip(a.keys + a.values, b.keys + b.values):
         assert_close(theirs, ours.asnumpy(), "fp32", "caches after the step")
+    kv1 = key_valid.copy()
+    kv1[:, p] = 1
     with pytest.raises(ValueError, match="already written"):
-        lm.decode(*step, b[2], b[3])  # decode appends: the same slot of the same caches again
+        lm.decode(step, KVCache(b.keys, b.values, kv1, pos, p))  # decode appends: the same slot of the same caches
     with pytest.raises(ValueError, match="already written"):
-        lm.decode(*step, a[2], a[3])  # after another cache set's step (alternating sets: caught as well)
-    _, _, k2, v2 = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
+        lm.decode(step, KVCache(a.keys, a.values, kv1, pos, p))  # the other cache set's step (alternating sets)
+    _, _, c2 = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
     with pytest.raises(ValueError, match=f"slots up to {p - 1}"):
-        lm.decode(ms.Tensor(x[:, p:p + 1]), np.array([p, p]), p - 2, key_valid, k2, v2)  # inside the prompt
-    swapped = lm.reorder_cache(a[2], [1, 0]), lm.reorder_cache(a[3], [1, 0])
+        lm.decode(step, KVCache(c2.keys, c2.values, kv1, pos, p - 2))  # inside the prompt
+    swapped = a.reorder([1, 0])
     with pytest.raises(ValueError, match="already written"):
-        lm.decode(*step, *swapped)  # beam reordering keeps what the sources hold
+        lm.decode(step, KVCache(swapped.keys, swapped.values, kv1, pos, p))  # beam reordering keeps what they hold
     with pytest.raises(ValueError, match="one per layer"):
-        lm.decode(*step, ks[:-1], vs)
+        lm.decode(step, KVCache(c2.keys[:-1], c2.values[:-1], kv1, pos, p))
     with pytest.raises(ValueError, match="neither a prefill cache"):
-        lm.decode(*step, [k[:, :, :, :-1] for k in k4], v4)
+        lm.decode(step, KVCache.from_arrays([k[:, :, :, :-1] for k in k4], v4, key_valid, pos, p, ms.float32))
     with pytest.raises(ValueError, match="outside the cache capacity"):
-        lm.decode(ms.Tensor(x[:, p:p + 1]), np.array([p, p]), cap, key_valid, ks, vs)
+        lm.decode(step, KVCache(c2.keys, c2.values, np.ones((2, cap), np.int64), pos, cap))
 
 
 def test_cached_decode_fp16_jit(tiny):
@@ -329,13 +331,10 @@ def test_cached_decode_fp16_jit(tiny):
     cfg, state, x, im = tiny
     lm = build_ms_lm(cfg, state, dtype="float16", use_jit=True)
     p, n, cap = 7, 10, 16
-    _, _, ks, vs = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
-    assert all(c.dtype == ms.float16 for c in ks + vs)
-    key_valid = np.zeros((2, cap), np.int64)
-    key_valid[:, :p] = 1
+    _, _, cache = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
+    assert all(c.dtype == ms.float16 for c in cache.keys + cache.values)
     for t in range(p, n):
-        key_valid[:, t] = 1
-        logits, _, ks, vs = lm.decode(ms.Tensor(x[:, t:t + 1]), np.array([t, t]), t, key_valid, ks, vs)
+        logits, _ = lm.decode(ms.Tensor(x[:, t:t + 1]), cache)
     full = lm(ms.Tensor(x[:, :n]), np.concatenate([im[:, :p], np.zeros((2, n - p), bool)], 1)).asnumpy()
     assert_close(logits.asnumpy()[:, 0], full[:, n - 1], "fp16", "fp16 cached decode vs uncached")
 
@@ -349,11 +348,9 @@ def test_decode_keeps_no_cache_alive(tiny, use_jit):
     cfg, state, x, im = tiny
     lm = build_ms_lm(cfg, state, use_jit=use_jit)
     p, cap = 7, 12
-    _, _, ks, vs = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
-    key_valid = np.zeros((2, cap), np.int64)
-    key_valid[:, : p + 1] = 1
-    lm.decode(ms.Tensor(x[:, p:p + 1]), np.array([p, p]), p, key_valid, ks, vs)[0].asnumpy()
-    refs = [weakref.ref(c) for c in ks + vs]
-    del ks, vs
+    _, _, cache = lm.prefill(ms.Tensor(x[:, :p]), im[:, :p], cap=cap)
+    lm.decode(ms.Tensor(x[:, p:p + 1]), cache)[0].asnumpy()
+    refs = [weakref.ref(c) for c in cache.keys + cache.values]
+    del cache
     gc.collect()
     assert all(r() is None for r in refs), "a KV cache outlived its last user"

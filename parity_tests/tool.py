@@ -187,27 +187,6 @@ def build_ms_model(model_dir: str, dtype: str, use_jit: bool, weights: Optional[
     return model, tok
 
 
-class _WrapRecorder:
-    """Stands in for the model inside ixc25_ms.chat.interleav_wrap_chat: records the text ids and image
-    slots in prompt order and encodes images through `encode` (which captures the vision rows)."""
-
-    def __init__(self, model, encode: Callable):
-        self._model, self._encode = model, encode
-        self.tokenizer = model.tokenizer
-        self.compute_dtype = model.compute_dtype
-        self.max_length = model.max_length
-        self.segments: List[dict] = []
-
-    def embed(self, ids):
-        self.segments.append({"kind": "text", "ids": [int(i) for i in np.asarray(ids).reshape(-1)]})
-        return self._model.embed(ids)
-
-    def encode_img(self, image, hd_num=24):
-        idx = sum(1 for s in self.segments if s["kind"] == "image")
-        self.segments.append({"kind": "image", "index": idx, "hd_num": int(hd_num)})
-        return self._encode(idx, image, int(hd_num))
-
-
 def run_mindspore(model_dir: str, images: Sequence, query: str, store: ActivationStore, dtype: str = "fp32",
                   mode: str = "pynative", steps: int = 4, hd_num: int = 24, infer_mode: str = "base",
                   weights: Optional[Mapping] = None, log=print) -> None:
@@ -216,7 +195,6 @@ def run_mindspore(model_dir: str, images: Sequence, query: str, store: Activatio
     from mindspore import Tensor
 
     from ixc25_ms.chat import interleav_wrap_chat
-    from ixc25_ms.language import position_ids_from_mask, prefill_mask
     from ixc25_ms.processing import preprocess_image, to_pixel_values
     from ixc25_ms.vision import encode_pixels, split_views
 
@@ -230,8 +208,11 @@ def run_mindspore(model_dir: str, images: Sequence, query: str, store: Activatio
     np_dt = {"fp32": np.float32, "fp16": np.float16}[dtype]
     vm = model.vit.vision_tower.vision_model
 
-    def encode(idx, image, hd):
-        p = f"image{idx}."
+    hds: List[int] = []  # hd_num per image, in prompt order
+
+    def encode(image, hd):
+        p = f"image{len(hds)}."
+        hds.append(int(hd))
         if _is_video(image):
             pv = to_pixel_values(_canvas(image, hd, model.font_path))
         else:
@@ -255,13 +236,16 @@ def run_mindspore(model_dir: str, images: Sequence, query: str, store: Activatio
         store.save(p + "img_embeds", emb)
         return emb
 
-    rec = _WrapRecorder(model, encode)
-    inputs, im_mask_t, _ = interleav_wrap_chat(rec, query, list(images), hd_num=hd_num)
+    model.encode_img = encode  # the vision rows are captured while interleav_wrap_chat encodes each image
+    inputs, im_mask_t, _ = interleav_wrap_chat(model, query, list(images), hd_num=hd_num)
+    del model.encode_img
+    segments = [{"kind": "image", "index": seg.image, "hd_num": hds[seg.image]} if seg.is_image else
+                {"kind": "text", "ids": [int(i) for i in seg.ids]} for seg in model.last_prompt.segments]
     embeds = inputs["inputs_embeds"]
     im_mask = im_mask_t.asnumpy().astype(bool)
     b, l = int(embeds.shape[0]), int(embeds.shape[1])
     store.save("llm.inputs_embeds", embeds)
-    store.meta.update(segments=rec.segments, seq_len=l, n_image_tokens=int(im_mask.sum()))
+    store.meta.update(segments=segments, seq_len=l, n_image_tokens=int(im_mask.sum()))
     np.save(os.path.join(store.root, "im_mask.npy"), im_mask)
     store.meta["timings"]["ms_vision_s"] = time.perf_counter() - t0
     log(f"[parity] MindSpore: prompt of {l} tokens ({int(im_mask.sum())} image tokens)")
@@ -269,12 +253,10 @@ def run_mindspore(model_dir: str, images: Sequence, query: str, store: Activatio
     # decoder layers one by one through the layer's own cells
     t0 = time.perf_counter()
     am = np.ones((b, l), np.int64)
-    cos, sin = model._cos_sin(position_ids_from_mask(am), l)
-    mask = Tensor(prefill_mask(am))
-    imt = model._im_mask(im_mask, b, l)
+    imt, cos, sin, mask, _ = model.sequence_inputs(b, l, im_mask, am)
     h = embeds.astype(model.compute_dtype)
     for j, layer in enumerate(model.model.layers):
-        a, _, _ = layer.attention(layer.attention_norm(h), imt, cos, sin, mask, None, None, None, l, infer_mode)
+        a = layer.attention(layer.attention_norm(h), imt, cos, sin, mask, infer_mode)
         store.save(f"llm.layers.{j}.attention", a)
         h = h + a
         f = layer.feed_forward(layer.ffn_norm(h), imt, infer_mode)
@@ -287,25 +269,17 @@ def run_mindspore(model_dir: str, images: Sequence, query: str, store: Activatio
 
     # final norm, logits and greedy decoding: the model's own prefill/decode steps (jit in graph mode)
     t0 = time.perf_counter()
-    from ixc25_ms import generate as _gen
-    bucket = getattr(_gen, "CAPACITY_BUCKET", 64)  # cache slots as generate() sizes them
-    cap = -(-(l + max(steps, 1)) // bucket) * bucket
-    logits, hid, ks, vs = model.prefill(embeds, im_mask, None, infer_mode, cap=cap, last_only=False)
+    from ixc25_ms.generation import capacity
+    logits, hid, cache = model.prefill(embeds, im_mask, None, infer_mode, cap=capacity(l + max(steps, 1)),
+                                       last_only=False)  # cache slots as generate() sizes them
     store.save("llm.norm", hid)
     store.save("llm.logits", logits)
     last = logits.asnumpy()[:, -1, :]
     del logits, hid
     ids = []
-    key_valid = np.zeros((b, cap), np.int64)
-    key_valid[:, :l] = 1
-    pos = l - 1
     for k in range(steps):
         if k > 0:
-            slot = l + k - 1
-            key_valid[:, slot] = 1
-            pos += 1
-            step_logits, _, ks, vs = model.decode(model.embed(np.array([[ids[-1]]])), np.array([pos]), slot,
-                                                  key_valid, ks, vs, infer_mode)
+            step_logits, _ = model.decode(model.embed(np.array([[ids[-1]]])), cache, infer_mode)
             store.save(f"generate.step{k}.logits", step_logits)
             last = step_logits.asnumpy()[:, -1, :]
         ids.append(int(last[0].argmax()))
@@ -313,7 +287,7 @@ def run_mindspore(model_dir: str, images: Sequence, query: str, store: Activatio
     store.meta["timings"]["ms_generate_s"] = time.perf_counter() - t0
     store.meta["peak_rss_mb_ms"] = _peak_rss_mb()
     store.write_manifest()
-    del ks, vs, embeds, model, rec
+    del cache, embeds, model
     gc.collect()
 
 

@@ -132,7 +132,7 @@ class MSWorker:
     def start(self, pv, prompt, n_new):
         """ViT + prefill + first token; returns (timings, generator of (step seconds, id) per decode step)."""
         from mindspore import ops
-        from ixc25_ms.generate import GenerationConfig, iter_generate
+        from ixc25_ms.generation import GenerationConfig, iter_generate
         m = self.model
         t0 = time.perf_counter()
         img = m.img2emb(pv)

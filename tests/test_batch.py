@@ -7,8 +7,8 @@ import pytest
 
 import ixc25_ms
 from ixc25_ms.batch import PROMPT_BUCKET, batch_chat, pad_batch
-from ixc25_ms.chat import _prepare_chat, eos_ids
-from ixc25_ms.generate import GenerationConfig, generate
+from ixc25_ms.chat import eos_ids, prepare_chat
+from ixc25_ms.generation import GenerationConfig, generate
 from parity_tests.helpers import GOLDEN
 
 IMG = os.path.join(GOLDEN, "input_image.png")
@@ -31,7 +31,7 @@ def test_batch_rows_equal_single_chat(tiny):
     batched = model.batch_chat(tok, QUERIES, IMAGES, max_new_tokens=N_NEW, do_sample=False)
     assert batched == singles
     # also the raw ids, row by row, against unpadded single-prompt generate
-    rows = [_prepare_chat(model, tok, q, img, 24, (), False, "") for q, img in zip(QUERIES, IMAGES)]
+    rows = [prepare_chat(model, tok, q, img, 24, (), False, "") for q, img in zip(QUERIES, IMAGES)]
     lens = [int(r[0].shape[1]) for r in rows]
     assert len(set(lens)) == 3
     emb, im, am, seeds = pad_batch(rows, model.cfg.bos_token_id)
@@ -59,15 +59,19 @@ def test_jit_shapes_bounded_and_equal_to_pynative(tiny, monkeypatch):
     prompts = [["Hi"], ["Hello there, how are you?"], ["Tell me a story about a cat and a dog.", "Why?"]]
     model.use_jit = False
     eager = [model.batch_chat(tok, q, [None] * len(q), max_new_tokens=4) for q in prompts]
-    seen = []
-    orig = type(model)._run
+    seen = []  # the shapes the compiled prefill/decode steps are called with
+    prefill_jit, decode_jit = type(model)._prefill_jit, type(model)._decode_jit
 
-    def spy(self, h, im_mask, cos, sin, attn_mask, ks, vs, write_pos, cap, *rest):
-        if self.use_jit:  # the shapes _body_jit is compiled for
-            seen.append((tuple(h.shape), ks is None, int(cap)))
-        return orig(self, h, im_mask, cos, sin, attn_mask, ks, vs, write_pos, cap, *rest)
+    def spy_prefill(self, h, im_mask, cos, sin, attn_mask, cap, *rest):
+        seen.append((tuple(h.shape), True, int(cap)))
+        return prefill_jit(self, h, im_mask, cos, sin, attn_mask, cap, *rest)
 
-    monkeypatch.setattr(type(model), "_run", spy)
+    def spy_decode(self, x, mq, mk, attn_mask, ks, *rest):
+        seen.append((tuple(x.shape), False, int(ks[0].shape[1])))
+        return decode_jit(self, x, mq, mk, attn_mask, ks, *rest)
+
+    monkeypatch.setattr(type(model), "_prefill_jit", spy_prefill)
+    monkeypatch.setattr(type(model), "_decode_jit", spy_decode)
     model.use_jit = True
     try:
         jitted = [model.batch_chat(tok, q, [None] * len(q), max_new_tokens=4) for q in prompts]
@@ -80,7 +84,7 @@ def test_jit_shapes_bounded_and_equal_to_pynative(tiny, monkeypatch):
 
 def test_whole_generate_jit_equals_pynative(tiny):
     model, tok = tiny
-    rows = [_prepare_chat(model, tok, q, img, 24, (), False, "") for q, img in zip(QUERIES, IMAGES)]
+    rows = [prepare_chat(model, tok, q, img, 24, (), False, "") for q, img in zip(QUERIES, IMAGES)]
     emb, im, am, seeds = pad_batch(rows, model.cfg.bos_token_id)
     gen = GenerationConfig(max_new_tokens=N_NEW, eos_token_id=None, repetition_penalty=1.005)
     model.use_jit = False

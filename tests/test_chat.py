@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ixc25_ms
-from ixc25_ms.generate import repetition_penalty, top_k_filter, top_p_filter
+from ixc25_ms.generation import repetition_penalty, top_k_filter, top_p_filter
 from parity_tests.helpers import GOLDEN
 from parity_tests.tolerance import assert_close
 
@@ -217,7 +217,7 @@ def test_composition_helpers(golden_model, tmp_path):
     with pytest.raises(ValueError, match="screenshot"):
         model.screen_2_webpage("x", [])
     assert isinstance(model.screen_2_webpage("x", [IMG], max_new_tokens=2, num_beams=1, do_sample=False), str)
-    from ixc25_ms.chat import _write_html
+    from ixc25_ms.compose import _write_html
     assert _write_html("https://source.unsplash.com/random/300x200/?cat", None) == "https://picsum.photos/300/200"
 
 

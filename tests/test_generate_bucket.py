@@ -4,7 +4,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from ixc25_ms.generate import PROMPT_BUCKET, GenerationConfig, bucket_length, generate, iter_generate, left_pad
+from ixc25_ms.generation import PROMPT_BUCKET, GenerationConfig, bucket_length, generate, iter_generate, left_pad
 from parity_tests.helpers import build_ms_lm, random_lm_state, tiny_config
 
 LENS = (5, 17, 40)
@@ -37,14 +37,19 @@ def test_bucket_length_and_left_pad():
 
 def test_jit_compiles_one_prefill_shape_and_matches_pynative(lms, monkeypatch):
     cfg, eager, jit = lms
-    seen = []
-    orig = type(jit)._body_jit
+    seen = []  # (input shape, prefill?, cache slots) of every compiled-step call
+    prefill_jit, decode_jit = type(jit)._prefill_jit, type(jit)._decode_jit
 
-    def spy(self, h, im_mask, cos, sin, attn_mask, ks, vs, write_pos, cap, *rest):
-        seen.append((tuple(h.shape), ks is None, int(cap)))
-        return orig(self, h, im_mask, cos, sin, attn_mask, ks, vs, write_pos, cap, *rest)
+    def spy_prefill(self, h, im_mask, cos, sin, attn_mask, cap, *rest):
+        seen.append((tuple(h.shape), True, int(cap)))
+        return prefill_jit(self, h, im_mask, cos, sin, attn_mask, cap, *rest)
 
-    monkeypatch.setattr(type(jit), "_body_jit", spy)
+    def spy_decode(self, x, mq, mk, attn_mask, ks, *rest):
+        seen.append((tuple(x.shape), False, int(ks[0].shape[1])))
+        return decode_jit(self, x, mq, mk, attn_mask, ks, *rest)
+
+    monkeypatch.setattr(type(jit), "_prefill_jit", spy_prefill)
+    monkeypatch.setattr(type(jit), "_decode_jit", spy_decode)
     for i, n in enumerate(LENS):
         x, im = _prompt(cfg, n, i)
         gen = GenerationConfig(max_new_tokens=6, eos_token_id=None, repetition_penalty=1.005)
@@ -71,7 +76,7 @@ def test_jit_padded_sampling_and_beams_equal_pynative(lms, kw):
 def test_no_graph_compiled_again_across_prompts(lms, kw):
     """Real compilations (MindSpore's own compile-phase cache), not call shapes: after one generate, prompts
     of other lengths in the same bucket — each with fresh in-place cache Parameters, and for beams a
-    reorder_cache every step — compile nothing new."""
+    cache reorder every step — compile nothing new."""
     from mindspore.graph import api  # ms_compile_cache: the set of compiled phases (mindspore 2.10)
     cfg, _, jit = lms
     gen = GenerationConfig(max_new_tokens=5, eos_token_id=None, **kw)
