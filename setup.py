@@ -29,6 +29,8 @@ setup(
             "ixc25-convert=converters.cli:main",
             "ixc25-parity=scripts.parity:main",
             "ixc25-bench=scripts.bench:main",
+            "ixc25-finetune=ixc25_ms.train.cli:main",
+            "ixc25-merge=ixc25_ms.train.merge:main",
         ]
     },
 )

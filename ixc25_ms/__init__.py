@@ -9,12 +9,18 @@ from .checkpoint import CheckpointError  # noqa: E402
 __version__ = "0.1.0"
 
 
-def load(path, dtype="float32", allow_pickle=False, use_jit=False):
+def load(path, dtype="float32", allow_pickle=False, use_jit=False, adapter=None):
     """Load an official-layout (or converted) checkpoint directory -> (model, tokenizer).
 
-    use_jit compiles the ViT, prefill and decode steps with mindspore.jit (graph mode)."""
+    use_jit compiles the ViT, prefill and decode steps with mindspore.jit (graph mode). adapter: a PEFT LoRA
+    adapter directory (ours from ixc25-finetune --use_lora, or one the official scripts saved) applied on top:
+    its LoRA acts on every token, after the partial LoRA."""
     from .model import load as _load
-    return _load(path, dtype=dtype, allow_pickle=allow_pickle, use_jit=use_jit)
+    model, tok = _load(path, dtype=dtype, allow_pickle=allow_pickle, use_jit=use_jit)
+    if adapter is not None:
+        from .train.lora import apply_adapter
+        apply_adapter(model, adapter, allow_pickle)
+    return model, tok
 
 
 def __getattr__(name):
