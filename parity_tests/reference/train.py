@@ -187,8 +187,13 @@ def _load_images(paths, image_root, where, flags) -> List[torch.Tensor]:
 def ref_train_step(cfg, weights: Dict[str, np.ndarray], tokenizer, items: Sequence[dict], image_root: str,
                    flags: TrainFlags) -> dict:
     """One official fine-tuning forward/backward on one micro-batch of official JSON items (all with images
-    or all without, as the official per-file datasets are). Weights: official names (+ PEFT-like
-    '<module>.lora_A.weight' / '.lora_B.weight' for the LoRAs), fp32. infer_mode is 'base' (as training).
+    or all without, as the official per-file datasets are). `items` are the conversations that reach
+    model(samples=...): for image data the --batch_size items Sample_dataset.get_item draws; for text data
+    the official collator keeps only the first text of each per-device instance, so a text micro-batch has
+    per_device_train_batch_size items. Image paths are joined to `image_root` (the official opens them
+    relative to its working directory). Weights: official names (+ PEFT-like '<module>.lora_A.weight' /
+    '.lora_B.weight' for the LoRAs), fp32. infer_mode is 'base' (as training). Dropouts (flags.plora_dropout,
+    flags.lora_dropout) draw from torch's global generator.
 
     Returns dict(input_ids, labels, attention_mask, im_mask: int64 (B, L) numpy (input_ids: -100 at image
     positions, pad id at padding), loss: float, grads: {trainable name: float32 ndarray, or None when the
