@@ -57,7 +57,8 @@ class RefLM:
                   if k.startswith("model.") or k.startswith("output.")}
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
 
-    def plora(self, name, x, im_mask, mode):
+    def modal_linear(self, name, x, mode):
+        """The PLoRA module without its image LoRA: base linear (+bias) and the write/web LoRAs of `mode`."""
         w = self.w
         y = x @ w[name + ".weight"].T
         if name + ".bias" in w:
@@ -67,9 +68,16 @@ class RefLM:
         elif mode == "write":
             y = y + (x @ w[name + ".lora_sft_A.weight"].T) @ w[name + ".lora_sft_B.weight"].T
             y = y + (x @ w[name + ".lora_dpo_A.weight"].T) @ w[name + ".lora_dpo_B.weight"].T
+        return y
+
+    def image_lora(self, name, x):
+        """Plora_B(Plora_A(x)), without the scaling."""
+        return (x @ self.w[name + ".Plora_A.weight"].T) @ self.w[name + ".Plora_B.weight"].T
+
+    def plora(self, name, x, im_mask, mode):
+        y = self.modal_linear(name, x, mode)
         if im_mask is not None and bool(im_mask.any()):
-            lora = (x @ w[name + ".Plora_A.weight"].T) @ w[name + ".Plora_B.weight"].T
-            y = y + lora * self.cfg.lora_scaling * im_mask[..., None].to(y.dtype)
+            y = y + self.image_lora(name, x) * self.cfg.lora_scaling * im_mask[..., None].to(y.dtype)
         return y
 
     def attention(self, i, x, im_mask, cos, sin, mask, past, mode):
@@ -111,6 +119,11 @@ class RefLM:
     @torch.inference_mode()
     def forward(self, embeds, im_mask=None, attention_mask=None, mode="base", past=None, position_ids=None):
         """Returns (logits fp32, final hidden, new past list). attention_mask (B, past+L) 0/1."""
+        return self.run(embeds, im_mask, attention_mask, mode, past, position_ids)
+
+    def run(self, embeds, im_mask=None, attention_mask=None, mode="base", past=None, position_ids=None,
+            head=True):
+        """`forward` without inference mode (autograd-capable); head=False skips the logits (None)."""
         embeds = embeds.to(self.dtype)
         b, l, _ = embeds.shape
         past_len = 0 if past is None else past[0][0].shape[2]
@@ -128,5 +141,5 @@ class RefLM:
             h, kv = self.layer(i, h, im_mask, cos, sin, mask, None if past is None else past[i], mode)
             new.append(kv)
         h = rms_norm(h, self.w["model.norm.weight"], self.cfg.rms_norm_eps)
-        logits = (h @ self.w["output.weight"].T).float()
+        logits = (h @ self.w["output.weight"].T).float() if head else None
         return logits, h, new
