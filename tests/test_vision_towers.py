@@ -231,3 +231,23 @@ def test_timm_chat_greedy_vs_reference(vit_ckpt):
     assert got[0] == ids[0] and got == ids
     resp, _ = model.chat(tok, query, [img], do_sample=False, max_new_tokens=4, repetition_penalty=1.0)
     assert resp == tok.decode(got, skip_special_tokens=True).split("[UNUSED_TOKEN_145]")[0]
+
+
+def test_timm_param_spec_and_converter_round_trip(vit_ckpt, tmp_path):
+    """The whole-model spec carries the tower's keys; official -> MindSpore -> official keeps every tensor."""
+    from converters.convert import convert_to_ms, convert_to_torch
+    from converters.mapping import ms_to_official, official_to_ms
+    from ixc25_ms.checkpoint import load_state_dict
+    src, cfg, state, img, model, _ = vit_ckpt
+    spec = expected_parameters(cfg)
+    assert {k: s for k, s in spec.items() if k.startswith("vit.")} == TIMM_KEYS
+    assert spec == {k: v.shape for k, v in state.items()}
+    assert all(official_to_ms(k) == k == ms_to_official(k) for k in TIMM_KEYS)
+    ms_dir, back = str(tmp_path / "ms"), str(tmp_path / "back")
+    convert_to_ms(src, ms_dir)
+    convert_to_torch(ms_dir, back)
+    got = load_state_dict(back)
+    assert set(got) == set(state) and all(np.array_equal(got[k], state[k]) for k in state)
+    again, _ = ixc25_ms.load(ms_dir)  # the converted layout loads into the same tower
+    pv = preprocess_image(img, 24, crop=448)
+    assert np.array_equal(again.img2emb(pv).asnumpy(), model.img2emb(pv).asnumpy())
