@@ -6,6 +6,8 @@ from typing import Dict, List, Optional, Pattern, Tuple
 
 import numpy as np
 
+from ixc25_ms.vision.registry import key_rows as vision_key_rows, key_slots as vision_key_slots
+
 # Placeholders usable in the table; each becomes a named regex group.
 SLOTS = {
     "n": r"\d+",                                                              # layer index
@@ -13,15 +15,12 @@ SLOTS = {
     "lora": r"Plora_[AB]|lora_sft_[AB]|lora_dpo_[AB]|lora_web_[AB]",          # their LoRA branches
     "wb": r"weight|bias",
     "norm": r"attention_norm|ffn_norm",
-    "ln": r"layer_norm[12]",                                                  # ViT block norms
-    "vln": r"pre_layrnorm|post_layernorm",                                    # ViT outer norms (sic)
-    "proj": r"q_proj|k_proj|v_proj|out_proj",
-    "fc": r"fc[12]",
     "vp": r"[02]",                                                            # vision_proj Linear indices
     "rope": r"inv_freq|cos_cached|sin_cached",                                # RoPE buffers
 }
-
-V = "vit.vision_tower.vision_model."
+for _name, _rx in vision_key_slots().items():  # each vision tower's placeholders (ixc25_ms/vision/*_spec.py)
+    if SLOTS.setdefault(_name, _rx) != _rx:
+        raise ValueError(f"vision key slot {_name!r} clashes with converters/mapping.py SLOTS")
 
 # official key pattern                                          MindSpore key (None: drop, never converted)
 KEY_TABLE: List[Tuple[str, Optional[str]]] = [
@@ -31,19 +30,12 @@ KEY_TABLE: List[Tuple[str, Optional[str]]] = [
     ("model.layers.{n}.{norm}.weight",                           "model.layers.{n}.{norm}.weight"),
     ("model.norm.weight",                                        "model.norm.weight"),
     ("output.weight",                                            "output.weight"),
-    (V + "embeddings.class_embedding",                           V + "embeddings.class_embedding"),
-    (V + "embeddings.patch_embedding.weight",                    V + "embeddings.patch_embedding.weight"),
-    (V + "embeddings.position_embedding.weight",                 V + "embeddings.position_embedding.weight"),
-    (V + "{vln}.{wb}",                                           V + "{vln}.{wb}"),
-    (V + "encoder.layers.{n}.{ln}.{wb}",                         V + "encoder.layers.{n}.{ln}.{wb}"),
-    (V + "encoder.layers.{n}.self_attn.{proj}.{wb}",             V + "encoder.layers.{n}.self_attn.{proj}.{wb}"),
-    (V + "encoder.layers.{n}.mlp.{fc}.{wb}",                     V + "encoder.layers.{n}.mlp.{fc}.{wb}"),
+    *vision_key_rows(),  # every registered vision tower's rows (CLIP: vit.vision_tower.vision_model.*)
     ("vision_proj.{vp}.{wb}",                                    "vision_proj.{vp}.{wb}"),
     ("plora_glb_GN",                                             "plora_glb_GN"),
     ("plora_sub_GN",                                             "plora_sub_GN"),
     # buffers the model recomputes
     ("model.layers.{n}.attention.rotary_emb.{rope}",             None),
-    (V + "embeddings.position_ids",                              None),
 ]
 
 # Tensor surgery, keyed by MindSpore key regex: (to MindSpore, back to official), layout-only functions of the

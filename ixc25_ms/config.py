@@ -35,7 +35,8 @@ def _check_float(where: str, name: str, value: Any, positive: bool = True):
 
 @dataclass
 class VisionConfig:
-    """CLIP vision tower. Defaults: ViT-L/14 at 560 px (the real checkpoint ships no vision config)."""
+    """Vision tower config. `model_type` picks the tower in ixc25_ms.vision.registry, which validates the rest
+    (patch grid, activations). Defaults: CLIP ViT-L/14 at 560 px (the real checkpoint ships no vision config)."""
 
     hidden_size: int = 1024
     intermediate_size: int = 4096
@@ -46,9 +47,11 @@ class VisionConfig:
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+    model_type: str = "clip_vision_model"  # ixc25_ms.vision.registry.DEFAULT_MODEL_TYPE
     where: str = field(default="vision_config", repr=False, compare=False)
 
     def __post_init__(self):
+        from .vision.registry import spec_of
         w = self.where
         for n in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "image_size", "patch_size", "num_channels"):
@@ -57,11 +60,7 @@ class VisionConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"{w}: hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
-        if self.image_size != 560 or self.patch_size != 14:
-            raise ConfigError(f"{w}: IXC2.5 needs image_size 560 and patch_size 14 (a 40x40 grid), "
-                              f"got {self.image_size}/{self.patch_size}")
-        if self.hidden_act not in ("quick_gelu", "gelu"):
-            raise ConfigError(f"{w}: unsupported hidden_act {self.hidden_act!r} (quick_gelu or gelu)")
+        spec_of(self).validate(self)  # unknown model_type, grid, activation: one-line ConfigError
 
     @property
     def grid(self) -> int:  # patches per side
@@ -73,8 +72,12 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "vision_config") -> "VisionConfig":
-        obj = _from_dict(cls, dict(d, where=where), where)
-        return obj
+        """Keys the dict leaves out take the selected tower's defaults, then VisionConfig's."""
+        from .vision.registry import DEFAULT_MODEL_TYPE, tower_spec
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        spec = tower_spec(d.get("model_type", DEFAULT_MODEL_TYPE), where)
+        return _from_dict(cls, {**spec.defaults, **d, "where": where}, where)
 
 
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")

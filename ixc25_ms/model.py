@@ -20,7 +20,7 @@ from .language import InternLM2ForCausalLM
 from .loading import stream_into
 from .processing import preprocess_image
 from .video import is_video_path, preprocess_video
-from .vision import CLIPVisionTower, build_vision_proj, encode_pixels
+from .vision import build_tower, build_vision_proj, encode_pixels
 
 
 @dataclass
@@ -29,7 +29,8 @@ class CausalLMOutput:
 
 
 class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
-    """IXC2.5: `vit` (CLIP ViT-L/14-560), `vision_proj`, `plora_glb_GN`/`plora_sub_GN`, `model` + `output`.
+    """IXC2.5: `vit` (the tower vision_config selects; CLIP ViT-L/14-560 by default), `vision_proj`,
+    `plora_glb_GN`/`plora_sub_GN`, `model` + `output`.
 
     Parameter names equal the official checkpoint's, so loading is the identity. Methods mirror the
     official remote code: `encode_img`, `img2emb`, `interleav_wrap_chat`, `generate`, `chat`, plus
@@ -40,7 +41,7 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
                  cpu_kernels=None):
         super().__init__(cfg, dtype=dtype, use_jit=use_jit, flash_attention=flash_attention, cpu_kernels=cpu_kernels)
         c4 = cfg.vit_merged_dim
-        self.vit = CLIPVisionTower(cfg.vision, self.compute_dtype)
+        self.vit = build_tower(cfg.vision, self.compute_dtype)  # ixc25_ms.vision.registry
         self.vision_proj = build_vision_proj(c4, cfg.hidden_size, self.compute_dtype)
         self.plora_glb_GN = Parameter(initializer("zeros", (1, 1, c4), self.compute_dtype), name="plora_glb_GN")
         self.plora_sub_GN = Parameter(initializer("zeros", (1, 1, 1, c4), self.compute_dtype), name="plora_sub_GN")
@@ -61,16 +62,17 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
 
     # ------------------------------------------------------------------------------------------ vision
     def img2emb(self, pixel_values: np.ndarray) -> Tensor:
-        """(1,3,H,W) normalised pixels -> image embeddings (1, N, hidden)."""
+        """(1,3,H,W) normalised pixels (H, W multiples of the tower's resolution) -> embeddings (1, N, hidden)."""
         return encode_pixels(self.vit, self.vision_proj, self.plora_glb_GN, self.plora_sub_GN,
                              pixel_values, use_jit=self.use_jit)
 
     def encode_img(self, image, hd_num: int = 24) -> Tensor:
         """A path (image or video), PIL image or HxWx3 uint8 array -> image embeddings (1, N, hidden)."""
+        crop = self.vit.resolution  # HD crops, padding and the global view follow the tower (560 for CLIP)
         if isinstance(image, (str, os.PathLike)) and is_video_path(image):
-            pv = self.timed("preprocess_s", preprocess_video, image, font_path=self.font_path)
+            pv = self.timed("preprocess_s", preprocess_video, image, font_path=self.font_path, crop=crop)
         else:
-            pv = self.timed("preprocess_s", preprocess_image, image, hd_num=hd_num)
+            pv = self.timed("preprocess_s", preprocess_image, image, hd_num=hd_num, crop=crop)
         return self.timed("vision_s", self.img2emb, pv)
 
     # ------------------------------------------------------------------------------------------ prompts

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Dict, Tuple
 
 from .config import IXCConfig
+from .vision.registry import vision_parameters
 
 Shape = Tuple[int, ...]
 
@@ -46,31 +47,8 @@ def llm_layer_parameters(cfg: IXCConfig, n: int) -> Dict[str, Shape]:
 
 
 def vit_parameters(cfg: IXCConfig) -> Dict[str, Shape]:
-    """CLIP vision tower (HF CLIPVisionModel names; patch conv without bias)."""
-    v = cfg.vision
-    c, p = v.hidden_size, VIT_PREFIX
-    out: Dict[str, Shape] = {
-        p + "embeddings.class_embedding": (c,),
-        p + "embeddings.patch_embedding.weight": (c, v.num_channels, v.patch_size, v.patch_size),
-        p + "embeddings.position_embedding.weight": (v.num_positions, c),
-        p + "pre_layrnorm.weight": (c,),
-        p + "pre_layrnorm.bias": (c,),
-    }
-    for n in range(v.num_hidden_layers):
-        q = f"{p}encoder.layers.{n}."
-        for ln in ("layer_norm1", "layer_norm2"):
-            out[f"{q}{ln}.weight"] = (c,)
-            out[f"{q}{ln}.bias"] = (c,)
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            out[f"{q}self_attn.{proj}.weight"] = (c, c)
-            out[f"{q}self_attn.{proj}.bias"] = (c,)
-        out[f"{q}mlp.fc1.weight"] = (v.intermediate_size, c)
-        out[f"{q}mlp.fc1.bias"] = (v.intermediate_size,)
-        out[f"{q}mlp.fc2.weight"] = (c, v.intermediate_size)
-        out[f"{q}mlp.fc2.bias"] = (c,)
-    out[p + "post_layernorm.weight"] = (c,)
-    out[p + "post_layernorm.bias"] = (c,)
-    return out
+    """The vision tower's parameters, from the tower vision_config selects (ixc25_ms.vision.registry)."""
+    return vision_parameters(cfg.vision)
 
 
 def expected_parameters(cfg: IXCConfig) -> Dict[str, Shape]:

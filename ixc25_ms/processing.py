@@ -9,7 +9,7 @@ from typing import Tuple, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-PATCH = 560  # crop side in pixels
+PATCH = 560  # default crop side in pixels (the CLIP tower's resolution); towers pass their own `crop`
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 _WHITE = (255, 255, 255)
@@ -116,11 +116,19 @@ def _pad_bottom_white(img: Image.Image, multiple: int = PATCH) -> Image.Image:
     return out
 
 
-def hd_plan(width: int, height: int, hd_num: int = 24) -> Tuple[int, int]:
+def check_crop(crop) -> int:
+    if isinstance(crop, bool) or not isinstance(crop, (int, np.integer)) or crop < 1:
+        raise ImageError(f"crop (the tower's resolution) must be a positive integer, got {crop!r}")
+    return int(crop)
+
+
+def hd_plan(width: int, height: int, hd_num: int = 24, crop: int = PATCH) -> Tuple[int, int]:
     """The (new_w, new_h) the HD transform resizes a width x height image to, before padding (landscape axes:
-    for a portrait image the values refer to the transposed image). Raises ImageError for impossible cases."""
+    for a portrait image the values refer to the transposed image), for `crop`-px crops. Raises ImageError for
+    impossible cases."""
     if isinstance(hd_num, bool) or not isinstance(hd_num, (int, np.integer)) or hd_num < 1:
         raise ImageError(f"hd_num must be an integer >= 1, got {hd_num!r}")
+    crop = check_crop(crop)
     if width < height:
         width, height = height, width
     ratio = width / height
@@ -128,21 +136,22 @@ def hd_plan(width: int, height: int, hd_num: int = 24) -> Tuple[int, int]:
     while scale * math.ceil(scale / ratio) <= hd_num:
         scale += 1
     scale -= 1
-    scale = min(math.ceil(width / PATCH), scale)
-    new_w = int(scale * PATCH)
+    scale = min(math.ceil(width / crop), scale)
+    new_w = int(scale * crop)
     new_h = int(new_w / ratio)
     if new_h < 1:
         raise ImageError(f"image {width}x{height} is too elongated for hd_num={hd_num}: its short side would "
                          f"resize to 0 px (aspect ratio {ratio:.1f} > {new_w})")
-    crops = (new_w // PATCH) * math.ceil(new_h / PATCH)
+    crops = (new_w // crop) * math.ceil(new_h / crop)
     if crops > hd_num:
         raise ImageError(f"image {width}x{height} would need {crops} crops, more than hd_num={hd_num}")
     return new_w, new_h
 
 
-def hd_transform(img: Image.Image, hd_num: int = 24) -> Image.Image:
+def hd_transform(img: Image.Image, hd_num: int = 24, crop: int = PATCH) -> Image.Image:
     """The official IXC2.5 HD transform: transpose portrait images, resize (PIL bilinear) to a grid of at most
-    hd_num 560-px crops, pad the bottom with white to a multiple of 560, transpose back. Returns RGB PIL."""
+    hd_num crop-px crops (560 for the official tower), pad the bottom with white to a multiple of crop,
+    transpose back. Returns RGB PIL."""
     if not isinstance(img, Image.Image):
         raise ImageError(f"hd_transform expects a PIL image, got {_describe(img)}")
     img = load_image(img)
@@ -150,10 +159,10 @@ def hd_transform(img: Image.Image, hd_num: int = 24) -> Image.Image:
     trans = width < height
     if trans:
         img = img.transpose(Image.Transpose.TRANSPOSE)
-    new_w, new_h = hd_plan(width, height, hd_num)
+    new_w, new_h = hd_plan(width, height, hd_num, crop)
     if img.size != (new_w, new_h):
         img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    img = _pad_bottom_white(img)
+    img = _pad_bottom_white(img, crop)
     if trans:
         img = img.transpose(Image.Transpose.TRANSPOSE)
     return img
@@ -169,9 +178,9 @@ def to_pixel_values(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None]).astype(np.float32, copy=False)
 
 
-def preprocess_image(x, hd_num: int = 24) -> np.ndarray:
-    """load_image -> hd_transform -> to_pixel_values: float32 (1,3,H,W), H and W multiples of 560."""
-    return to_pixel_values(hd_transform(load_image(x), hd_num))
+def preprocess_image(x, hd_num: int = 24, crop: int = PATCH) -> np.ndarray:
+    """load_image -> hd_transform -> to_pixel_values: float32 (1,3,H,W), H and W multiples of crop (560)."""
+    return to_pixel_values(hd_transform(load_image(x), hd_num, crop))
 
 
 def _cubic_weights(t: np.ndarray, a: np.float32) -> np.ndarray:
@@ -224,6 +233,7 @@ def bicubic_resize(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return y.astype(np.float32)
 
 
-def global_view(pixel_values: np.ndarray) -> np.ndarray:
-    """The 560x560 global view of normalised pixel_values (1,3,H,W): torch-style bicubic, float32 (1,3,560,560)."""
-    return bicubic_resize(pixel_values, PATCH, PATCH)
+def global_view(pixel_values: np.ndarray, crop: int = PATCH) -> np.ndarray:
+    """The crop x crop global view of normalised pixel_values (1,3,H,W): torch-style bicubic, float32
+    (1,3,crop,crop); crop = 560 for the official tower."""
+    return bicubic_resize(pixel_values, crop, crop)

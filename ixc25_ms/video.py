@@ -7,12 +7,12 @@ from typing import List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .processing import PATCH, ImageError, load_image, to_pixel_values
+from .processing import PATCH, ImageError, check_crop, load_image, to_pixel_values
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".wmv")
 HEADER = 40  # px of label above (landscape) or left-aligned over (portrait) each frame
 GAP = 10  # px between frames
-LONG_SIDE = 2 * PATCH  # frames are resized so their long side is 1120
+LONG_SIDE = 2 * PATCH  # frames are resized so their long side is 1120 (2 crops; 2 x crop for other towers)
 
 
 class VideoError(ValueError):
@@ -83,20 +83,21 @@ def default_font(size: int = 40):
         return ImageFont.load_default()
 
 
-def _resize_long_side(img: Image.Image) -> Image.Image:
+def _resize_long_side(img: Image.Image, long_side: int = LONG_SIDE) -> Image.Image:
     w, h = img.size
     ratio = w / h
     if w > h:
-        size = (LONG_SIDE, int(LONG_SIDE / ratio))
+        size = (long_side, int(long_side / ratio))
     else:
-        size = (int(LONG_SIDE * ratio), LONG_SIDE)
+        size = (int(long_side * ratio), long_side)
     if size[0] < 1 or size[1] < 1:
-        raise ImageError(f"frame {w}x{h} is too elongated to resize to a {LONG_SIDE}-px long side")
+        raise ImageError(f"frame {w}x{h} is too elongated to resize to a {long_side}-px long side")
     return img if size == img.size else img.resize(size, Image.Resampling.BILINEAR)
 
 
-def frames_to_image(frames: Sequence, font_path: Optional[str] = None) -> Image.Image:
-    """Lay frames out on one white RGB canvas, each resized to a 1120-px long side and labelled `<IMAGE i>`.
+def frames_to_image(frames: Sequence, font_path: Optional[str] = None, crop: int = PATCH) -> Image.Image:
+    """Lay frames out on one white RGB canvas, each resized to a 2*crop (1120) px long side and labelled
+    `<IMAGE i>`.
 
     The orientation of the last frame decides: landscape -> stacked vertically (40 px header above each frame,
     10 px gaps, 2 px black line between frames); portrait/square -> side by side (labels on top, vertical lines).
@@ -112,7 +113,7 @@ def frames_to_image(frames: Sequence, font_path: Optional[str] = None) -> Image.
         except OSError as e:
             raise ValueError(f"{font_path!r}: cannot load TrueType font ({e})") from None
     last_w, last_h = src[-1].size
-    imgs = [_resize_long_side(f) for f in src]
+    imgs = [_resize_long_side(f, 2 * check_crop(crop)) for f in src]
     if last_w > last_h:
         width = max(im.size[0] for im in imgs)
         height = sum(im.size[1] + GAP + HEADER for im in imgs)
@@ -144,9 +145,9 @@ def frames_to_image(frames: Sequence, font_path: Optional[str] = None) -> Image.
     return canvas
 
 
-def _pad_end_white(img: Image.Image, axis: int) -> Image.Image:
+def _pad_end_white(img: Image.Image, axis: int, crop: int = PATCH) -> Image.Image:
     size = list(img.size)
-    size[axis] = -(-size[axis] // PATCH) * PATCH
+    size[axis] = -(-size[axis] // crop) * crop
     if tuple(size) == img.size:
         return img
     out = Image.new("RGB", tuple(size), (255, 255, 255))
@@ -154,25 +155,28 @@ def _pad_end_white(img: Image.Image, axis: int) -> Image.Image:
     return out
 
 
-def video_transform(img: Image.Image, hd_num: Optional[int] = None) -> Image.Image:
-    """The official Video_transform: resize so the short side is 560 (PIL bilinear, on the transposed image
-    for portrait inputs, as the official code does), then pad the long side with white at the end (right or
-    bottom) to a multiple of 560. hd_num is accepted and ignored, as in the official code."""
+def video_transform(img: Image.Image, hd_num: Optional[int] = None, crop: int = PATCH) -> Image.Image:
+    """The official Video_transform: resize so the short side is crop (560; PIL bilinear, on the transposed
+    image for portrait inputs, as the official code does), then pad the long side with white at the end (right
+    or bottom) to a multiple of crop. hd_num is accepted and ignored, as in the official code."""
+    crop = check_crop(crop)
     img = load_image(img)
     width, height = img.size
     trans = width < height
     if trans:
         img = img.transpose(Image.Transpose.TRANSPOSE)
         width, height = img.size
-    new_w = int(PATCH * (width / height))
-    if (new_w, PATCH) != img.size:
-        img = img.resize((new_w, PATCH), Image.Resampling.BILINEAR)
-    img = _pad_end_white(img, axis=0)  # pad width (the long side in this orientation)
+    new_w = int(crop * (width / height))
+    if (new_w, crop) != img.size:
+        img = img.resize((new_w, crop), Image.Resampling.BILINEAR)
+    img = _pad_end_white(img, 0, crop)  # pad width (the long side in this orientation)
     if trans:
         img = img.transpose(Image.Transpose.TRANSPOSE)
     return img
 
 
-def preprocess_video(path, num_frm: int = 32, font_path: Optional[str] = None) -> np.ndarray:
-    """Video file -> float32 (1,3,H,W) pixel values: frames -> labelled canvas -> video_transform -> CLIP norm."""
-    return to_pixel_values(video_transform(frames_to_image(load_video_frames(path, num_frm), font_path)))
+def preprocess_video(path, num_frm: int = 32, font_path: Optional[str] = None, crop: int = PATCH) -> np.ndarray:
+    """Video file -> float32 (1,3,H,W) pixel values (H, W multiples of crop): frames -> labelled canvas ->
+    video_transform -> CLIP norm."""
+    canvas = frames_to_image(load_video_frames(path, num_frm), font_path, crop)
+    return to_pixel_values(video_transform(canvas, crop=crop))

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CROP = 560
+CROP = 560  # default crop side; an instance uses its config's image_size (self.crop, self.half)
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -31,6 +31,8 @@ class VisionReference:
         self.patch = g("patch_size")
         self.eps = g("layer_norm_eps")
         self.act = g("hidden_act")
+        self.crop = g("image_size")
+        self.half = self.crop // self.patch // 2  # merged tokens per side (20 at 560/14)
         self.dtype = dtype
         self.w = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(dtype) for k, v in state_dict.items()}
         self.p = "vit.vision_tower.vision_model."
@@ -44,7 +46,7 @@ class VisionReference:
 
     # ----- tower
     def embed(self, views: torch.Tensor) -> torch.Tensor:
-        """(B,3,560,560) -> (B,1601,C): patch conv, CLS token first, learned positions added."""
+        """(B,3,R,R) -> (B,grid²+1,C) (1601 at 560/14): patch conv, CLS token first, learned positions added."""
         p = self.p + "embeddings."
         x = F.conv2d(views.to(self.dtype), self.w[p + "patch_embedding.weight"], stride=self.patch)
         x = x.flatten(2).transpose(1, 2)
@@ -69,7 +71,7 @@ class VisionReference:
         return x + self._lin(h, p + "mlp.fc2")
 
     def tower(self, views: torch.Tensor) -> torch.Tensor:
-        """(B,3,560,560) -> last encoder layer output without CLS and without post_layernorm (B,1600,C)."""
+        """(B,3,R,R) -> last encoder layer output without CLS and without post_layernorm (B,grid²,C)."""
         x = self._ln(self.embed(views), self.p + "pre_layrnorm")
         for i in range(self.layers):
             x = self.layer(i, x)
@@ -77,25 +79,26 @@ class VisionReference:
 
     # ----- image -> views -> layout -> projector
     @staticmethod
-    def views(pixel_values: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
-        """(1,3,H,W) -> ([global bicubic 560 view, row-major crops], h, w) using torch's own bicubic."""
+    def views(pixel_values: torch.Tensor, crop: int = CROP) -> Tuple[torch.Tensor, int, int]:
+        """(1,3,H,W) -> ([global bicubic crop-px view, row-major crops], h, w) using torch's own bicubic."""
         _, c, H, W = pixel_values.shape
-        h, w = H // CROP, W // CROP
-        glb = F.interpolate(pixel_values.float(), size=(CROP, CROP), mode="bicubic", align_corners=False)
-        crops = pixel_values.reshape(1, c, h, CROP, w, CROP).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, CROP, CROP)
+        h, w = H // crop, W // crop
+        glb = F.interpolate(pixel_values.float(), size=(crop, crop), mode="bicubic", align_corners=False)
+        crops = pixel_values.reshape(1, c, h, crop, w, crop).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, crop, crop)
         return torch.cat([glb, crops.float()], dim=0), h, w
 
     def layout(self, feats: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """(1+hw,1600,C) -> (1,N,4C): 2x2 merge; global rows + sub_GN, glb_GN, local grid rows + sub_GN."""
+        """(1+hw,grid²,C) -> (1,N,4C): 2x2 merge; global rows + sub_GN, glb_GN, local grid rows + sub_GN."""
         n, _, c = feats.shape
-        m = feats.view(n, 20, 2, 20, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(n, 20, 20, 4 * c)
+        q = self.half  # 20 at 560/14
+        m = feats.view(n, q, 2, q, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(n, q, q, 4 * c)
         sub = self.w["plora_sub_GN"].to(m.dtype).reshape(1, 1, 4 * c)
         glb = self.w["plora_glb_GN"].to(m.dtype).reshape(1, 4 * c)
-        g = torch.cat([m[0], sub.expand(20, 1, 4 * c)], dim=1).reshape(-1, 4 * c)
-        loc = m[1:].reshape(h, w, 20, 20, 4 * c).permute(0, 2, 1, 3, 4).reshape(h * 20, w * 20, 4 * c)
-        loc = torch.cat([loc, sub.expand(h * 20, 1, 4 * c)], dim=1).reshape(-1, 4 * c)
+        g = torch.cat([m[0], sub.expand(q, 1, 4 * c)], dim=1).reshape(-1, 4 * c)
+        loc = m[1:].reshape(h, w, q, q, 4 * c).permute(0, 2, 1, 3, 4).reshape(h * q, w * q, 4 * c)
+        loc = torch.cat([loc, sub.expand(h * q, 1, 4 * c)], dim=1).reshape(-1, 4 * c)
         out = torch.cat([g, glb, loc], dim=0).unsqueeze(0)
-        assert out.shape[1] == (h * w + 1) * 400 + 1 + (h + 1) * 20
+        assert out.shape[1] == (h * w + 1) * q * q + 1 + (h + 1) * q
         return out
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +109,6 @@ class VisionReference:
     def encode(self, pixel_values) -> Tuple[torch.Tensor, torch.Tensor]:
         """(1,3,H,W) normalised pixels -> (layout (1,N,4C), embeddings (1,N,hidden))."""
         pv = torch.as_tensor(np.asarray(pixel_values, dtype=np.float32))
-        views, h, w = self.views(pv)
+        views, h, w = self.views(pv, self.crop)
         lay = self.layout(self.tower(views), h, w)
         return lay, self.project(lay)

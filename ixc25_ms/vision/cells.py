@@ -1,0 +1,94 @@
+"""MindSpore building blocks shared by the vision towers (LayerNorm, patch conv, dense, attention, tower base)."""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import initializer
+
+from ..dtypes import ms_dtype
+
+
+def param(shape, dtype, init="zeros") -> Parameter:
+    return Parameter(initializer(init, shape, dtype))
+
+
+def dense(n_in: int, n_out: int, dtype) -> nn.Dense:
+    """nn.Dense with torch names `weight` [out, in] / `bias`, zero-initialised (weights come from a checkpoint)."""
+    return nn.Dense(n_in, n_out, weight_init="zeros", bias_init="zeros", has_bias=True, dtype=dtype)
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis with torch names `weight`/`bias`; computed in fp32, returned in x's dtype."""
+
+    def __init__(self, n: int, eps: float = 1e-5, dtype=ms.float32):
+        super().__init__()
+        self.weight = param((n,), dtype, "ones")
+        self.bias = param((n,), dtype, "zeros")
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        y, _, _ = self.norm(ops.cast(x, ms.float32), ops.cast(self.weight, ms.float32),
+                            ops.cast(self.bias, ms.float32))
+        return ops.cast(y, x.dtype)
+
+
+class PatchConv(nn.Cell):
+    """Conv2d(3, C, k=s=patch) via ops.conv2d (mint Conv2d has no CPU kernel); `bias` held only if asked."""
+
+    def __init__(self, channels: int, hidden: int, patch: int, dtype, bias: bool = False):
+        super().__init__()
+        self.patch = patch
+        self.has_bias = bias
+        self.weight = param((hidden, channels, patch, patch), dtype)
+        if bias:
+            self.bias = param((hidden,), dtype)
+
+    def construct(self, x):
+        y = ops.conv2d(x, self.weight, stride=self.patch)  # (B, C, grid, grid)
+        if self.has_bias:
+            y = y + ops.reshape(ops.cast(self.bias, y.dtype), (1, -1, 1, 1))
+        return y
+
+
+class Table(nn.Cell):
+    """A learned table held as `weight` (position embeddings)."""
+
+    def __init__(self, rows: int, dim: int, dtype):
+        super().__init__()
+        self.weight = param((rows, dim), dtype)
+
+    def construct(self):
+        return self.weight
+
+
+def _heads(x, b, n, heads, d):
+    return ops.transpose(ops.reshape(x, (b, n, heads, d)), (0, 2, 1, 3))
+
+
+def attend(q, k, v, heads: int):
+    """(B,N,C) q (already scaled), k, v -> (B,N,C) multi-head attention; scores and softmax in fp32."""
+    b, n, c = q.shape
+    d = c // heads
+    q, k, v = _heads(q, b, n, heads, d), _heads(k, b, n, heads, d), _heads(v, b, n, heads, d)
+    scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
+    probs = ops.cast(ops.softmax(ops.cast(scores, ms.float32), -1), v.dtype)
+    out = ops.matmul(probs, v)
+    return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, n, c))
+
+
+class TowerCell(nn.Cell):
+    """Base of every tower cell: (B,3,R,R) pixels -> (B, grid*grid, C) patch features in `compute_dtype`.
+
+    Holds the vision config `cfg`, `geometry` (resolution, patch, grid), `resolution` (the HD crop side),
+    `hidden_size` (C; the projector sees 4C after the 2x2 merge). Subclasses define `construct` and
+    `forward_jit` (its graph-compiled twin)."""
+
+    def __init__(self, vision_cfg, geometry, dtype):
+        super().__init__()
+        self.cfg = vision_cfg
+        self.geometry = geometry
+        self.resolution = geometry.resolution
+        self.patch_size = geometry.patch
+        self.grid = geometry.grid
+        self.compute_dtype = ms_dtype(dtype)
+        self.hidden_size = vision_cfg.hidden_size

@@ -1,0 +1,33 @@
+"""encode_pixels: normalised pixels -> [global, crops] -> any registered tower -> GN layout -> projector."""
+from __future__ import annotations
+
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from ..dtypes import np_dtype
+from .cells import TowerCell
+from .layout import crop_grid, expected_tokens, global_local_layout, split_views
+
+
+def encode_pixels(vit: TowerCell, vision_proj: nn.Cell, glb_GN, sub_GN, pixel_values: np.ndarray,
+                  use_jit: bool = False, return_layout: bool = False):
+    """(1,3,H,W) normalised pixels (H, W multiples of the tower's resolution) -> image embeddings
+    (1, N, llm_hidden) in the projector's dtype.
+
+    Global view = torch-exact bicubic to the tower's resolution (numpy matrices); the tower sees
+    [global, crops] in one batch; then the GN layout and vision_proj. With return_layout=True also returns the
+    pre-projector layout (1, N, 4C)."""
+    if not isinstance(vit, TowerCell):
+        raise TypeError(f"encode_pixels: vit must be a vision tower cell (ixc25_ms.vision), got {type(vit).__name__}")
+    geom = vit.geometry
+    views = split_views(pixel_values, geom)
+    h, w = crop_grid(pixel_values, geom)
+    x = Tensor(views.astype(np_dtype(vit.compute_dtype)))
+    feats = vit.forward_jit(x) if use_jit else vit(x)
+    layout = global_local_layout(feats, h, w, glb_GN, sub_GN, geom)
+    n = expected_tokens(h, w, geom)
+    if layout.shape[1] != n:
+        raise RuntimeError(f"encode_pixels: {layout.shape[1]} image tokens for a {h}x{w} grid, expected {n}")
+    proj_dtype = vision_proj[0].weight.dtype
+    emb = vision_proj(ops.cast(layout, proj_dtype))
+    return (emb, layout) if return_layout else emb
