@@ -7,23 +7,13 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..prompt import IMAGE_ID, interleave
+from ..vision.layout import expected_tokens, split_views
+from ..vision.tower import IXC_GEOMETRY, ViewGeometry
 from .data import DataError, Sample, image_sizes
 from .labels import IGNORE, count_trained, mask_human_targets
 from .transform import open_train_image, train_grid, train_transform
 
 SUB_GN, GLB_GN = -1, -2  # placeholders in layout rows, resolved once the batch's view count is known
-
-
-@dataclass
-class Geometry:
-    """What the vision tower fixes: crop side in pixels and merged tokens per side of a view (2x2 merge)."""
-
-    resolution: int = 560
-    half: int = 20
-
-    def image_tokens(self, h: int, w: int) -> int:
-        """Tokens of an h x w crop grid: global view + row separators, glb_GN, local grid + row separators."""
-        return (h * w + 1) * self.half ** 2 + 1 + (h + 1) * self.half
 
 
 def layout_rows(v0: int, h: int, w: int, half: int) -> np.ndarray:
@@ -69,7 +59,7 @@ class Collator:
     text-only batches follow `text2emb` (the tokenizer pads with the pad id — the EOS id — and truncates first,
     then labels are made from the padded ids, so a padded row trains its first pad as EOS: an official quirk)."""
 
-    def __init__(self, tokenizer, max_length: int, hd_num: int = 18, geometry: Geometry = Geometry(),
+    def __init__(self, tokenizer, max_length: int, hd_num: int = 18, geometry: ViewGeometry = IXC_GEOMETRY,
                  pad_id: Optional[int] = None):
         self.tok, self.max_length, self.hd_num, self.geo = tokenizer, int(max_length), int(hd_num), geometry
         self.eot = tokenizer.convert_tokens_to_ids("[UNUSED_TOKEN_145]")
@@ -83,7 +73,7 @@ class Collator:
     def stream(self, sample: Sample, grids=None):
         """(id stream with IMAGE_ID at image positions, labels, grids of the images it holds) of one sample."""
         grids = self.grids(sample) if grids is None else grids
-        prompt = interleave(self.tok, sample.text, len(sample.images), lambda i: self.geo.image_tokens(*grids[i]),
+        prompt = interleave(self.tok, sample.text, len(sample.images), lambda i: expected_tokens(*grids[i], self.geo),
                             self.max_length, bos_on_empty_first=False)
         ids = prompt.ids()
         return ids, mask_human_targets(ids, self.eot, self.eos), grids[:prompt.num_images]
@@ -130,7 +120,6 @@ class Collator:
                 rows.append(layout_rows(v0, h, w, self.geo.half))
                 v0 += 1 + h * w
             streams.append((ids, labels, np.concatenate(rows) if rows else np.zeros(0, np.int64)))
-        from ..vision import split_views
         table = v0 * self.geo.half ** 2  # rows of the table: merged view tokens, then sub_GN, then glb_GN
         b, l = len(samples), min(max(len(ids) for ids, _, _ in streams), self.max_length)
         ids = np.full((b, l), self.pad, np.int64)
@@ -145,7 +134,7 @@ class Collator:
             labels[i, :n], am[i, :n], im[i, :n] = slab[:n], 1, img
             rows = np.where(rows == SUB_GN, table, np.where(rows == GLB_GN, table + 1, rows))
             image_rows[i, np.flatnonzero(img)] = rows[: int(img.sum())]
-        view_arr = np.concatenate([split_views(pv) for pv in views], 0)
+        view_arr = np.concatenate([split_views(pv, self.geo) for pv in views], 0)
         return Batch(ids, labels, am, im, image_rows, view_arr, list(samples))
 
     def _pixels(self, sample: Sample, path: str, grid) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..dtypes import np_dtype
-from .batch import Batch, Geometry
+from .batch import Batch
 from .labels import IGNORE
 
 LABEL_BUCKET = 64  # trained positions are padded to a multiple of this (zero weight): fewer compiled shapes
@@ -24,7 +24,7 @@ class TrainForward(nn.Cell):
     and the cross-entropy run on the trained positions only (the others contribute nothing to the loss) and
     the loss is their mean (torch's CrossEntropyLoss over labels != -100)."""
 
-    def __init__(self, model, geometry: Geometry, infer_mode: str = "base"):
+    def __init__(self, model, geometry, infer_mode: str = "base"):
         super().__init__()
         self.model, self.geo, self.infer_mode = model, geometry, infer_mode
 

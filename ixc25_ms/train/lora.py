@@ -15,7 +15,6 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 NON_LORA = "non_lora_trainables.safetensors"  # other tensors a LoRA run trained (LLaVA's convention)
-VIT_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"]
 
 
 class AdapterError(ValueError):

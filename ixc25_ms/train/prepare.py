@@ -8,7 +8,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from ..language.linear import PLoRA
-from .lora import VIT_TARGETS, add_lora, apply_adapter
+from ..vision.registry import spec_of
+from .lora import add_lora, apply_adapter
 
 VISION = ("vit.", "vision_proj.", "plora_glb_GN", "plora_sub_GN")
 WRITE_WEB = re.compile(r"\.lora_(sft|dpo|web)_[AB]\.")  # the write/web LoRAs: never in the graph in base mode
@@ -61,8 +62,8 @@ def prepare(model, args, log=print) -> Trainables:
                      f"LLM linears")
     if args.use_backbone_lora:
         r = int(args.use_backbone_lora)
-        mods = add_lora(model, VIT_TARGETS, r, 2 * r, args.lora_dropout, prefix="vit.", seed=args.seed + 7919,
-                        flag="--use_backbone_lora")
+        mods = add_lora(model, spec_of(model.cfg.vision).lora_targets, r, 2 * r, args.lora_dropout, prefix="vit.",
+                        seed=args.seed + 7919, flag="--use_backbone_lora")
         notes.append(f"backbone LoRA r={r} alpha={2 * r} on {len(mods)} ViT linears")
     if args.lora_weight_path:
         mods = apply_adapter(model, args.lora_weight_path)

@@ -14,7 +14,7 @@ import numpy as np
 from .. import load as load_model
 from ..loading import stream_into
 from .args import FinetuneArgs
-from .batch import Collator, Geometry
+from .batch import Collator
 from .checkpointing import (checkpoints, publish_dir, read_optimizer, rotate, write_adapter, write_json,
                             write_official)
 from .data import DataError, check_pieces, describe, epoch_order, load_samples, official_draws
@@ -39,8 +39,7 @@ class Trainer:
         self.model, self.tok = load_model(args.model_name_or_path, dtype="float32")
         check_pieces(self.tok)
         self.t = prepare(self.model, args, log)
-        v = self.model.cfg.vision
-        self.geo = Geometry(resolution=v.image_size, half=v.image_size // v.patch_size // 2)
+        self.geo = self.model.vit.geometry  # crop side and merged grid of the tower
         self.collate = Collator(self.tok, args.max_length, args.hd_num, self.geo, self.model.cfg.pad_token_id)
         samples = load_samples(args.data_path, args.given_num, args.seed, log if rank == 0 else (lambda *a: None))
         self.samples, skipped = [], 0
@@ -180,9 +179,9 @@ class Trainer:
         a = self.args
         llm = dict(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=a.lora_target_modules) \
             if a.use_lora else None
-        from .lora import VIT_TARGETS
+        from ..vision.registry import spec_of
         vit = dict(r=a.use_backbone_lora, alpha=2 * a.use_backbone_lora, dropout=a.lora_dropout,
-                   targets=VIT_TARGETS) if a.use_backbone_lora else None
+                   targets=list(spec_of(self.model.cfg.vision).lora_targets)) if a.use_backbone_lora else None
         return llm, vit
 
     def _write_weights(self, dst: str, dtype: str) -> None:

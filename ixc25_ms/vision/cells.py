@@ -12,9 +12,11 @@ def param(shape, dtype, init="zeros") -> Parameter:
     return Parameter(initializer(init, shape, dtype))
 
 
-def dense(n_in: int, n_out: int, dtype) -> nn.Dense:
-    """nn.Dense with torch names `weight` [out, in] / `bias`, zero-initialised (weights come from a checkpoint)."""
-    return nn.Dense(n_in, n_out, weight_init="zeros", bias_init="zeros", has_bias=True, dtype=dtype)
+def dense(n_in: int, n_out: int, dtype):
+    """A linear with bias under torch's names `weight` [out, in] / `bias`, zero-initialised (weights come from a
+    checkpoint): the LLM's `Linear`, so a backbone LoRA plugs into the ViT the same way (`add_lora`)."""
+    from ..language.linear import Linear
+    return Linear(n_in, n_out, bias=True, dtype=ms_dtype(dtype))
 
 
 class LayerNorm(nn.Cell):

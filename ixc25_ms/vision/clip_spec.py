@@ -16,6 +16,8 @@ class CLIPSpec(TowerSpec):
     model_type = "clip_vision_model"
     defaults: Dict[str, object] = {}  # VisionConfig's own defaults are CLIP ViT-L/14-560
     activations = ("quick_gelu", "gelu")
+    lora_targets = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
+                    "mlp.fc2")
     key_slots = {
         "ln": r"layer_norm[12]",                                                  # block norms
         "vln": r"pre_layrnorm|post_layernorm",                                    # outer norms (sic)

@@ -43,11 +43,13 @@ class TowerSpec:
     activations -- accepted `hidden_act` values
     key_slots   -- extra {placeholder: regex} used by `key_rows` (the converter merges them with its own)
     cells       -- 'module:Class' of the MindSpore tower cell, imported only by `build`
+    lora_targets -- module-name suffixes of its attention/MLP linears (the backbone LoRA's PEFT targets)
     """
 
     model_type: str = ""
     defaults: Dict[str, object] = {}
     activations: Tuple[str, ...] = ("gelu",)
+    lora_targets: Tuple[str, ...] = ()
     key_slots: Dict[str, str] = {}
     cells: str = ""
 

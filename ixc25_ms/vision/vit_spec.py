@@ -21,6 +21,7 @@ class TimmViTSpec(TowerSpec):
                                    "num_attention_heads": 12, "image_size": 448, "patch_size": 16,
                                    "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
     activations = ("gelu",)
+    lora_targets = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
     key_slots = {
         "bnorm": r"norm[12]",                                                     # block norms
         "attn": r"qkv|proj",                                                      # fused qkv, output proj
