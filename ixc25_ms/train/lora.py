@@ -45,7 +45,16 @@ def add_lora(model, targets: Iterable[str], r: int, alpha: float, dropout: float
             raise AdapterError(f"{flag}: {t!r} matches no linear module of the model")
     for k, (name, cell) in enumerate(found):
         cell.add_lora(r, alpha, dropout, seed + k)
+    name_parameters(model)
     return [n for n, _ in found]
+
+
+def name_parameters(model) -> None:
+    """Gives every Parameter its path in the model as its name (branches added after construction are named
+    `weight` only; MindSpore's ParameterTuple and checkpoints need unique names)."""
+    for n, p in model.parameters_and_names():
+        if p.name != n:
+            p.name = n
 
 
 def adapter_state(model) -> Dict[str, np.ndarray]:
@@ -142,6 +151,7 @@ def apply_adapter(model, path: str, allow_pickle: bool = False) -> List[str]:
         cell.add_lora(r, alpha, 0.0)
         cell.lora_A.weight.set_data(Tensor(a.astype(np.float32)).astype(cell.weight.dtype))
         cell.lora_B.weight.set_data(Tensor(b.astype(np.float32)).astype(cell.weight.dtype))
+    name_parameters(model)
     extra = os.path.join(path, NON_LORA)
     if os.path.isfile(extra):
         from ..checkpoint import load_state_dict

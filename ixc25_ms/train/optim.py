@@ -42,33 +42,36 @@ def decays(name: str) -> bool:
 
 
 class _Update(nn.Cell):
-    """One optimizer update over tuples of parameters/grads/states, compiled once per `active` pattern."""
+    """One optimizer update over the parameters and states it holds; the jit twin compiles once per `active`
+    pattern (the hyper-parameters arrive as (n,) tensors, so a new LR does not recompile)."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, params, m, v):
         super().__init__()
         self.kind = kind
+        self.params = ms.ParameterTuple(params)
+        self.m = ms.ParameterTuple(m) if kind == "adamw" else ()
+        self.v = ms.ParameterTuple(v) if kind == "adamw" else ()
 
-    def construct(self, params, grads, ms_, vs, decay, step_size, bc2_sqrt, eps, beta1, beta2, active):
-        for i in range(len(params)):
+    def construct(self, grads, decay, step_size, bc2_sqrt, eps, beta1, beta2, active):
+        for i in range(len(self.params)):
             if active[i]:
-                p, g = params[i], grads[i].astype(ms.float32)
+                p, g = self.params[i], grads[i].astype(ms.float32)
                 if self.kind == "sgd":  # torch.optim.SGD: L2 added to the gradient, then p -= lr * d_p
                     w = p.astype(ms.float32)
-                    d = g + w * decay[i]
-                    ops.assign(p, (w - d * step_size[i]).astype(p.dtype))
+                    ops.assign(p, (w - (g + w * decay[i]) * step_size[i]).astype(p.dtype))
                 else:  # torch.optim.AdamW (_single_tensor_adamw)
                     w = p.astype(ms.float32) * decay[i]
-                    m = ms_[i] + (g - ms_[i]) * (1.0 - beta1)  # lerp, as torch
-                    v = vs[i] * beta2 + g * g * (1.0 - beta2)
-                    ops.assign(ms_[i], m)
-                    ops.assign(vs[i], v)
+                    m = self.m[i] + (g - self.m[i]) * (1.0 - beta1)  # lerp, as torch
+                    v = self.v[i] * beta2 + g * g * (1.0 - beta2)
+                    ops.assign(self.m[i], m)
+                    ops.assign(self.v[i], v)
                     denom = ops.sqrt(v) / bc2_sqrt[i] + eps
                     ops.assign(p, (w - m / denom * step_size[i]).astype(p.dtype))
         return True
 
     @ms.jit
-    def compiled(self, params, grads, ms_, vs, decay, step_size, bc2_sqrt, eps, beta1, beta2, active):
-        return self.construct(params, grads, ms_, vs, decay, step_size, bc2_sqrt, eps, beta1, beta2, active)
+    def compiled(self, grads, decay, step_size, bc2_sqrt, eps, beta1, beta2, active):
+        return self.construct(grads, decay, step_size, bc2_sqrt, eps, beta1, beta2, active)
 
 
 class Optimizer:
@@ -93,8 +96,8 @@ class Optimizer:
             self.v = [Parameter(initializer("zeros", p.shape, ms.float32), name=f"adam_v.{n}", requires_grad=False)
                       for p, n in zip(self.params, self.names)]
         else:
-            self.m = self.v = [Tensor(np.zeros(1, np.float32))] * len(self.params)
-        self._update = _Update(self.kind)
+            self.m = self.v = []
+        self._update = _Update(self.kind, self.params, self.m, self.v)
 
     def step(self, grads, lr: float, active: Sequence[bool], use_jit: bool = True) -> None:
         active = tuple(bool(a) for a in active)
@@ -108,9 +111,8 @@ class Optimizer:
             bc2 = np.sqrt(1.0 - b2 ** t)
         else:
             decay, step_size, bc2 = self.wd, lrs, np.ones_like(lrs)
-        args = (tuple(self.params), tuple(grads), tuple(self.m), tuple(self.v),
-                tuple(Tensor(np.float32(x)) for x in decay), tuple(Tensor(np.float32(x)) for x in step_size),
-                tuple(Tensor(np.float32(x)) for x in bc2), float(self.eps), b1, b2, active)
+        vec = lambda x: Tensor(np.asarray(x, np.float32))  # noqa: E731  (n,) per-parameter values
+        args = (ms.mutable(tuple(grads)), vec(decay), vec(step_size), vec(bc2), float(self.eps), b1, b2, active)
         (self._update.compiled if use_jit else self._update)(*args)
 
     def state_arrays(self) -> Dict[str, np.ndarray]:

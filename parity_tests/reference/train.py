@@ -184,20 +184,9 @@ def _load_images(paths, image_root, where, flags) -> List[torch.Tensor]:
     return out
 
 
-def ref_train_step(cfg, weights: Dict[str, np.ndarray], tokenizer, items: Sequence[dict], image_root: str,
-                   flags: TrainFlags) -> dict:
-    """One official fine-tuning forward/backward on one micro-batch of official JSON items (all with images
-    or all without, as the official per-file datasets are). `items` are the conversations that reach
-    model(samples=...): for image data the --batch_size items Sample_dataset.get_item draws; for text data
-    the official collator keeps only the first text of each per-device instance, so a text micro-batch has
-    per_device_train_batch_size items. Image paths are joined to `image_root` (the official opens them
-    relative to its working directory). Weights: official names (+ PEFT-like '<module>.lora_A.weight' /
-    '.lora_B.weight' for the LoRAs), fp32. infer_mode is 'base' (as training). Dropouts (flags.plora_dropout,
-    flags.lora_dropout) draw from torch's global generator.
-
-    Returns dict(input_ids, labels, attention_mask, im_mask: int64 (B, L) numpy (input_ids: -100 at image
-    positions, pad id at padding), loss: float, grads: {trainable name: float32 ndarray, or None when the
-    tensor is not in the graph}, trainable: [names])."""
+def ref_loss(lm: "TrainLM", vis, tokenizer, items: Sequence[dict], image_root: str, flags: TrainFlags):
+    """The official training loss of one micro-batch, with autograd on whatever `lm.w` / `vis.w` tensors require
+    grad -> (loss, batch dict of int64 (B, L) tensors). `vis` None for a text-only micro-batch."""
     if not items:
         raise TrainRefError("items: empty micro-batch")
     parsed = [D.item_text_and_images(it, f"items[{k}]") for k, it in enumerate(items)]
@@ -205,15 +194,6 @@ def ref_train_step(cfg, weights: Dict[str, np.ndarray], tokenizer, items: Sequen
     if any(with_img) and not all(with_img):
         raise TrainRefError("items: a micro-batch mixes items with and without 'image' (the official datasets "
                             "are one kind per file)")
-    trainable = trainable_names(list(weights), flags)
-    lm = TrainLM(cfg, weights, flags)
-    vis = TrainVision(cfg, weights, flags) if all(with_img) else None
-    params = {}
-    for n in trainable:
-        t = lm.w.get(n) if n in lm.w else (vis.w.get(n) if vis is not None else None)
-        if t is not None:
-            params[n] = t.requires_grad_(True)
-
     _, _, _, pad = D.special_ids(tokenizer)
     tok = lm.w["model.tok_embeddings.weight"]
     if vis is not None:
@@ -244,6 +224,37 @@ def ref_train_step(cfg, weights: Dict[str, np.ndarray], tokenizer, items: Sequen
     # logits only where a target is trained: the other rows add exactly nothing to the mean loss or any gradient
     logits = (h[:, :-1][sel] @ lm.w["output.weight"].T).float()
     loss = F.cross_entropy(logits, shift[sel])
+    return loss, batch
+
+
+def ref_train_step(cfg, weights: Dict[str, np.ndarray], tokenizer, items: Sequence[dict], image_root: str,
+                   flags: TrainFlags) -> dict:
+    """One official fine-tuning forward/backward on one micro-batch of official JSON items (all with images
+    or all without, as the official per-file datasets are). `items` are the conversations that reach
+    model(samples=...): for image data the --batch_size items Sample_dataset.get_item draws; for text data
+    the official collator keeps only the first text of each per-device instance, so a text micro-batch has
+    per_device_train_batch_size items. Image paths are joined to `image_root` (the official opens them
+    relative to its working directory). Weights: official names (+ PEFT-like '<module>.lora_A.weight' /
+    '.lora_B.weight' for the LoRAs), fp32. infer_mode is 'base' (as training). Dropouts (flags.plora_dropout,
+    flags.lora_dropout) draw from torch's global generator.
+
+    Returns dict(input_ids, labels, attention_mask, im_mask: int64 (B, L) numpy (input_ids: -100 at image
+    positions, pad id at padding), loss: float, grads: {trainable name: float32 ndarray, or None when the
+    tensor is not in the graph}, trainable: [names])."""
+    if not items:
+        raise TrainRefError("items: empty micro-batch")
+    parsed = [D.item_text_and_images(it, f"items[{k}]") for k, it in enumerate(items)]
+    with_img = [p[1] is not None for p in parsed]
+    trainable = trainable_names(list(weights), flags)
+    lm = TrainLM(cfg, weights, flags)
+    vis = TrainVision(cfg, weights, flags) if all(with_img) else None
+    params = {}
+    for n in trainable:
+        t = lm.w.get(n) if n in lm.w else (vis.w.get(n) if vis is not None else None)
+        if t is not None:
+            params[n] = t.requires_grad_(True)
+
+    loss, batch = ref_loss(lm, vis, tokenizer, items, image_root, flags)
     names = list(params)
     got = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True) if names else []
     grads = {n: None for n in trainable}
