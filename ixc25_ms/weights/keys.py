@@ -1,4 +1,4 @@
-"""The one key table official PyTorch checkpoint <-> MindSpore model, both directions derived from it."""
+"""The one key table official PyTorch checkpoint <-> MindSpore model (both directions), its surgery hook and drops."""
 from __future__ import annotations
 
 import re
@@ -6,44 +6,61 @@ from typing import Dict, List, Optional, Pattern, Tuple
 
 import numpy as np
 
-# Placeholders usable in the table; each becomes a named regex group.
-SLOTS = {
+from .spec import VIT_PREFIX
+
+Row = Tuple[str, Optional[str]]  # (official key pattern, MindSpore key pattern; None: drop, never converted)
+
+# Placeholders usable in the rows; each becomes a named regex group.
+LLM_SLOTS = {
     "n": r"\d+",                                                              # layer index
     "linear": r"attention\.wqkv|attention\.wo|feed_forward\.w[123]",          # PLoRA linears
     "lora": r"Plora_[AB]|lora_sft_[AB]|lora_dpo_[AB]|lora_web_[AB]",          # their LoRA branches
     "wb": r"weight|bias",
     "norm": r"attention_norm|ffn_norm",
-    "ln": r"layer_norm[12]",                                                  # ViT block norms
-    "vln": r"pre_layrnorm|post_layernorm",                                    # ViT outer norms (sic)
-    "proj": r"q_proj|k_proj|v_proj|out_proj",
-    "fc": r"fc[12]",
     "vp": r"[02]",                                                            # vision_proj Linear indices
     "rope": r"inv_freq|cos_cached|sin_cached",                                # RoPE buffers
 }
 
-V = "vit.vision_tower.vision_model."
+
+# ------------------------------------------------------------------------------------ CLIP vision tower
+CLIP_SLOTS = {
+    "ln": r"layer_norm[12]",                                                  # ViT block norms
+    "vln": r"pre_layrnorm|post_layernorm",                                    # ViT outer norms (sic)
+    "proj": r"q_proj|k_proj|v_proj|out_proj",
+    "fc": r"fc[12]",
+}
+
+
+def clip_key_rows(v: str = VIT_PREFIX) -> List[Row]:
+    """The CLIP tower's rows (HF CLIPVisionModel names under prefix `v`), its position_ids buffer dropped."""
+    return [
+        (v + "embeddings.class_embedding",                       v + "embeddings.class_embedding"),
+        (v + "embeddings.patch_embedding.weight",                v + "embeddings.patch_embedding.weight"),
+        (v + "embeddings.position_embedding.weight",             v + "embeddings.position_embedding.weight"),
+        (v + "{vln}.{wb}",                                       v + "{vln}.{wb}"),
+        (v + "encoder.layers.{n}.{ln}.{wb}",                     v + "encoder.layers.{n}.{ln}.{wb}"),
+        (v + "encoder.layers.{n}.self_attn.{proj}.{wb}",         v + "encoder.layers.{n}.self_attn.{proj}.{wb}"),
+        (v + "encoder.layers.{n}.mlp.{fc}.{wb}",                 v + "encoder.layers.{n}.mlp.{fc}.{wb}"),
+        (v + "embeddings.position_ids",                          None),  # recomputed
+    ]
+
+
+# ------------------------------------------------------------------------------------ the table
+SLOTS = {**LLM_SLOTS, **CLIP_SLOTS}
 
 # official key pattern                                          MindSpore key (None: drop, never converted)
-KEY_TABLE: List[Tuple[str, Optional[str]]] = [
+KEY_TABLE: List[Row] = [
     ("model.tok_embeddings.weight",                              "model.tok_embeddings.weight"),
     ("model.layers.{n}.{linear}.{wb}",                           "model.layers.{n}.{linear}.{wb}"),
     ("model.layers.{n}.{linear}.{lora}.weight",                  "model.layers.{n}.{linear}.{lora}.weight"),
     ("model.layers.{n}.{norm}.weight",                           "model.layers.{n}.{norm}.weight"),
     ("model.norm.weight",                                        "model.norm.weight"),
     ("output.weight",                                            "output.weight"),
-    (V + "embeddings.class_embedding",                           V + "embeddings.class_embedding"),
-    (V + "embeddings.patch_embedding.weight",                    V + "embeddings.patch_embedding.weight"),
-    (V + "embeddings.position_embedding.weight",                 V + "embeddings.position_embedding.weight"),
-    (V + "{vln}.{wb}",                                           V + "{vln}.{wb}"),
-    (V + "encoder.layers.{n}.{ln}.{wb}",                         V + "encoder.layers.{n}.{ln}.{wb}"),
-    (V + "encoder.layers.{n}.self_attn.{proj}.{wb}",             V + "encoder.layers.{n}.self_attn.{proj}.{wb}"),
-    (V + "encoder.layers.{n}.mlp.{fc}.{wb}",                     V + "encoder.layers.{n}.mlp.{fc}.{wb}"),
+    *clip_key_rows(),
     ("vision_proj.{vp}.{wb}",                                    "vision_proj.{vp}.{wb}"),
     ("plora_glb_GN",                                             "plora_glb_GN"),
     ("plora_sub_GN",                                             "plora_sub_GN"),
-    # buffers the model recomputes
-    ("model.layers.{n}.attention.rotary_emb.{rope}",             None),
-    (V + "embeddings.position_ids",                              None),
+    ("model.layers.{n}.attention.rotary_emb.{rope}",             None),  # recomputed
 ]
 
 # Tensor surgery, keyed by MindSpore key regex: (to MindSpore, back to official), layout-only functions of the
@@ -86,6 +103,14 @@ def ms_to_official(key: str) -> str:
         if m:
             return src.format(**m.groupdict())
     raise UnknownKeyError(key)
+
+
+def is_droppable(key: str) -> bool:
+    """True for a buffer some official checkpoints carry that the model recomputes (a None row of KEY_TABLE)."""
+    try:
+        return official_to_ms(key) is None
+    except UnknownKeyError:
+        return False
 
 
 def surgery_to_ms(ms_key: str, arr: np.ndarray) -> np.ndarray:

@@ -1,13 +1,12 @@
-"""Every IXC2.5 parameter under its official key name, with the shape the config implies."""
+"""Every IXC2.5 parameter under its official key name, with the shape the config implies (the CLIP part apart)."""
 from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from .config import IXCConfig
+from ..config import IXCConfig
 
 Shape = Tuple[int, ...]
 
-VIT_PREFIX = "vit.vision_tower.vision_model."
 PLORA_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 LORA_NAMES = ("Plora", "lora_sft", "lora_dpo", "lora_web")
 
@@ -45,6 +44,10 @@ def llm_layer_parameters(cfg: IXCConfig, n: int) -> Dict[str, Shape]:
     return out
 
 
+# ------------------------------------------------------------------------------------ CLIP vision tower
+VIT_PREFIX = "vit.vision_tower.vision_model."
+
+
 def vit_parameters(cfg: IXCConfig) -> Dict[str, Shape]:
     """CLIP vision tower (HF CLIPVisionModel names; patch conv without bias)."""
     v = cfg.vision
@@ -73,6 +76,7 @@ def vit_parameters(cfg: IXCConfig) -> Dict[str, Shape]:
     return out
 
 
+# ------------------------------------------------------------------------------------ the whole model
 def expected_parameters(cfg: IXCConfig) -> Dict[str, Shape]:
     """{official key: shape} for the whole model, in a stable order (LLM, ViT, projector, GN tokens)."""
     h, m = cfg.hidden_size, cfg.vit_merged_dim
