@@ -7,10 +7,11 @@ import signal
 import sys
 import threading
 
-from ixc25_ms.checkpoint import CheckpointError
 from ixc25_ms.config import ConfigError
+from ixc25_ms.weights import CheckpointError
 
-from .convert import TOOL, TOOL_VERSION, convert_to_ms, convert_to_torch, human, parse_size
+from .convert import convert_to_ms, convert_to_torch
+from .units import TOOL, TOOL_VERSION, human, parse_size
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ import os as _os
 _os.environ.setdefault("GLOG_v", "3")  # MindSpore logs errors only unless the user says otherwise
 
 from .config import ConfigError, IXCConfig, VisionConfig  # noqa: E402
-from .checkpoint import CheckpointError  # noqa: E402
+from .weights import CheckpointError  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -12,15 +12,16 @@ from mindspore import Parameter, Tensor, ops
 from mindspore.common.initializer import initializer
 
 from . import chat as _chat, compose as _compose
-from .checkpoint import CheckpointError, load_state_dict
 from .config import IXCConfig
 from .dtypes import ms_dtype
 from .generation import GenerationConfig, generate as _generate
 from .language import InternLM2ForCausalLM
-from .loading import stream_into
 from .processing import preprocess_image
 from .video import is_video_path, preprocess_video
 from .vision import build_tower, build_vision_proj, encode_pixels
+from .weights import CheckpointError
+from .weights.layout import load_state_dict
+from .weights.loader import stream_into
 
 
 @dataclass
@@ -160,9 +161,6 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
 
 def read_weights(path: str, allow_pickle: bool = False):
     """State dict (numpy fp32) from an official-layout directory or one our converter wrote."""
-    from .ms_checkpoint import is_converted_dir, load_converted
-    if os.path.isdir(path) and is_converted_dir(path):
-        return load_converted(path)
     return load_state_dict(path, allow_pickle=allow_pickle)
 
 

@@ -39,7 +39,7 @@ def random_lm_state(cfg: IXCConfig, seed: int = 0) -> dict:
 
 def build_ms_lm(cfg, state, dtype="float32", use_jit=False, cpu_kernels=None):
     from ixc25_ms.language import InternLM2ForCausalLM
-    from ixc25_ms.loading import assign_state_dict
+    from ixc25_ms.weights.loader import assign_state_dict
     lm = InternLM2ForCausalLM(cfg, dtype=dtype, use_jit=use_jit, cpu_kernels=cpu_kernels)
     assign_state_dict(lm, state, "test state", ignore_prefixes=VISION_PREFIXES)
     return lm
@@ -47,6 +47,6 @@ def build_ms_lm(cfg, state, dtype="float32", use_jit=False, cpu_kernels=None):
 
 def load_golden():
     """(config, state dict, expected tensors) of the official tiny golden case."""
-    from ixc25_ms.checkpoint import load_state_dict
+    from ixc25_ms.weights.layout import load_state_dict
     cfg = IXCConfig.from_file(GOLDEN)
     return cfg, load_state_dict(GOLDEN), dict(np.load(os.path.join(GOLDEN, "expected.npz")))

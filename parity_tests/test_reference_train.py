@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ixc25_ms.checkpoint import SafetensorsFile, load_state_dict
+from ixc25_ms.weights.layout import load_state_dict
+from ixc25_ms.weights.safetensors import SafetensorsFile
 from ixc25_ms.config import IXCConfig
 from ixc25_ms.tokenizer import InternLM2Tokenizer
 from parity_tests.helpers import HERE

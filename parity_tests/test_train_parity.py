@@ -14,6 +14,7 @@ from ixc25_ms.train.batch import Collator
 from ixc25_ms.train.data import parse_item
 from ixc25_ms.train.forward import TrainForward, forward_inputs
 from ixc25_ms.train.prepare import prepare
+from ixc25_ms.weights.layout import load_state_dict
 from parity_tests.helpers import HERE
 from parity_tests.reference.train import TrainFlags, ref_train_step
 from parity_tests.tolerance import TOLERANCE
@@ -99,7 +100,7 @@ def ms_step(workdir, items, flags, use_jit=False, lora_b_seed=5):
 
 
 def ref_step(workdir, tok, items, flags, lora):
-    weights = ixc25_ms.checkpoint.load_state_dict(str(workdir / "model"))
+    weights = load_state_dict(str(workdir / "model"))
     weights.update(lora)
     cfg = IXCConfig.from_file(str(workdir / "model"))
     fl = _flags(flags)

@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from mindspore import Parameter, Tensor
 
-from ixc25_ms.checkpoint import CheckpointError, load_state_dict
 from ixc25_ms.config import IXCConfig, VisionConfig
 from ixc25_ms.processing import bicubic_resize, bicubic_resize_matrices, preprocess_image
-from ixc25_ms.loading import assign_state_dict
 from ixc25_ms.vision import (CLIPVisionTower, build_vision_proj, encode_pixels, expected_tokens,
                              global_local_layout, split_views)
+from ixc25_ms.weights import CheckpointError
+from ixc25_ms.weights.layout import load_state_dict
+from ixc25_ms.weights.loader import assign_state_dict
 from parity_tests.reference.vision import VisionReference
 from parity_tests.tolerance import assert_close, compare
 

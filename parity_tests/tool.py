@@ -3,7 +3,7 @@
 The MindSpore side runs first and saves every captured activation to a work directory (one .npy per
 module, in a fixed order); the model is then freed, and the PyTorch reference runs module by module,
 comparing each output with the saved array as soon as it is produced. Only one framework's weights are
-in memory at a time, and weights are read lazily from safetensors (one tensor at a time on top of the
+in memory at a time, and weights are read lazily from the checkpoint (one tensor at a time on top of the
 model itself).
 
 Row order (names):
@@ -43,14 +43,14 @@ DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
 
 # ============================================================================================ lazy weights
 class LazyArray:
-    """A tensor of a safetensors file read on demand: `.shape` from the header, data via np.asarray()."""
+    """A tensor of a checkpoint read on demand: `.shape` from the source, data (floats as float32) via np.asarray()."""
 
-    def __init__(self, st, key: str):
-        self._st, self._key = st, key
-        self.shape = tuple(st.shape(key))
+    def __init__(self, source, key: str):
+        self._source, self._key = source, key
+        self.shape = tuple(source.shape(key))
 
     def __array__(self, dtype=None, copy=None):
-        arr = self._st.read(self._key, np.float32)
+        arr = self._source.read(self._key, np.float32)
         return arr if dtype is None else arr.astype(dtype, copy=False)
 
     @property
@@ -59,27 +59,15 @@ class LazyArray:
 
 
 class LazyWeights(Mapping):
-    """{official key: LazyArray} over the safetensors files of a checkpoint directory.
+    """{official key: LazyArray} over a checkpoint of any layout (ixc25_ms.weights.layout.open_weights).
 
-    `overrides` replaces (or adds) entries with in-memory arrays, e.g. a deliberately corrupted weight.
-    Directories holding .bin files or our converted layout are read eagerly (ixc25_ms.model.read_weights)."""
+    `overrides` replaces (or adds) entries with in-memory arrays, e.g. a deliberately corrupted weight."""
 
     def __init__(self, path: str, overrides: Optional[Mapping] = None, allow_pickle: bool = False):
-        from ixc25_ms.checkpoint import CheckpointError, SafetensorsFile, list_weight_files
-        from ixc25_ms.ms_checkpoint import is_converted_dir
+        from ixc25_ms.weights.layout import open_weights
         self.path = path
-        self._items: Dict[str, object] = {}
-        files = [] if (os.path.isdir(path) and is_converted_dir(path)) else list_weight_files(path, allow_pickle)
-        if files and all(f.endswith(".safetensors") for f in files):
-            for fn in files:
-                st = SafetensorsFile(fn)
-                for k in st.keys():
-                    if k in self._items:
-                        raise CheckpointError(f"{fn}: key '{k}' appears in more than one file")
-                    self._items[k] = LazyArray(st, k)
-        else:
-            from ixc25_ms.model import read_weights
-            self._items.update(read_weights(path, allow_pickle))
+        source = open_weights(path, allow_pickle)
+        self._items: Dict[str, object] = {k: LazyArray(source, k) for k in source.keys()}
         for k, v in (overrides or {}).items():
             self._items[k] = v
 
@@ -175,7 +163,7 @@ def build_ms_model(model_dir: str, dtype: str, use_jit: bool, weights: Optional[
     """As ixc25_ms.model.load, but filling parameters from a lazy mapping (one checkpoint tensor in memory
     at a time on top of the model)."""
     from ixc25_ms.config import IXCConfig
-    from ixc25_ms.loading import assign_state_dict
+    from ixc25_ms.weights.loader import assign_state_dict
     from ixc25_ms.model import InternLMXComposer2ForCausalLM
     from ixc25_ms.tokenizer import InternLM2Tokenizer
     cfg = IXCConfig.from_file(model_dir)
@@ -672,7 +660,7 @@ def estimate_memory(cfg, dtype: str = "fp32", seq_len: int = 1267, n_views: int 
                     ref_dtype: str = "fp32") -> dict:
     """Rough host memory (GiB) of each side and disk for the saved activations, from the parameter count
     and the shapes of the largest activations (eager attention materialises heads x L x L scores)."""
-    from ixc25_ms.param_spec import expected_parameters, num_parameters
+    from ixc25_ms.weights.spec import expected_parameters, num_parameters
     n = num_parameters(cfg)
     nb = {"fp32": 4, "fp16": 2}[dtype]
     rb = {"fp32": 4, "fp16": 2}[ref_dtype]
@@ -734,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from ixc25_ms.checkpoint import CheckpointError
+    from ixc25_ms.weights import CheckpointError
     from ixc25_ms.config import ConfigError, IXCConfig
     if args.estimate_memory:
         try:

@@ -1,7 +1,7 @@
 """ixc25-bench: MindSpore PyNative vs MindSpore jit vs our PyTorch reference, one config, side by side.
 
 Each contender runs in its own worker process (so peak RSS is per contender) with the same seeded random
-weights (param_spec), the same image and prompt, and the same number of CPU threads. Repeats are
+weights (weights/spec.py), the same image and prompt, and the same number of CPU threads. Repeats are
 interleaved across contenders (round robin) so machine noise hits all of them alike.
 
 Per contender: ViT ms per view (global view + crops, projector included), prefill tokens/s, decode
@@ -52,7 +52,7 @@ def make_image(width=700, height=300) -> np.ndarray:
 
 def make_state(cfg, seed: int):
     """Seeded random weights for every official key (norm weights 1, biases 0, others N(0, 0.02))."""
-    from ixc25_ms.param_spec import expected_parameters
+    from ixc25_ms.weights.spec import expected_parameters
     rng = np.random.default_rng(seed)
     state = {}
     for name, shape in expected_parameters(cfg).items():
@@ -70,7 +70,7 @@ def make_state(cfg, seed: int):
 
 def decode_weight_bytes(cfg, dtype_bytes: int) -> int:
     """Bytes of weights one decoded token must read: every LLM linear (base mode: no LoRA) + output head."""
-    from ixc25_ms.param_spec import linear_dims
+    from ixc25_ms.weights.spec import linear_dims
     per_layer = sum(i * o for i, o in linear_dims(cfg).values())
     return (cfg.num_hidden_layers * per_layer + cfg.vocab_size * cfg.hidden_size) * dtype_bytes
 
@@ -123,7 +123,7 @@ class _Prompt:
 class MSWorker:
     def __init__(self, cfg, state, args, use_jit: bool):
         import mindspore as ms
-        from ixc25_ms.loading import assign_state_dict
+        from ixc25_ms.weights.loader import assign_state_dict
         from ixc25_ms.model import InternLMXComposer2ForCausalLM
         self.ms = ms
         self.model = InternLMXComposer2ForCausalLM(cfg, dtype=args.dtype, use_jit=use_jit)

@@ -15,10 +15,11 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from converters.convert import human, parse_size, write_safetensors_file  # noqa: E402
-from ixc25_ms.checkpoint import f32_to_bf16  # noqa: E402
+from converters.units import human, parse_size  # noqa: E402
 from ixc25_ms.config import IXCConfig  # noqa: E402
-from ixc25_ms.param_spec import expected_parameters  # noqa: E402
+from ixc25_ms.weights.safetensors import write_safetensors  # noqa: E402
+from ixc25_ms.weights.spec import expected_parameters  # noqa: E402
+from ixc25_ms.weights.tags import f32_to_bf16  # noqa: E402
 
 # spec §9 (UNVERIFIED values of the real config.json; shapes are what matters here)
 REAL_7B = {
@@ -54,7 +55,7 @@ def fake_checkpoint(dst: str, layers: int, shard_size: int, seed: int = 0) -> di
     wm, sizes = {}, []
     for i, keys in enumerate(groups):
         fn = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = []
+        tensors = {}
         for k in keys:
             n = int(np.prod(shapes[k]))
             a = np.empty(n, np.uint16)
@@ -62,8 +63,8 @@ def fake_checkpoint(dst: str, layers: int, shard_size: int, seed: int = 0) -> di
                 m = min(pool.size, n - j)
                 off = int(rng.integers(0, pool.size - m + 1))
                 a[j:j + m] = pool[off:off + m]
-            tensors.append((k, "BF16", a.reshape(shapes[k])))
-        write_safetensors_file(os.path.join(dst, fn), tensors, {"format": "pt"})
+            tensors[k] = ("BF16", a.reshape(shapes[k]))
+        write_safetensors(os.path.join(dst, fn), tensors, {"format": "pt"}, fsync=True)
         sizes.append(os.path.getsize(os.path.join(dst, fn)))
         wm.update({k: fn for k in keys})
         del tensors

@@ -31,7 +31,7 @@ def build_case(work: str, config: str, seed: int = 0) -> dict:
     """Writes (once per config and seed) an official-layout checkpoint with seeded weights, the picture and a
     one-item data file; returns their paths."""
     from scripts.bench import DEFAULT_CFG, QUICK_CFG, make_image, make_state
-    from ixc25_ms.checkpoint import write_safetensors
+    from ixc25_ms.weights.safetensors import write_safetensors
     from ixc25_ms.config import IXCConfig
     from PIL import Image
     root = os.path.join(work, f"{config}-{seed}")
@@ -99,7 +99,7 @@ def ms_worker(case: dict, mode: str, steps: int, jit: bool):
 def torch_worker(case: dict, mode: str, steps: int):
     """Our PyTorch reference: the same loss (parity_tests.reference.train), loss.backward(), clipping, AdamW."""
     import torch
-    from ixc25_ms.checkpoint import load_state_dict
+    from ixc25_ms.weights.layout import load_state_dict
     from ixc25_ms.config import IXCConfig
     from ixc25_ms.tokenizer import InternLM2Tokenizer
     from ixc25_ms.train.optim import decays

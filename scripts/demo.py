@@ -25,9 +25,9 @@ TINY_CONFIG = {
 
 def build_tiny_checkpoint(out_dir: str, seed: int = 0) -> str:
     """Write config.json, tokenizer.model and model.safetensors (official layout) with seeded random weights."""
-    from ixc25_ms.checkpoint import write_safetensors
+    from ixc25_ms.weights.safetensors import write_safetensors
     from ixc25_ms.config import IXCConfig
-    from ixc25_ms.param_spec import expected_parameters
+    from ixc25_ms.weights.spec import expected_parameters
     from ixc25_ms.tiny import train_tiny_tokenizer
 
     cfg = IXCConfig.from_dict(TINY_CONFIG)
@@ -43,9 +43,7 @@ def build_tiny_checkpoint(out_dir: str, seed: int = 0) -> str:
             arr = (rng.standard_normal(shape) * 0.02).astype(np.float32)
         tensors[name] = ("F32", arr)
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, "model.safetensors.tmp")
-    write_safetensors(tmp, tensors, {"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(TINY_CONFIG, f, indent=2)
     train_tiny_tokenizer(os.path.join(out_dir, "tokenizer.model"), vocab_size=cfg.vocab_size)

@@ -50,7 +50,7 @@ def collect(work: str, cpu_kernels: bool = False) -> dict:
 
     from ixc25_ms.config import IXCConfig
     from ixc25_ms.language import InternLM2ForCausalLM
-    from ixc25_ms.loading import assign_state_dict
+    from ixc25_ms.weights.loader import assign_state_dict
     from scripts.bench import QUICK_CFG, make_state
 
     ms.set_context(mode=ms.PYNATIVE_MODE)

@@ -170,13 +170,13 @@ def test_demo_runs(tmp_path, capsys):
 
 
 def test_load_errors(tmp_path):
-    from ixc25_ms.checkpoint import CheckpointError
+    from ixc25_ms.weights import CheckpointError
     from ixc25_ms.config import ConfigError
     with pytest.raises(CheckpointError, match="not a directory"):
         ixc25_ms.load(str(tmp_path / "nope"))
     d = tmp_path / "ck"
     shutil.copytree(GOLDEN, d)
-    from ixc25_ms.checkpoint import SafetensorsFile, write_safetensors
+    from ixc25_ms.weights.safetensors import SafetensorsFile, write_safetensors
     st = SafetensorsFile(str(d / "model.safetensors"))
     tensors = {k: (st.dtype_tag(k), st.read_raw(k)) for k in st.keys() if k != "model.norm.weight"}
     write_safetensors(str(d / "model.safetensors"), tensors)

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 
 from converters import convert as conv
+from converters import fastio, pipeline, shards, units
 from converters.cli import main
-from converters.mapping import KEY_TABLE, UnknownKeyError, ms_to_official, official_to_ms
-from ixc25_ms.checkpoint import (SafetensorsFile, bf16_to_f32, f32_to_bf16, load_state_dict, write_safetensors)
 from ixc25_ms.config import IXCConfig
-from ixc25_ms.ms_checkpoint import is_converted_dir, iter_converted, load_converted
-from ixc25_ms.param_spec import expected_parameters
+from ixc25_ms.weights.keys import KEY_TABLE, UnknownKeyError, ms_to_official, official_to_ms
+from ixc25_ms.weights.layout import is_converted_dir, iter_tensors, load_state_dict, open_weights
+from ixc25_ms.weights.safetensors import SafetensorsFile, write_safetensors
+from ixc25_ms.weights.spec import expected_parameters
+from ixc25_ms.weights.tags import bf16_to_f32, f32_to_bf16
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "tests", "data", "official-tiny")
@@ -103,8 +105,8 @@ def write_ckpt(d, tensors, layout="single", cfg_dict=None, n_shards=3, files=Tru
 
 
 def raw_state(path, allow_pickle=False):
-    from ixc25_ms.checkpoint import iter_raw_tensors
-    return {k: (tag, np.array(a)) for _, k, tag, a in iter_raw_tensors(path, allow_pickle)}
+    src = open_weights(path, allow_pickle)
+    return {k: (src.dtype_tag(k), src.read(k, None)) for k in src.keys()}
 
 
 def run(args, capsys):
@@ -164,12 +166,12 @@ def test_mapping_table_both_ways():
 
 
 def test_surgery_hook_round_trip(tmp_path, capsys, tiny, monkeypatch):
-    from converters import mapping
+    from ixc25_ms.weights import keys as mapping
     src, tensors = tiny
     ms_dir, back = str(tmp_path / "ms"), str(tmp_path / "back")
     monkeypatch.setattr(mapping, "SURGERY", {r"vision_proj\.2\.weight": (lambda a: a.T.copy(), lambda a: a.T.copy())})
     assert run(["--src", src, "--dst", ms_dir, "--quiet"], capsys)[0] == 0
-    got = dict(iter_converted(ms_dir, dtype=None))
+    got = dict(iter_tensors(ms_dir, dtype=None))
     assert np.array_equal(got["vision_proj.2.weight"], tensors["vision_proj.2.weight"][1].T)
     assert run(["--src", ms_dir, "--dst", back, "--to-torch", "--quiet"], capsys)[0] == 0
     assert raw_state(back)["vision_proj.2.weight"][1].tobytes() == tensors["vision_proj.2.weight"][1].tobytes()
@@ -183,7 +185,7 @@ def test_golden_converts_and_loads_back(tmp_path, capsys):
     assert rc == 0, err
     assert is_converted_dir(dst) and not is_converted_dir(GOLDEN)
     src = load_state_dict(GOLDEN)
-    got = load_converted(dst)
+    got = load_state_dict(dst)
     assert set(got) == set(src)
     for k in src:
         assert got[k].dtype == np.float32 and np.array_equal(got[k], src[k]), k
@@ -199,8 +201,8 @@ def test_golden_converts_and_loads_back(tmp_path, capsys):
     assert rec["num_converted"] == len(src) and rec["num_dropped"] == 0 and rec["tool_version"]
     for t in rec["tensors"]:
         assert hashlib.sha256(src[t["source_key"]].tobytes()).hexdigest() == t["sha256"]
-    # iter_converted restricted to some names
-    sub = dict(iter_converted(dst, names=["output.weight", "plora_sub_GN"]))
+    # iter_tensors restricted to some names
+    sub = dict(iter_tensors(dst, names=["output.weight", "plora_sub_GN"]))
     assert set(sub) == {"output.weight", "plora_sub_GN"} and sub["plora_sub_GN"].shape == (1, 1, 1, 256)
 
 
@@ -215,7 +217,7 @@ def test_round_trip_bit_exact(tmp_path, capsys, tag, layout):
     assert rc == 0, err
     index = json.load(open(os.path.join(ms_dir, "ms_model.index.json")))
     assert len(set(index["weight_map"].values())) > 1 and set(index["weight_map"]) == set(tensors)
-    raw = dict(iter_converted(ms_dir, dtype=None))
+    raw = dict(iter_tensors(ms_dir, dtype=None))
     for k, (t, a) in tensors.items():
         assert raw[k].dtype == NP[t] and raw[k].tobytes() == a.tobytes(), k
     rc, err = run(["--src", ms_dir, "--dst", back, "--to-torch", "--quiet"], capsys)
@@ -263,7 +265,7 @@ def test_ckpt_format_round_trip(tmp_path, capsys, tiny):
         loaded.update(ms.load_checkpoint(os.path.join(ms_dir, f)))
     assert set(loaded) == set(tensors)
     assert all(loaded[k].dtype == ms.bfloat16 for k in loaded)
-    got = load_converted(ms_dir)
+    got = load_state_dict(ms_dir)
     for k, (_, a) in tensors.items():
         assert np.array_equal(got[k], bf16_to_f32(a), equal_nan=True), k
     assert run(["--src", ms_dir, "--dst", back, "--to-torch", "--quiet"], capsys)[0] == 0
@@ -311,7 +313,7 @@ def test_dtype_cast(tmp_path, capsys, src_tag, dst_name, dst_tag):
     write_ckpt(src, tensors)
     rc, err = run(["--src", src, "--dst", dst, "--dtype", dst_name], capsys)
     assert rc == 0, err
-    raw = dict(iter_converted(dst, dtype=None))
+    raw = dict(iter_tensors(dst, dtype=None))
     tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     for k, (t, a) in tensors.items():
         x = torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16) if t == "BF16" else torch.from_numpy(a)
@@ -343,7 +345,7 @@ def test_dropped_buffers_are_recorded(tmp_path, capsys):
         assert by_src[k]["target"] == "dropped"
         assert by_src[k]["sha256"] == hashlib.sha256(extra[k][1].tobytes()).hexdigest()
     assert rec["num_dropped"] == 2
-    assert set(load_converted(dst)) == set(tensors) - set(extra)
+    assert set(load_state_dict(dst)) == set(tensors) - set(extra)
     assert run(["--src", dst, "--dst", back, "--to-torch", "--quiet"], capsys)[0] == 0
     assert set(raw_state(back)) == set(tensors) - set(extra)
 
@@ -403,8 +405,8 @@ def test_usage_errors(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--src", "a", "--dst", "b", "--to-torch", "--format", "ckpt"])
     assert e.value.code == 2
-    assert conv.parse_size("2GB") == 2 * 10 ** 9 and conv.parse_size("1GiB") == 1 << 30
-    assert conv.parse_size("512") == 512
+    assert units.parse_size("2GB") == 2 * 10 ** 9 and units.parse_size("1GiB") == 1 << 30
+    assert units.parse_size("512") == 512
 
 
 # --------------------------------------------------------------------------------------- bad input
@@ -575,7 +577,7 @@ def test_to_torch_detects_corrupted_shard(tmp_path, capsys, tiny):
 def test_failure_midway_leaves_nothing(tmp_path, capsys, tiny, monkeypatch):
     src, _ = tiny
     dst = str(tmp_path / "ms")
-    real = conv._save_ms_shard
+    real = shards.save_ms_shard
     calls = []
 
     def flaky(tensors, path, fmt):
@@ -583,16 +585,16 @@ def test_failure_midway_leaves_nothing(tmp_path, capsys, tiny, monkeypatch):
         if len(calls) == 2:
             raise OSError(28, "No space left on device", path)
         real(tensors, path, fmt)
-    monkeypatch.setattr(conv, "_save_ms_shard", flaky)
+    monkeypatch.setattr(shards, "save_ms_shard", flaky)
     rc, err = run(["--src", src, "--dst", dst, "--shard-size", "20KB"], capsys)
     assert len(calls) == 2
     assert_clean_failure(rc, err, dst, "No space left on device")
     # with --overwrite, a failed conversion keeps the old output untouched
-    monkeypatch.setattr(conv, "_save_ms_shard", real)
+    monkeypatch.setattr(shards, "save_ms_shard", real)
     assert run(["--src", src, "--dst", dst, "--quiet"], capsys)[0] == 0
     before = sorted(os.listdir(dst))
     calls.clear()
-    monkeypatch.setattr(conv, "_save_ms_shard", flaky)
+    monkeypatch.setattr(shards, "save_ms_shard", flaky)
     rc, err = run(["--src", src, "--dst", dst, "--shard-size", "20KB", "--overwrite"], capsys)
     assert rc == 1 and sorted(os.listdir(dst)) == before and is_converted_dir(dst)
     assert not [e for e in os.listdir(tmp_path) if ".ixc25-" in e]
@@ -603,15 +605,15 @@ def test_killed_conversion_leaves_nothing_complete(tmp_path, tiny):
     dst = str(tmp_path / "ms")
     script = (
         "import os, signal, sys\n"
-        "import converters.convert as c\n"
-        "real = c._save_ms_shard\n"
+        "import converters.shards as c\n"
+        "real = c.save_ms_shard\n"
         "n = [0]\n"
         "def die(t, p, f):\n"
         "    n[0] += 1\n"
         "    if n[0] == 2:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    real(t, p, f)\n"
-        "c._save_ms_shard = die\n"
+        "c.save_ms_shard = die\n"
         "from converters.cli import main\n"
         f"sys.exit(main(['--src', {src!r}, '--dst', {dst!r}, '--shard-size', '20KB', '--quiet']))\n")
     p = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -642,21 +644,21 @@ def test_writer_byte_identical_to_mindspore(tmp_path, capsys, monkeypatch, kerne
     pipeline, whatever its buffer size (tensors spanning buffers, buffers holding many tensors), hash threads,
     and with O_DIRECT or buffered writes."""
     import mindspore as ms
-    from ixc25_ms.ms_checkpoint import ms_numpy_dtype
-    monkeypatch.setattr(conv, "USE_KERNEL_COPY", kernel)
+    from ixc25_ms.weights.sources import ms_numpy_dtype
+    monkeypatch.setattr(pipeline, "USE_KERNEL_COPY", kernel)
     calls = _count_copy_file_range(monkeypatch)
     if kernel:
         if chunk:
-            monkeypatch.setattr(conv, "COPY_CHUNK", chunk)
+            monkeypatch.setattr(fastio, "COPY_CHUNK", chunk)
         if threads:
-            monkeypatch.setattr(conv, "COPY_HASH_THREADS", threads)
+            monkeypatch.setattr(fastio, "COPY_HASH_THREADS", threads)
     else:
-        monkeypatch.setattr(conv, "USE_DIRECT", direct)
+        monkeypatch.setattr(pipeline, "USE_DIRECT", direct)
         if chunk:
-            monkeypatch.setattr(conv, "DIRECT_CHUNK", chunk)
-            monkeypatch.setattr(conv, "DIRECT_BUFFERS", 3)
+            monkeypatch.setattr(pipeline, "DIRECT_CHUNK", chunk)
+            monkeypatch.setattr(pipeline, "DIRECT_BUFFERS", 3)
         if threads:
-            monkeypatch.setattr(conv, "HASH_THREADS", threads)
+            monkeypatch.setattr(pipeline, "HASH_THREADS", threads)
     src, dst = str(tmp_path / "src"), str(tmp_path / "ms")
     tensors = _mixed_tensors()
     write_ckpt(src, tensors, "sharded")
@@ -681,7 +683,7 @@ def test_writer_byte_identical_to_mindspore(tmp_path, capsys, monkeypatch, kerne
     rec = json.load(open(os.path.join(dst, "conversion.json")))
     for t in rec["tensors"]:
         assert t["sha256"] == hashlib.sha256(tensors[t["source_key"]][1].tobytes()).hexdigest(), t["source_key"]
-    raw = dict(iter_converted(dst, dtype=None))
+    raw = dict(iter_tensors(dst, dtype=None))
     assert all(raw[k].tobytes() == a.tobytes() for k, (_, a) in tensors.items())
     assert (calls[0] > 0) == kernel  # the default conversion copies in the kernel; the switch turns it off
 
@@ -709,7 +711,7 @@ def test_kernel_copy_fallbacks(tmp_path, capsys, monkeypatch, how):
     src, dst = str(tmp_path / "src"), str(tmp_path / "ms")
     tensors = _mixed_tensors()
     write_ckpt(src, tensors, "sharded")
-    monkeypatch.setattr(conv, "COPY_CHUNK", 4096)
+    monkeypatch.setattr(fastio, "COPY_CHUNK", 4096)
     if how == "refused":
         calls = _count_copy_file_range(monkeypatch, lambda n: OSError(_errno.EXDEV, "Invalid cross-device link"))
     else:
@@ -722,7 +724,7 @@ def test_kernel_copy_fallbacks(tmp_path, capsys, monkeypatch, how):
     rc, err = run(["--src", src, "--dst", dst, "--shard-size", "30KB", "--quiet"], capsys)
     assert rc == 0, err
     assert calls[0] > 0
-    raw = dict(iter_converted(dst, dtype=None))
+    raw = dict(iter_tensors(dst, dtype=None))
     assert all(raw[k].tobytes() == a.tobytes() for k, (_, a) in tensors.items())
     for t in json.load(open(os.path.join(dst, "conversion.json")))["tensors"]:
         assert t["sha256"] == hashlib.sha256(tensors[t["source_key"]][1].tobytes()).hexdigest(), t["source_key"]
@@ -732,7 +734,7 @@ def test_kernel_copy_error(tmp_path, capsys, tiny, monkeypatch):
     """A failing kernel copy (disk full) after the first chunk: the error, no hang, nothing left."""
     src, _ = tiny
     dst = str(tmp_path / "ms")
-    monkeypatch.setattr(conv, "COPY_CHUNK", 4096)
+    monkeypatch.setattr(fastio, "COPY_CHUNK", 4096)
     calls = _count_copy_file_range(monkeypatch, lambda n: OSError(28, "No space left on device") if n == 3 else None)
     rc, err = run(["--src", src, "--dst", dst], capsys)
     assert calls[0] == 3
@@ -756,7 +758,7 @@ def test_source_truncated_after_planning(tmp_path, capsys, tiny, monkeypatch, ke
     """The headers said N bytes, the file shrank before the bytes were read: a clean one-line failure."""
     src, _ = tiny
     dst = str(tmp_path / "ms")
-    monkeypatch.setattr(conv, "USE_KERNEL_COPY", kernel)
+    monkeypatch.setattr(pipeline, "USE_KERNEL_COPY", kernel)
     real = conv.plan_to_ms
 
     def plan_then_truncate(*a, **k):
@@ -774,10 +776,10 @@ def test_write_error_in_pipeline(tmp_path, capsys, tiny, monkeypatch, direct):
     """A failing write on a writer thread (disk full) surfaces as the error, with no hang and nothing left."""
     src, _ = tiny
     dst = str(tmp_path / "ms")
-    monkeypatch.setattr(conv, "USE_KERNEL_COPY", False)
-    monkeypatch.setattr(conv, "USE_DIRECT", direct)
-    monkeypatch.setattr(conv, "DIRECT_CHUNK", 8192)
-    monkeypatch.setattr(conv, "DIRECT_BUFFERS", 2)
+    monkeypatch.setattr(pipeline, "USE_KERNEL_COPY", False)
+    monkeypatch.setattr(pipeline, "USE_DIRECT", direct)
+    monkeypatch.setattr(pipeline, "DIRECT_CHUNK", 8192)
+    monkeypatch.setattr(pipeline, "DIRECT_BUFFERS", 2)
     real, n = os.pwrite, [0]
 
     def pwrite(fd, data, off):

@@ -6,7 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from ixc25_ms.checkpoint import SafetensorsFile, load_state_dict
+from ixc25_ms.weights.layout import load_state_dict
+from ixc25_ms.weights.safetensors import SafetensorsFile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data", "official-train")

@@ -12,9 +12,9 @@ from mindspore import Tensor
 from PIL import Image, ImageDraw
 
 import ixc25_ms
-from ixc25_ms.checkpoint import write_safetensors
+from ixc25_ms.weights.safetensors import write_safetensors
 from ixc25_ms.config import ConfigError, IXCConfig
-from ixc25_ms.param_spec import expected_parameters
+from ixc25_ms.weights.spec import expected_parameters
 from ixc25_ms.processing import preprocess_image
 from ixc25_ms.vision import TOWERS, TimmViTTower, ViewGeometry, encode_pixels, expected_tokens, split_views, \
     tower_spec
@@ -90,7 +90,7 @@ def test_registry_entries_and_mindspore_free_import():
     with pytest.raises(ConfigError, match="unknown 'model_type' 'nope'"):
         tower_spec("nope")
     code = ("import sys; from ixc25_ms.config import IXCConfig; from ixc25_ms.vision import registry; "
-            "import ixc25_ms.param_spec; import converters.mapping; "
+            "import ixc25_ms.weights.spec; import ixc25_ms.weights.keys; "
             f"c = IXCConfig.from_dict({VIT_CFG!r}); registry.vision_parameters(c.vision); "
             "print('mindspore' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -120,7 +120,7 @@ def test_encode_pixels_needs_a_tower():
 # ------------------------------------------------------------------------------------------ CLIP at 448/16
 def test_clip_at_448_patch_16_vs_reference():
     """The CLIP tower and the layout at a non-official geometry (28x28 grid) against the torch reference."""
-    from ixc25_ms.loading import assign_state_dict
+    from ixc25_ms.weights.loader import assign_state_dict
     from ixc25_ms.vision import CLIPVisionTower, build_vision_proj
     cfg = IXCConfig.from_dict(dict(VIT_CFG, vision_config={"hidden_size": 32, "intermediate_size": 48,
                                                            "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -236,8 +236,8 @@ def test_timm_chat_greedy_vs_reference(vit_ckpt):
 def test_timm_param_spec_and_converter_round_trip(vit_ckpt, tmp_path):
     """The whole-model spec carries the tower's keys; official -> MindSpore -> official keeps every tensor."""
     from converters.convert import convert_to_ms, convert_to_torch
-    from converters.mapping import ms_to_official, official_to_ms
-    from ixc25_ms.checkpoint import load_state_dict
+    from ixc25_ms.weights.keys import ms_to_official, official_to_ms
+    from ixc25_ms.weights.layout import load_state_dict
     src, cfg, state, img, model, _ = vit_ckpt
     spec = expected_parameters(cfg)
     assert {k: s for k, s in spec.items() if k.startswith("vit.")} == TIMM_KEYS

@@ -9,7 +9,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..checkpoint import f32_to_bf16, load_state_dict, write_safetensors
+from ..weights.layout import load_state_dict
+from ..weights.safetensors import write_safetensors
+from ..weights.tags import f32_to_bf16
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, NON_LORA, adapter_config, adapter_state
 
 SHARD_BYTES = 2 * 10 ** 9
@@ -45,7 +47,7 @@ def write_official(state: Dict[str, np.ndarray], src_dir: str, dst: str, dtype: 
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, part in zip(names, shards):
-        _atomic(os.path.join(dst, name), lambda p, part=part: write_safetensors(p, part, {"format": "pt"}))
+        write_safetensors(os.path.join(dst, name), part, {"format": "pt"}, fsync=True)
     if len(shards) > 1:
         index = {"metadata": {"total_size": int(sum(t[1].nbytes for t in tensors.values()))},
                  "weight_map": {k: n for n, part in zip(names, shards) for k in part}}
@@ -62,12 +64,12 @@ def write_adapter(model, dst: str, base_path: str, llm_lora: Optional[dict], vit
     the run trained (output head, GN tokens, projector...) in non_lora_trainables.safetensors — the official
     script drops those silently."""
     state = adapter_state(model)
-    _atomic(os.path.join(dst, ADAPTER_WEIGHTS),
-            lambda p: write_safetensors(p, {k: _stored(v, "fp32") for k, v in state.items()}, {"format": "pt"}))
+    write_safetensors(os.path.join(dst, ADAPTER_WEIGHTS), {k: _stored(v, "fp32") for k, v in state.items()},
+                      {"format": "pt"}, fsync=True)
     write_json(os.path.join(dst, ADAPTER_CONFIG), adapter_config(base_path, llm_lora, vit_lora))
     if extra:
-        _atomic(os.path.join(dst, NON_LORA),
-                lambda p: write_safetensors(p, {k: _stored(v, "fp32") for k, v in extra.items()}))
+        write_safetensors(os.path.join(dst, NON_LORA), {k: _stored(v, "fp32") for k, v in extra.items()},
+                          fsync=True)
 
 
 def write_json(path: str, obj) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..checkpoint import CheckpointError
+from ..weights import CheckpointError
 from ..config import ConfigError
 from ..processing import ImageError
 from .args import parse_args

@@ -86,7 +86,8 @@ def adapter_config(base_path: str, llm: Optional[dict], vit: Optional[dict]) -> 
 def read_adapter(path: str, allow_pickle: bool = False) -> Tuple[dict, Dict[str, np.ndarray]]:
     """(adapter_config, {PEFT key: float32 array}) of an adapter directory (ours, or one saved by PEFT:
     adapter_model.safetensors, or adapter_model.bin behind allow_pickle)."""
-    from ..checkpoint import CheckpointError, load_state_dict
+    from ..weights import CheckpointError
+    from ..weights.layout import load_state_dict
     cfg_path = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(cfg_path):
         raise AdapterError(f"{path}: no {ADAPTER_CONFIG} (not a PEFT adapter directory)")
@@ -154,8 +155,7 @@ def apply_adapter(model, path: str, allow_pickle: bool = False) -> List[str]:
     name_parameters(model)
     extra = os.path.join(path, NON_LORA)
     if os.path.isfile(extra):
-        from ..checkpoint import load_state_dict
-        from ..loading import assign_state_dict
+        from ..weights.layout import load_state_dict
         state = load_state_dict(extra)
         params = dict(model.parameters_and_names())
         unknown = [k for k in state if k not in params]

@@ -8,8 +8,10 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from ..checkpoint import (FLOAT_TAGS, CheckpointError, SafetensorsFile, bf16_to_f32, f32_to_bf16, list_weight_files,
-                          load_state_dict, write_safetensors)
+from ..weights import CheckpointError
+from ..weights.layout import list_weight_files, load_state_dict
+from ..weights.safetensors import SafetensorsFile, write_safetensors
+from ..weights.tags import FLOAT_TAGS, bf16_to_f32, f32_to_bf16
 from .checkpointing import META_FILE, publish_dir, write_json
 from .lora import NON_LORA, AdapterError, merge_plan, merged_weight, read_adapter
 
@@ -34,7 +36,7 @@ def merge(base: str, adapter: str, output: str, allow_pickle: bool = False, over
     extra = load_state_dict(extra_path) if os.path.isfile(extra_path) else {}
     if os.path.exists(output) and os.listdir(output) and not overwrite:
         raise CheckpointError(f"{output}: not empty (pass --overwrite)")
-    files = list_weight_files(base, allow_pickle)
+    files = list_weight_files(base, allow_pickle)[0]
     if any(f.endswith(".bin") for f in files):
         raise CheckpointError(f"{base}: merging reads safetensors checkpoints (convert .bin first with ixc25-convert)")
     done, seen = set(), set()

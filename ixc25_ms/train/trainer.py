@@ -12,7 +12,7 @@ import mindspore as ms
 import numpy as np
 
 from .. import load as load_model
-from ..loading import stream_into
+from ..weights.loader import stream_into
 from .args import FinetuneArgs
 from .batch import Collator
 from .checkpointing import (checkpoints, publish_dir, read_optimizer, rotate, write_adapter, write_json,
@@ -203,7 +203,8 @@ class Trainer:
 
         def build(tmp):
             self._write_weights(tmp, "fp32")  # exact: a resumed run continues from these bits
-            from ..checkpoint import write_safetensors, to_st
+            from ..weights.safetensors import write_safetensors
+            from ..weights.tags import to_st
             opt = self.opt.state_arrays()
             write_safetensors(os.path.join(tmp, "optimizer.safetensors"), {k: to_st(v) for k, v in opt.items()})
             write_json(os.path.join(tmp, "trainer_state.json"), self.state)
@@ -250,7 +251,7 @@ class Trainer:
 
     def _load_adapter_weights(self, path: str) -> None:
         from .lora import PEFT_PREFIX, read_adapter
-        from ..checkpoint import load_state_dict
+        from ..weights.layout import load_state_dict
         _, weights = read_adapter(path)
         params = dict(self.model.parameters_and_names())
         for k, v in weights.items():

@@ -1,4 +1,4 @@
-"""The one key table official PyTorch checkpoint <-> MindSpore model, both directions derived from it."""
+"""The one key table official PyTorch checkpoint <-> MindSpore model (both directions), its surgery hook and drops."""
 from __future__ import annotations
 
 import re
@@ -6,10 +6,12 @@ from typing import Dict, List, Optional, Pattern, Tuple
 
 import numpy as np
 
-from ixc25_ms.vision.registry import key_rows as vision_key_rows, key_slots as vision_key_slots
+from ..vision.registry import key_rows as vision_key_rows, key_slots as vision_key_slots
 
-# Placeholders usable in the table; each becomes a named regex group.
-SLOTS = {
+Row = Tuple[str, Optional[str]]  # (official key pattern, MindSpore key pattern; None: drop, never converted)
+
+# Placeholders usable in the rows; each becomes a named regex group.
+LLM_SLOTS = {
     "n": r"\d+",                                                              # layer index
     "linear": r"attention\.wqkv|attention\.wo|feed_forward\.w[123]",          # PLoRA linears
     "lora": r"Plora_[AB]|lora_sft_[AB]|lora_dpo_[AB]|lora_web_[AB]",          # their LoRA branches
@@ -18,12 +20,15 @@ SLOTS = {
     "vp": r"[02]",                                                            # vision_proj Linear indices
     "rope": r"inv_freq|cos_cached|sin_cached",                                # RoPE buffers
 }
+
+# ------------------------------------------------------------------------------------ the table
+SLOTS = dict(LLM_SLOTS)
 for _name, _rx in vision_key_slots().items():  # each vision tower's placeholders (ixc25_ms/vision/*_spec.py)
     if SLOTS.setdefault(_name, _rx) != _rx:
-        raise ValueError(f"vision key slot {_name!r} clashes with converters/mapping.py SLOTS")
+        raise ValueError(f"vision key slot {_name!r} clashes with the LLM's key slots")
 
 # official key pattern                                          MindSpore key (None: drop, never converted)
-KEY_TABLE: List[Tuple[str, Optional[str]]] = [
+KEY_TABLE: List[Row] = [
     ("model.tok_embeddings.weight",                              "model.tok_embeddings.weight"),
     ("model.layers.{n}.{linear}.{wb}",                           "model.layers.{n}.{linear}.{wb}"),
     ("model.layers.{n}.{linear}.{lora}.weight",                  "model.layers.{n}.{linear}.{lora}.weight"),
@@ -34,8 +39,7 @@ KEY_TABLE: List[Tuple[str, Optional[str]]] = [
     ("vision_proj.{vp}.{wb}",                                    "vision_proj.{vp}.{wb}"),
     ("plora_glb_GN",                                             "plora_glb_GN"),
     ("plora_sub_GN",                                             "plora_sub_GN"),
-    # buffers the model recomputes
-    ("model.layers.{n}.attention.rotary_emb.{rope}",             None),
+    ("model.layers.{n}.attention.rotary_emb.{rope}",             None),  # recomputed
 ]
 
 # Tensor surgery, keyed by MindSpore key regex: (to MindSpore, back to official), layout-only functions of the
@@ -78,6 +82,14 @@ def ms_to_official(key: str) -> str:
         if m:
             return src.format(**m.groupdict())
     raise UnknownKeyError(key)
+
+
+def is_droppable(key: str) -> bool:
+    """True for a buffer some official checkpoints carry that the model recomputes (a None row of KEY_TABLE)."""
+    try:
+        return official_to_ms(key) is None
+    except UnknownKeyError:
+        return False
 
 
 def surgery_to_ms(ms_key: str, arr: np.ndarray) -> np.ndarray:

@@ -1,14 +1,13 @@
-"""Every IXC2.5 parameter under its official key name, with the shape the config implies."""
+"""Every IXC2.5 parameter under its official key name, with the shape the config implies (the tower brings its own)."""
 from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from .config import IXCConfig
-from .vision.registry import vision_parameters
+from ..config import IXCConfig
+from ..vision.registry import vision_parameters
 
 Shape = Tuple[int, ...]
 
-VIT_PREFIX = "vit.vision_tower.vision_model."
 PLORA_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 LORA_NAMES = ("Plora", "lora_sft", "lora_dpo", "lora_web")
 
@@ -46,11 +45,13 @@ def llm_layer_parameters(cfg: IXCConfig, n: int) -> Dict[str, Shape]:
     return out
 
 
+# ------------------------------------------------------------------------------------ the vision tower
 def vit_parameters(cfg: IXCConfig) -> Dict[str, Shape]:
     """The vision tower's parameters, from the tower vision_config selects (ixc25_ms.vision.registry)."""
     return vision_parameters(cfg.vision)
 
 
+# ------------------------------------------------------------------------------------ the whole model
 def expected_parameters(cfg: IXCConfig) -> Dict[str, Shape]:
     """{official key: shape} for the whole model, in a stable order (LLM, ViT, projector, GN tokens)."""
     h, m = cfg.hidden_size, cfg.vit_merged_dim
