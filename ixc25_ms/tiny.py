@@ -58,7 +58,7 @@ MARKERS = ["[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_130]"]
 MIN_VOCAB, MAX_VOCAB = 355, 1530  # measured with sentencepiece 0.2.3 for CORPUS
 
 
-def train_tiny_tokenizer(out_path, vocab_size=400):
+def train_tiny_tokenizer(out_path, vocab_size=400, corpus=None):
     """Train a BPE sentencepiece model with the official InternLM2 settings; write it to out_path.
 
     Same settings as the golden tiny tokenizer (and the real one): BPE, byte_fallback, split_digits,
@@ -66,9 +66,10 @@ def train_tiny_tokenizer(out_path, vocab_size=400):
     USER_DEFINED markers [UNUSED_TOKEN_146]=3, [UNUSED_TOKEN_145]=4, [UNUSED_TOKEN_130]=5.
     Deterministic (one thread, fixed corpus): equal arguments give byte-identical files.
     vocab_size must lie in [MIN_VOCAB, MAX_VOCAB] (the corpus' characters + 262 meta/byte pieces, and the
-    number of merges the corpus allows). Returns out_path.
+    number of merges the corpus allows). `corpus`: other training lines (the bounds are then the caller's).
+    Returns out_path.
     """
-    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+    if corpus is None and not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
         raise ValueError(f"vocab_size must be in [{MIN_VOCAB}, {MAX_VOCAB}] for the built-in corpus, got {vocab_size}")
     buf = io.BytesIO()
     with open(os.devnull, "w") as devnull:
@@ -79,7 +80,7 @@ def train_tiny_tokenizer(out_path, vocab_size=400):
         except (AttributeError, OSError, ValueError):
             quiet = {"minloglevel": 2}
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(CORPUS.splitlines()),
+            sentence_iterator=iter(CORPUS.splitlines() if corpus is None else list(corpus)),
             model_writer=buf,
             model_prefix="",
             **quiet,

@@ -10,6 +10,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+GROUP = 48  # parameters per compiled update graph (a graph's Python loop is unrolled: depth grows with it)
 LAYERNORM_PARAMS = ("layer_norm1.", "layer_norm2.", "pre_layrnorm.", "post_layernorm.")  # the ViT's nn.LayerNorm
 
 
@@ -52,10 +53,10 @@ class _Update(nn.Cell):
         self.m = ms.ParameterTuple(m) if kind == "adamw" else ()
         self.v = ms.ParameterTuple(v) if kind == "adamw" else ()
 
-    def construct(self, grads, decay, step_size, bc2_sqrt, eps, beta1, beta2, active):
+    def construct(self, grads, scale, decay, step_size, bc2_sqrt, eps, beta1, beta2, active):
         for i in range(len(self.params)):
             if active[i]:
-                p, g = self.params[i], grads[i].astype(ms.float32)
+                p, g = self.params[i], grads[i].astype(ms.float32) * scale
                 if self.kind == "sgd":  # torch.optim.SGD: L2 added to the gradient, then p -= lr * d_p
                     w = p.astype(ms.float32)
                     ops.assign(p, (w - (g + w * decay[i]) * step_size[i]).astype(p.dtype))
@@ -70,8 +71,8 @@ class _Update(nn.Cell):
         return True
 
     @ms.jit
-    def compiled(self, grads, decay, step_size, bc2_sqrt, eps, beta1, beta2, active):
-        return self.construct(grads, decay, step_size, bc2_sqrt, eps, beta1, beta2, active)
+    def compiled(self, grads, scale, decay, step_size, bc2_sqrt, eps, beta1, beta2, active):
+        return self.construct(grads, scale, decay, step_size, bc2_sqrt, eps, beta1, beta2, active)
 
 
 class Optimizer:
@@ -97,9 +98,13 @@ class Optimizer:
                       for p, n in zip(self.params, self.names)]
         else:
             self.m = self.v = []
-        self._update = _Update(self.kind, self.params, self.m, self.v)
+        n = len(self.params)
+        self._groups = [(i, min(n, i + GROUP)) for i in range(0, n, GROUP)]
+        self._updates = [_Update(self.kind, self.params[a:b], self.m[a:b], self.v[a:b]) for a, b in self._groups]
 
-    def step(self, grads, lr: float, active: Sequence[bool], use_jit: bool = True) -> None:
+    def step(self, grads, lr: float, active: Sequence[bool], use_jit: bool = True, grad_scale: float = 1.0) -> None:
+        """One update with the gradients `grads` * `grad_scale` (accumulation average and clipping folded in, so no
+        scaled copy of the gradients is made)."""
         active = tuple(bool(a) for a in active)
         self.steps += np.asarray(active, np.int64)
         lrs = lr * self.lr_scale
@@ -111,9 +116,12 @@ class Optimizer:
             bc2 = np.sqrt(1.0 - b2 ** t)
         else:
             decay, step_size, bc2 = self.wd, lrs, np.ones_like(lrs)
-        vec = lambda x: Tensor(np.asarray(x, np.float32))  # noqa: E731  (n,) per-parameter values
-        args = (ms.mutable(tuple(grads)), vec(decay), vec(step_size), vec(bc2), float(self.eps), b1, b2, active)
-        (self._update.compiled if use_jit else self._update)(*args)
+        scale = Tensor(np.float32(grad_scale))
+        for (a, b), upd in zip(self._groups, self._updates):
+            vec = lambda x: Tensor(np.asarray(x[a:b], np.float32))  # noqa: E731  per-parameter values
+            args = (ms.mutable(tuple(grads[a:b])), scale, vec(decay), vec(step_size), vec(bc2), float(self.eps), b1,
+                    b2, active[a:b])
+            (upd.compiled if use_jit else upd)(*args)
 
     def state_arrays(self) -> Dict[str, np.ndarray]:
         out = {"steps": self.steps.copy()}
@@ -131,10 +139,10 @@ class Optimizer:
                 v.set_data(Tensor(state[f"exp_avg_sq.{n}"]))
 
 
-def global_norm(grads, active: Sequence[bool]) -> float:
-    """torch.nn.utils.clip_grad_norm_'s total L2 norm over the gradients in the graph."""
+def global_norm(grads, active: Sequence[bool], scale: float = 1.0) -> float:
+    """torch.nn.utils.clip_grad_norm_'s total L2 norm over the gradients in the graph (times `scale`)."""
     sq = [float((g.astype(ms.float32) ** 2).sum().asnumpy()) for g, a in zip(grads, active) if a]
-    return math.sqrt(sum(sq))
+    return math.sqrt(sum(sq)) * scale
 
 
 def clip_coefficient(total_norm: float, max_norm: float) -> float:

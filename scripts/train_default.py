@@ -1,0 +1,192 @@
+"""Makes the embedded default model: drawn shape pictures -> a tiny IXC2.5 trained from scratch by ixc25-finetune.
+
+One command, fixed seed: generate the training pictures and conversations (official JSON format), train a small
+sentencepiece tokenizer on their text (with the official turn markers), write a randomly initialised
+official-layout checkpoint of the tiny architecture below, fine-tune it with `ixc25-finetune` (the project's own
+training path, every weight trainable), then write the fp16 checkpoint with its provenance into
+`ixc25_ms/default_model/`. `--eval N` also scores N held-out pictures (another seed range) with ixc25-eval.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.join(os.path.dirname(HERE), "ixc25_ms", "default_model")
+# The architecture: every IXC2.5 part at toy width. CLIP-style ViT at 560 px with 28-px patches (a 20x20 grid:
+# 100 merged tokens per view), the HD crops, sub_GN/glb_GN layout, projector, InternLM2 with GQA and partial LoRA.
+CONFIG = {
+    "architectures": ["InternLMXComposer2ForCausalLM"], "model_type": "internlm2",
+    "vocab_size": 320, "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4,
+    "num_attention_heads": 6, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000,
+    "rope_scaling": None, "max_position_embeddings": 4096, "bias": False, "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "max_length": 4096,
+    "lora_r": 16, "lora_alpha": 16, "web_lora_r": 4,
+    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 128, "intermediate_size": 512,
+                      "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": 560, "patch_size": 28,
+                      "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
+}
+TRAIN_SEED_BASE, EVAL_SEED_BASE = 0, 10_000_000  # picture i of the training set uses seed BASE + i
+
+
+def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: float = 0.08, log=print) -> str:
+    """n pictures under root/images and root/data.json (official conversation format); picture i drawn from
+    seed seed_base + i; `chitchat` of n extra text-only items. Returns the JSON path."""
+    from ixc25_ms import shapes as S
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    items = []
+    t = time.perf_counter()
+    for i in range(n):
+        rng = np.random.default_rng(seed_base + i)
+        scene = S.random_scene(rng)
+        path = os.path.join("images", f"{seed_base + i}.png")
+        full = os.path.join(root, path)
+        if not os.path.exists(full):
+            S.render(scene, rng).save(full, compress_level=1)
+        qa = S.conversation(scene, rng, int(rng.integers(turns[0], turns[1] + 1)))
+        conv = []
+        for _, _, q, a in qa:
+            conv += [{"from": "human", "value": q}, {"from": "bot", "value": a}]
+        items.append({"id": f"shapes-{seed_base + i}", "image": path, "conversations": conv})
+        if log and (i + 1) % 1000 == 0:
+            log(f"[default] {i + 1} pictures ({time.perf_counter() - t:.0f} s)")
+    rng = np.random.default_rng(seed_base - 1 if seed_base else 12345)
+    for k in range(int(round(chitchat * n))):
+        conv = []
+        for j in rng.choice(len(S.CHITCHAT), size=int(rng.integers(1, 3)), replace=False):
+            q, a = S.CHITCHAT[int(j)]
+            conv += [{"from": "human", "value": q}, {"from": "bot", "value": a}]
+        items.append({"id": f"chat-{k}", "conversations": conv})
+    out = os.path.join(root, "data.json")
+    with open(out, "w") as f:
+        json.dump(items, f)
+    return out
+
+
+def corpus_lines():
+    """The text the tokenizer learns: every question and answer form, the chit-chat, the turn layout."""
+    from ixc25_ms import shapes as S
+    lines = [q + " " + a for q, a in S.CHITCHAT]
+    for shape in S.SHAPES:
+        for colour in S.COLOURS:
+            lines += [S.question(1, shape), S.question(2, shape), S.question(3, colour),
+                      f"The {shape} is {colour}.", f"The {colour} one is a {shape}.", f"two {colour} {shape}s"]
+        lines += [f"There are {n} {shape}s." for n in range(5)] + [f"There is 1 {shape}."]
+    lines += [S.question(4, ""), "A red circle, an orange square and a green triangle."]
+    turn = "[UNUSED_TOKEN_146]user\n{}[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n{}[UNUSED_TOKEN_145]\n"
+    return lines + [turn.format(q, a) for q, a in S.CHITCHAT] * 3
+
+
+def init_checkpoint(dst: str, seed: int) -> str:
+    """The untrained model: official layout, seeded init (normal 0.02, norms 1, biases and GN tokens 0, the
+    write/web LoRAs 0 — unused in base mode), the task tokenizer."""
+    from ixc25_ms.config import IXCConfig
+    from ixc25_ms.tiny import train_tiny_tokenizer
+    from ixc25_ms.weights.safetensors import write_safetensors
+    from ixc25_ms.weights.spec import expected_parameters
+    os.makedirs(dst, exist_ok=True)
+    cfg = IXCConfig.from_dict(CONFIG)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for k, shape in expected_parameters(cfg).items():
+        if k.endswith(("norm.weight", "layer_norm1.weight", "layer_norm2.weight", "layrnorm.weight",
+                       "layernorm.weight")):
+            a = np.ones(shape, np.float32)
+        elif k.endswith("bias") or "GN" in k or ".lora_sft_" in k or ".lora_dpo_" in k or ".lora_web_" in k:
+            a = np.zeros(shape, np.float32)
+        else:
+            a = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        tensors[k] = ("F32", a)
+    write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(CONFIG, f, indent=1)
+    train_tiny_tokenizer(os.path.join(dst, "tokenizer.model"), vocab_size=CONFIG["vocab_size"], corpus=corpus_lines())
+    return dst
+
+
+def finetune_flags(args) -> list:
+    return ["--data_path", "data.json", "--output_dir", os.path.join(args.work, "run"), "--overwrite_output_dir",
+            "--fix_vit", "False", "--fix_sampler", "False", "--use_lora", "False", "--hd_num", str(args.hd_num),
+            "--max_length", "4096", "--batch_size", "1", "--per_device_train_batch_size", "1",
+            "--gradient_accumulation_steps", str(args.accum), "--num_train_epochs", str(args.epochs),
+            "--learning_rate", str(args.lr), "--weight_decay", "0.05", "--adam_beta2", "0.98", "--warmup_steps", "200",
+            "--lr_scheduler_type", "cosine", "--max_grad_norm", "1.0", "--plora_dropout", "0.0", "--logging_steps",
+            "50", "--save_strategy", "steps", "--save_steps", "500", "--save_total_limit", "1", "--seed",
+            str(args.seed)] + (["--max_steps", str(args.max_steps)] if args.max_steps else []) + (
+            ["--torch_compile", "True"] if args.jit else [])
+
+
+def export(run_dir: str, dst: str, command: str, notes: dict) -> None:
+    """fp16 official-layout checkpoint + config + tokenizer + PROVENANCE.md (command, seed, sha256 of each file)."""
+    from ixc25_ms.weights.layout import load_state_dict
+    from ixc25_ms.weights.safetensors import write_safetensors
+    os.makedirs(dst, exist_ok=True)
+    state = load_state_dict(run_dir)
+    write_safetensors(os.path.join(dst, "model.safetensors"), {k: ("F16", v.astype(np.float16)) for k, v in state.items()})
+    for f in ("config.json", "tokenizer.model"):
+        with open(os.path.join(run_dir, f), "rb") as a, open(os.path.join(dst, f), "wb") as b:
+            b.write(a.read())
+    sums = {f: hashlib.sha256(open(os.path.join(dst, f), "rb").read()).hexdigest()
+            for f in ("config.json", "tokenizer.model", "model.safetensors")}
+    with open(os.path.join(dst, "PROVENANCE.md"), "w") as f:
+        f.write("# The embedded default model\n\nMade by `" + command + "` (scripts/train_default.py: drawn pictures, "
+                "a task tokenizer, then ixc25-finetune from random initialisation).\n\n")
+        for k, v in notes.items():
+            f.write(f"- {k}: {v}\n")
+        f.write("\nsha256:\n```\n" + "".join(f"{v}  {k}\n" for k, v in sums.items()) + "```\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="train_default", description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default=os.path.join(os.getcwd(), "default_train"), help="working directory")
+    ap.add_argument("--out", default=PACKAGE_DIR, help="where the fp16 model is written")
+    ap.add_argument("--pictures", type=int, default=6000, help="training pictures")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--max_steps", type=int, default=0)
+    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--hd_num", type=int, default=9)
+    ap.add_argument("--jit", action="store_true", help="compile the training step (mindspore.jit)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval", type=int, default=0, help="score this many held-out pictures after training")
+    args = ap.parse_args(argv)
+    command = "python scripts/train_default.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    t0 = time.perf_counter()
+    os.makedirs(args.work, exist_ok=True)
+    make_pictures(args.work, args.pictures, TRAIN_SEED_BASE + args.seed * 1_000_000)
+    init_checkpoint(os.path.join(args.work, "init"), args.seed)
+    t_data = time.perf_counter() - t0
+    print(f"[default] data and initial checkpoint in {t_data:.0f} s", flush=True)
+    from ixc25_ms.train.cli import main as finetune
+    cwd = os.getcwd()
+    os.chdir(args.work)
+    try:
+        rc = finetune(["--model_name_or_path", "init"] + finetune_flags(args))
+    finally:
+        os.chdir(cwd)
+    if rc:
+        return rc
+    t_train = time.perf_counter() - t0 - t_data
+    with open(os.path.join(args.work, "run", "trainer_state.json")) as f:
+        state = json.load(f)
+    notes = {"seed": args.seed, "training pictures": args.pictures, "optimizer steps": state["global_step"],
+             "data + init seconds": round(t_data), "training seconds": round(t_train)}
+    export(os.path.join(args.work, "run"), args.out, command, notes)
+    print(f"[default] wrote {args.out} ({t_train:.0f} s of training)", flush=True)
+    if args.eval:
+        from ixc25_ms.eval import main as evaluate
+        held = make_pictures(os.path.join(args.work, "heldout"), args.eval, EVAL_SEED_BASE, turns=(4, 4),
+                             chitchat=0.0)
+        return evaluate(["--model", args.out, "--data", held, "--json", os.path.join(args.work, "eval.json")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
