@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("torch")
 
 from ixc25_ms.checkpoint import SafetensorsFile, to_st, write_safetensors  # noqa: E402
-from parity_tests.tool import (LazyWeights, compare_chunked, estimate_memory, input_geometry,  # noqa: E402
-                               load_tolerance_table)
+from ixc25_ms.parity import (LazyWeights, compare_chunked, estimate_memory, input_geometry,  # noqa: E402
+                             load_tolerance_table)
 from parity_tests.tolerance import compare  # noqa: E402
 from scripts.parity import main  # noqa: E402
 
