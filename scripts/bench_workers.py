@@ -1,5 +1,5 @@
-"""ixc25-bench workers: one contender per process (MindSpore PyNative or jit, or the PyTorch reference), driven
-over stdin/stdout by scripts/bench.py; each builds the synthetic model (ixc25_ms.testing) and times repeats."""
+"""ixc25-bench workers: one contender per process (MindSpore PyNative/jit or the PyTorch reference), timed repeats."""
+# Driven over stdin/stdout by scripts/bench.py; each worker builds the synthetic model of ixc25_ms.testing.
 from __future__ import annotations
 
 import argparse

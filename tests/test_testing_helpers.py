@@ -22,6 +22,16 @@ def test_import_needs_neither_mindspore_nor_torch():
     assert out.stdout.split() == ["False", "False"]
 
 
+def test_parity_cli_without_torch():
+    """torch is a test extra: the installed ixc25-parity says so in one line (the estimate needs no torch)."""
+    golden = os.path.join(REPO, "tests", "data", "official-tiny")
+    code = ("import sys; sys.modules['torch'] = None; from ixc25_ms.parity.cli import main; "
+            f"print('rc', main(['--model', {golden!r}, '--estimate-memory']), main(['--model', {golden!r}]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.stdout.split()[-3:] == ["rc", "0", "2"], out.stderr[-2000:]
+    assert "ixc25-parity: error: the PyTorch reference needs torch (pip install 'ixc25-ms[test]')" in out.stderr
+
+
 def test_weights_cover_the_parameter_spec_and_are_seeded():
     t = TinyModelTester(seed=3)
     spec = expected_parameters(t.cfg)

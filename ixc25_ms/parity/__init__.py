@@ -1,8 +1,7 @@
-"""ixc25-parity: the MindSpore port vs our PyTorch reference, module by module (see notes/parity-tool.md).
-
-The MindSpore side runs first, its rows captured with forward hooks on the model's own cells and saved to a
-work directory; the model is freed; then the reference runs and each output is compared with the saved row.
-Importing the package imports neither MindSpore nor torch; the names below load their module on first use."""
+"""ixc25-parity: the MindSpore port vs our PyTorch reference, module by module (see notes/parity-tool.md)."""
+# The MindSpore side runs first, its rows captured with forward hooks on the model's own cells and saved to a
+# work directory; the model is freed; then the reference runs and each output is compared with the saved row.
+# Importing the package imports neither MindSpore nor torch; the names below load their module on first use.
 _LAZY = {
     "run_parity": "run", "main": "cli", "build_parser": "cli",
     "LazyArray": "lazy", "LazyWeights": "lazy", "ActivationStore": "store",

@@ -1,8 +1,7 @@
-"""Activation capture with MindSpore forward hooks, and the cells behind the parity tool's rows.
-
-Hooks run in PyNative only: inside a `mindspore.jit` graph MindSpore 2.10 tries to compile a registered hook
-into the graph (its Python side effects are lost, and a hook that converts its output to numpy fails at run
-time), so `capture` removes every hook on exit and the tool never calls a jit path while capturing."""
+"""Activation capture with MindSpore forward hooks, and the cells behind the parity tool's rows."""
+# Hooks run in PyNative only: inside a `mindspore.jit` graph MindSpore 2.10 tries to compile a registered hook
+# into the graph (its Python side effects are lost, and a hook that converts its output to numpy fails at run
+# time), so `capture` removes every hook on exit and the tool never calls a jit path while capturing.
 from __future__ import annotations
 
 from contextlib import contextmanager
