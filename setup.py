@@ -27,7 +27,7 @@ setup(
             "ixc25-demo=scripts.demo:main",
             "ixc25-chat=scripts.chat_cli:main",
             "ixc25-convert=converters.cli:main",
-            "ixc25-parity=scripts.parity:main",
+            "ixc25-parity=ixc25_ms.parity.cli:main",
             "ixc25-bench=scripts.bench:main",
             "ixc25-finetune=ixc25_ms.train.cli:main",
             "ixc25-merge=ixc25_ms.train.merge:main",

@@ -30,7 +30,7 @@ ANSWER = ("The picture shows a smooth gradient from dark to light, with bands of
 def build_case(work: str, config: str, seed: int = 0) -> dict:
     """Writes (once per config and seed) an official-layout checkpoint with seeded weights, the picture and a
     one-item data file; returns their paths."""
-    from scripts.bench import DEFAULT_CFG, QUICK_CFG, make_image, make_state
+    from ixc25_ms.testing import DEFAULT_CFG, QUICK_CFG, make_image, synthetic_state
     from ixc25_ms.weights.safetensors import write_safetensors
     from ixc25_ms.config import IXCConfig
     from PIL import Image
@@ -41,7 +41,7 @@ def build_case(work: str, config: str, seed: int = 0) -> dict:
         os.makedirs(model, exist_ok=True)
         cfg_dict = dict(DEFAULT_CFG if config == "mid" else QUICK_CFG)
         cfg = IXCConfig.from_dict(cfg_dict)
-        state = make_state(cfg, seed)
+        state = synthetic_state(cfg, seed)
         write_safetensors(os.path.join(model, "model.safetensors"), {k: ("F32", v) for k, v in state.items()})
         with open(os.path.join(model, "config.json"), "w") as f:
             json.dump(dict(cfg_dict, architectures=["InternLMXComposer2ForCausalLM"], model_type="internlm2"), f)

@@ -48,16 +48,12 @@ def collect(work: str, cpu_kernels: bool = False) -> dict:
     import mindspore as ms
     from mindspore import Tensor
 
-    from ixc25_ms.config import IXCConfig
-    from ixc25_ms.language import InternLM2ForCausalLM
-    from ixc25_ms.weights.loader import assign_state_dict
-    from scripts.bench import QUICK_CFG, make_state
+    from ixc25_ms.testing import QUICK_CFG, TinyModelTester
 
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    cfg = IXCConfig.from_dict(QUICK_CFG)
-    lm = InternLM2ForCausalLM(cfg, "float32", use_jit=True, cpu_kernels=cpu_kernels)
-    state = {k: v for k, v in make_state(cfg, 0).items() if k.startswith(("model.", "output."))}
-    assign_state_dict(lm, state)
+    tester = TinyModelTester(QUICK_CFG, seed=0, init="bench")  # the bench's --quick weights
+    cfg = tester.cfg
+    lm = tester.ms_lm("float32", use_jit=True, cpu_kernels=cpu_kernels)
     l, cap = 24, 32
     x = Tensor(np.random.default_rng(0).standard_normal((1, l, cfg.hidden_size)).astype(np.float32) * 0.1)
     im = np.zeros((1, l), bool)

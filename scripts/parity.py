@@ -2,7 +2,7 @@
 
 Usage: ixc25-parity --model DIR [--image A.png ...] [--query TEXT] [--dtype fp32|fp16]
                     [--mode pynative|graph] [--report out.json|out.md] [--tolerance-table FILE] [--steps N]
-The logic lives in parity_tests/tool.py (see notes/parity-tool.md)."""
+The logic lives in the ixc25_ms.parity package (see notes/parity-tool.md)."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ os.environ.setdefault("GLOG_v", "3")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from parity_tests.tool import main as _main
+    from ixc25_ms.parity.cli import main as _main
     return _main(argv)
 
 

@@ -10,8 +10,8 @@ pytest.importorskip("torch")
 
 from ixc25_ms.weights.safetensors import SafetensorsFile, write_safetensors  # noqa: E402
 from ixc25_ms.weights.tags import to_st  # noqa: E402
-from parity_tests.tool import (LazyWeights, compare_chunked, estimate_memory, input_geometry,  # noqa: E402
-                               load_tolerance_table)
+from ixc25_ms.parity import (LazyWeights, compare_chunked, estimate_memory, input_geometry,  # noqa: E402
+                             load_tolerance_table)
 from parity_tests.tolerance import compare  # noqa: E402
 from scripts.parity import main  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 In a compiled CPU graph (MindSpore 2.10) a broadcasting Mul/Add keeps about 4 output-sized buffers until the
 call ends, so the old per-layer `scores + mask` (and RoPE / RMSNorm / PLoRA-mask products) grew the peak RSS
-by ~0.45 GB per decoder layer at 1,280 tokens (notes/performance.md, session 7). Each case runs in a fresh
+by ~0.45 GB per decoder layer at 1,280 tokens (notes/performance.md). Each case runs in a fresh
 process (the memory pool of earlier tests would hide growth) and compares the peak growth of a jit prefill
 with 1 and 3 decoder layers, per extra layer, in units of that layer's causal attention scores.
 """
@@ -18,23 +18,20 @@ CODE = r'''
 import json, sys, numpy as np
 import mindspore as ms
 ms.set_context(mode=ms.PYNATIVE_MODE)
-from ixc25_ms.config import IXCConfig
-from ixc25_ms.language import InternLM2ForCausalLM
-from scripts.bench import _reset_peak, _vm
+from ixc25_ms.testing import TinyModelTester, reset_peak, vm
 layers, L, heads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-cfg = IXCConfig.from_dict(dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                               num_attention_heads=heads, num_key_value_heads=4, lora_r=8, web_lora_r=8))
-lm = InternLM2ForCausalLM(cfg, use_jit=True)
+tester = TinyModelTester(dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                              num_attention_heads=heads, num_key_value_heads=4, lora_r=8, web_lora_r=8), init="bench")
+lm = tester.ms_lm(use_jit=True)
+tester.release()
 rng = np.random.default_rng(0)
-for p in lm.get_parameters():
-    p.set_data(ms.Tensor((rng.standard_normal(p.shape) * 0.02).astype(np.float32)))
 x = ms.Tensor(rng.standard_normal((1, L, 64)).astype(np.float32))
 im = np.zeros((1, L), bool); im[0, 1:L // 2] = True
-base = _vm("VmRSS")
-assert _reset_peak(), "cannot reset VmHWM (/proc/self/clear_refs)"
+base = vm("VmRSS")
+assert reset_peak(), "cannot reset VmHWM (/proc/self/clear_refs)"
 for _ in range(2):
     logits = lm.prefill(x, im, None, cap=L + 16)[0].asnumpy()
-print("@@" + json.dumps({"peak_mb": _vm("VmHWM") - base, "finite": bool(np.isfinite(logits).all())}))
+print("@@" + json.dumps({"peak_mb": vm("VmHWM") - base, "finite": bool(np.isfinite(logits).all())}))
 '''
 
 

@@ -108,10 +108,8 @@ class Trainer:
             ms.set_seed(a.seed * 1_000_003 + step * 64 + j)  # dropout: fixed by (seed, step), so a resume repeats it
             inputs = forward_inputs(self.model, batch)
             loss, grads = (self.grad_jit or self.grad_fn)(*inputs)
-            scale = 1.0 / a.gradient_accumulation_steps  # transformers: each micro-batch loss / GA
-            grads = [g * scale for g in grads]
             acc = grads if acc is None else [x + g for x, g in zip(acc, grads)]
-            loss_sum += float(loss.asnumpy()) * scale
+            loss_sum += float(loss.asnumpy()) / a.gradient_accumulation_steps
             tokens += batch.n_tokens
             has_image |= batch.views is not None
         if self.comm is not None:
@@ -119,12 +117,10 @@ class Trainer:
         if not math.isfinite(loss_sum):
             raise TrainingError(self._nan_message(step, loss_sum))
         active = self.t.active(has_image)
-        norm = global_norm(acc, active)
-        coef = clip_coefficient(norm, a.max_grad_norm)
-        if coef < 1.0:
-            acc = [g * coef for g in acc]
+        scale = 1.0 / (a.gradient_accumulation_steps * self.world)  # transformers: each micro-batch loss / GA
+        norm = global_norm(acc, active, scale)
         lr = a.learning_rate * lr_lambda(a.lr_scheduler_type, step, self.warmup, self.total)
-        self.opt.step(acc, lr, active)
+        self.opt.step(acc, lr, active, grad_scale=scale * clip_coefficient(norm, a.max_grad_norm))
         return loss_sum, norm, tokens, has_image
 
     def _nan_message(self, step: int, loss: float) -> str:

@@ -70,12 +70,23 @@ class VisionReference:
         h = h * torch.sigmoid(1.702 * h) if self.act == "quick_gelu" else F.gelu(h)
         return x + self._lin(h, p + "mlp.fc2")
 
-    def tower(self, views: torch.Tensor) -> torch.Tensor:
-        """(B,3,R,R) -> last encoder layer output without CLS and without post_layernorm (B,grid²,C)."""
-        x = self._ln(self.embed(views), self.p + "pre_layrnorm")
+    def tower_rows(self, views: torch.Tensor):
+        """(row, tensor) in order: 'embeddings', 'pre_layrnorm', 'layers.{i}', then 'features' = the last
+        encoder layer output without CLS and without post_layernorm (B,grid²,C)."""
+        x = self.embed(views)
+        yield "embeddings", x
+        x = self._ln(x, self.p + "pre_layrnorm")
+        yield "pre_layrnorm", x
         for i in range(self.layers):
             x = self.layer(i, x)
-        return x[:, 1:]
+            yield f"layers.{i}", x
+        yield "features", x[:, 1:]
+
+    def tower(self, views: torch.Tensor) -> torch.Tensor:
+        """(B,3,R,R) -> the tower's patch features (B,grid²,C): the last of tower_rows."""
+        for _, x in self.tower_rows(views):  # intermediate rows are dropped as they come
+            pass
+        return x
 
     # ----- image -> views -> layout -> projector
     @staticmethod

@@ -37,9 +37,12 @@ class TimmViTReference(VisionReference):
         h = F.gelu(self._lin(self._ln(x, p + "norm2"), p + "mlp.fc1"))
         return x + self._lin(h, p + "mlp.fc2")
 
-    def tower(self, views: torch.Tensor) -> torch.Tensor:
-        """(B,3,R,R) -> final-norm output without CLS (B,grid²,C)."""
+    def tower_rows(self, views: torch.Tensor):
+        """(row, tensor) in order: 'embeddings' (what block 0 sees), 'layers.{i}', then 'features' = the
+        final-norm output without CLS (B,grid²,C)."""
         x = self.embed(views)
+        yield "embeddings", x
         for i in range(self.layers):
             x = self.layer(i, x)
-        return self._ln(x, self.p + "norm")[:, 1:]
+            yield f"layers.{i}", x
+        yield "features", self._ln(x, self.p + "norm")[:, 1:]
