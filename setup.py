@@ -8,7 +8,8 @@ setup(
     python_requires=">=3.9,<3.12",
     packages=find_packages(include=["ixc25_ms", "ixc25_ms.*", "converters", "converters.*",
                                     "parity_tests", "parity_tests.*", "scripts", "scripts.*"]),
-    package_data={"ixc25_ms": ["csrc/*.cc"]},  # the fused CPU decode kernels, compiled on first use
+    # the fused CPU decode kernels (compiled on first use) and the embedded default model
+    package_data={"ixc25_ms": ["csrc/*.cc", "default_model/*"]},
     install_requires=[
         "mindspore==2.10.0",
         "numpy==1.26.4",
@@ -31,6 +32,7 @@ setup(
             "ixc25-bench=scripts.bench:main",
             "ixc25-finetune=ixc25_ms.train.cli:main",
             "ixc25-merge=ixc25_ms.train.merge:main",
+            "ixc25-eval=ixc25_ms.eval:main",
         ]
     },
 )

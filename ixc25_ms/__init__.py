@@ -7,6 +7,8 @@ from .config import ConfigError, IXCConfig, VisionConfig  # noqa: E402
 from .weights import CheckpointError  # noqa: E402
 
 __version__ = "0.1.0"
+# the embedded default model: a tiny IXC2.5 trained by ixc25-finetune on drawn shapes (scripts/train_default.py)
+DEFAULT_MODEL = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "default_model")
 
 
 def load(path, dtype="float32", allow_pickle=False, use_jit=False, adapter=None):

@@ -9,16 +9,16 @@ import time
 import mindspore as ms
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 
 import ixc25_ms
+from ixc25_ms.testing import TinyModelTester
+from ixc25_ms.testing.finetune_data import example_finetune_data
 from ixc25_ms.train.args import parse_args
 from ixc25_ms.train.cli import main
 from ixc25_ms.weights.layout import load_state_dict
-from ixc25_ms.weights.safetensors import write_safetensors
-from ixc25_ms.weights.spec import expected_parameters
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a tiny IXC2.5 with CLIP at 224 px (64 merged tokens per view: fast steps), the tiny tokenizer (vocab 400)
 TINY = {"vocab_size": 400, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000,
         "max_position_embeddings": 4096, "lora_r": 8, "lora_alpha": 8, "web_lora_r": 8, "max_length": 4096,
@@ -27,52 +27,7 @@ TINY = {"vocab_size": 400, "hidden_size": 64, "intermediate_size": 128, "num_hid
 
 
 def tiny_model(d, seed=0) -> str:
-    """An official-layout checkpoint of a tiny IXC2.5 (CLIP at 224 px) with a tiny tokenizer, seeded weights."""
-    from ixc25_ms.config import IXCConfig
-    from ixc25_ms.tiny import train_tiny_tokenizer
-    d = str(d)
-    os.makedirs(d, exist_ok=True)
-    cfg = IXCConfig.from_dict(TINY)
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for k, shape in expected_parameters(cfg).items():
-        ones = k.endswith(("norm.weight", "layer_norm1.weight", "layer_norm2.weight", "layrnorm.weight"))
-        a = np.ones(shape, np.float32) if ones else (rng.standard_normal(shape) * 0.05).astype(np.float32)
-        tensors[k] = ("F32", a)
-    write_safetensors(os.path.join(d, "model.safetensors"), tensors)
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(dict(TINY, architectures=["InternLMXComposer2ForCausalLM"], model_type="internlm2"), f)
-    train_tiny_tokenizer(os.path.join(d, "tokenizer.model"))
-    return d
-
-
-def example_data(d) -> str:
-    """Look-alikes of the official finetune/data examples (single image, multi-turn with two images, text only),
-    with drawn pictures, and the data.txt of finetune.sh listing them with ratios."""
-    d = str(d)
-    os.makedirs(os.path.join(d, "data", "images"), exist_ok=True)
-    for i, (size, col) in enumerate([((300, 200), (200, 40, 40)), ((160, 420), (40, 90, 200)), ((500, 260), (30, 160, 60))]):
-        im = Image.new("RGB", size, (245, 242, 236))
-        ImageDraw.Draw(im).ellipse((10, 10, size[0] // 2, size[1] // 2), fill=col)
-        im.save(os.path.join(d, "data", "images", f"img{i}.png"))
-    single = [{"id": i, "image": f"data/images/img{i % 3}.png", "conversations": [
-        {"from": "human", "value": "What is in the picture?"},
-        {"from": "bot", "value": ["A red disc.", "A blue disc.", "A green disc."][i % 3]}]} for i in range(6)]
-    multi = [{"id": 0, "image": ["data/images/img0.png", "data/images/img1.png"], "conversations": [
-        {"from": "human", "value": "Image1: <ImageHere>; Image2: <ImageHere>. Compare the colours."},
-        {"from": "bot", "value": "The first disc is red, the second blue."},
-        {"from": "human", "value": "Which is taller?"}, {"from": "bot", "value": "The second picture."}]}]
-    text = [{"id": i, "conversations": [{"from": "human", "value": q}, {"from": "bot", "value": a}]}
-            for i, (q, a) in enumerate([("Hello!", "Hi, how can I help?"), ("What can you do?", "I describe pictures."),
-                                        ("Say yes.", "Yes.")])]
-    for name, items in (("single_turn_single_image_example", single), ("multi_turn_multi_images_example", multi),
-                        ("only_text_example", text)):
-        with open(os.path.join(d, "data", name + ".json"), "w") as f:
-            json.dump(items, f)
-    with open(os.path.join(d, "data.txt"), "w") as f:
-        f.write("data/only_text_example.json 1\ndata/single_turn_single_image_example.json 1\n"
-                "data/multi_turn_multi_images_example.json 2\n")
-    return d
+    return TinyModelTester(TINY, seed=seed, init="bench").write_checkpoint(str(d))
 
 
 BASE = ["--data_path", "data.txt", "--per_device_train_batch_size", "1", "--batch_size", "1", "--max_length", "1024",
@@ -82,7 +37,7 @@ BASE = ["--data_path", "data.txt", "--per_device_train_batch_size", "1", "--batc
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("finetune")
-    return {"model": tiny_model(d / "model"), "root": example_data(d)}
+    return {"model": tiny_model(d / "model"), "root": example_finetune_data(d)}
 
 
 def run(work, out, *extra, expect=0, capsys=None):

@@ -9,8 +9,8 @@ from typing import List, Optional
 DEFAULT_TARGETS = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 # flags that configure a PyTorch engine: accepted so official scripts run unchanged, each with what replaces it
 ENGINE_FLAGS = {
-    "deepspeed": "DeepSpeed is not used: MindSpore runs the step; data parallelism comes from msrun "
-                 "(see notes/distributed.md)",
+    "deepspeed": "DeepSpeed is not used: MindSpore runs the step, data parallelism comes from msrun and the "
+                 "config's ZeRO stage shards optimizer states across workers (see notes/distributed.md)",
     "report_to": "reporting goes to trainer_state.json and the progress bar",
     "evaluation_strategy": "no evaluation during training (the official scripts pass 'no')",
     "per_device_eval_batch_size": "no evaluation during training",
@@ -90,6 +90,8 @@ class FinetuneArgs:
     sampling: str = "permutation"
     quiet: bool = False
     jit: bool = False
+    zero_stage: int = 0
+    deepspeed_config: Optional[str] = None  # the --deepspeed JSON (its ZeRO stage shards optimizer states here)
 
 
 HELP = {
@@ -104,6 +106,8 @@ HELP = {
     "sampling": "permutation: every sample once per epoch in a seeded order (default); official: draws with "
                 "replacement as the official Sample_dataset",
     "jit": "compile the training step with mindspore.jit (same as --torch_compile True)",
+    "zero_stage": "with several workers (msrun): 1 or more shards the optimizer states across them (ZeRO-1); "
+                  "default: the stage of a --deepspeed config",
     "quiet": "no progress bar",
 }
 
@@ -112,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ixc25-finetune", description="Fine-tune InternLM-XComposer-2.5 on MindSpore "
                                 "with the official finetune.py command line.")
     for f in dataclasses.fields(FinetuneArgs):
+        if f.name == "deepspeed_config":
+            continue
         flag = f"--{f.name}"
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=HELP.get(f.name))
         if f.type in ("bool", bool):
@@ -130,13 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None, log=print) -> FinetuneArgs:
+def parse_args(argv=None, log=print, quiet_engine: bool = False) -> FinetuneArgs:
     p = build_parser()
     ns = vars(p.parse_args(argv))
+    engine = {}
     for name, why in ENGINE_FLAGS.items():
-        if ns.pop(f"engine_{name}", None) is not None:
+        engine[name] = ns.pop(f"engine_{name}", None)
+        if engine[name] is not None and not quiet_engine:
             log(f"ixc25-finetune: --{name} accepted: {why}")
-    args = FinetuneArgs(**ns)
+    args = FinetuneArgs(**ns, deepspeed_config=engine["deepspeed"])
     if not args.output_dir:
         p.error("--output_dir is required")
     if not args.model_name_or_path:

@@ -26,20 +26,36 @@ def check_output_dir(args) -> None:
 
 
 def main(argv=None) -> int:
+    """One process, or one worker of an msrun job (rank and world from MindSpore's communication: the same
+    flags on every worker; rank 0 alone logs and writes)."""
+    from .distributed import Comm, launched_workers
     from .trainer import Trainer, TrainingError
-    args = parse_args(argv)
+    comm = Comm() if launched_workers() > 1 else None
+    rank, world = (comm.rank, comm.world) if comm else (0, 1)
+    tag = f"ixc25-finetune (rank {rank} of {world})" if comm else "ixc25-finetune"
+    log = print if rank == 0 else (lambda *a, **k: None)
+    args = parse_args(argv, log=log)
     try:
         check_output_dir(args)
-        trainer = Trainer(args)
+        trainer = Trainer(args, log=log, rank=rank, world=world, comm=comm)
         state = trainer.train()
     except TrainingError as e:
-        print(f"ixc25-finetune: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"{tag}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except ERRORS as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
-        print(f"ixc25-finetune: error: {where}{' '.join(msg.split())}", file=sys.stderr)
+        print(f"{tag}: error: {where}{' '.join(msg.split())}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        if comm is None:
+            raise
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+        print(f"{tag}: error: a collective call failed, another worker of the job has stopped "
+              f"({first.strip()[:200]}); resume with --resume_from_checkpoint", file=sys.stderr)
+        return 3
+    if rank != 0:
+        return 0
     if not args.quiet:
         last = [h for h in state["log_history"] if "loss" in h]
         tail = f", last logged loss {last[-1]['loss']:.4f}" if last else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict
 from typing import List, Optional
@@ -58,8 +59,16 @@ class Trainer:
         self.steps_per_epoch = max(1, math.ceil(self._micro_per_epoch() / self.per_step))
         self.total = args.max_steps if args.max_steps > 0 else int(math.ceil(args.num_train_epochs * self.steps_per_epoch))
         self.warmup = warmup_steps(self.total, args.warmup_steps, args.warmup_ratio)
-        self.opt = Optimizer(self.t.params, self.t.names, args.optim, args.weight_decay,
-                             (args.adam_beta1, args.adam_beta2), args.adam_epsilon, self.t.lr_scale)
+        # optimizer states: all here, or (--zero_stage >= 1 / a ZeRO --deepspeed config, several workers) only for
+        # the parameters this rank owns; the owner broadcasts each updated parameter
+        from .distributed import shard_owners, zero_stage
+        self.zero = zero_stage(args.deepspeed_config, args.zero_stage) if world > 1 else 0
+        sizes = [int(np.prod(p.shape)) for p in self.t.params]
+        self.owners = shard_owners(sizes, world) if self.zero else [rank] * len(sizes)
+        self.mine = [i for i, o in enumerate(self.owners) if o == rank]
+        self.opt = Optimizer([self.t.params[i] for i in self.mine], [self.t.names[i] for i in self.mine], args.optim,
+                             args.weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_epsilon,
+                             self.t.lr_scale[self.mine])
         self.model.set_train(True)
         fwd = TrainForward(self.model, self.geo)
         self.grad_fn = ms.value_and_grad(fwd, None, self.t.params)
@@ -95,7 +104,10 @@ class Trainer:
         """This worker's micro-batches of optimizer step `step` (0-based): global batch = per_step micro-batches,
         micro-batch k of it goes to worker k % world."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        mbs = self.epoch_micro_batches(epoch)[k * self.per_step:(k + 1) * self.per_step]
+        epoch_mbs = self.epoch_micro_batches(epoch)
+        mbs = epoch_mbs[k * self.per_step:(k + 1) * self.per_step]
+        if len(mbs) % self.world:  # a short last batch: padded from the epoch's start, as DistributedSampler pads
+            mbs = mbs + epoch_mbs[:self.world - len(mbs) % self.world]
         return mbs[self.rank::self.world]
 
     # -- one optimizer step ------------------------------------------------------------------------------
@@ -105,7 +117,8 @@ class Trainer:
         acc, loss_sum, tokens, has_image = None, 0.0, 0, False
         for j, idx in enumerate(self.step_micro_batches(step)):
             batch = self.collate([self.samples[i] for i in idx])
-            ms.set_seed(a.seed * 1_000_003 + step * 64 + j)  # dropout: fixed by (seed, step), so a resume repeats it
+            k = step * self.per_step + self.rank + j * self.world  # the micro-batch's index in the global order
+            ms.set_seed(a.seed * 1_000_003 + k)  # dropout fixed by (seed, micro-batch): resumes and workers agree
             inputs = forward_inputs(self.model, batch)
             loss, grads = (self.grad_jit or self.grad_fn)(*inputs)
             acc = grads if acc is None else [x + g for x, g in zip(acc, grads)]
@@ -120,7 +133,11 @@ class Trainer:
         scale = 1.0 / (a.gradient_accumulation_steps * self.world)  # transformers: each micro-batch loss / GA
         norm = global_norm(acc, active, scale)
         lr = a.learning_rate * lr_lambda(a.lr_scheduler_type, step, self.warmup, self.total)
-        self.opt.step(acc, lr, active, grad_scale=scale * clip_coefficient(norm, a.max_grad_norm))
+        self.opt.step([acc[i] for i in self.mine], lr, [active[i] for i in self.mine],
+                      grad_scale=scale * clip_coefficient(norm, a.max_grad_norm))
+        if self.zero:  # every updated parameter from its owner to the others
+            for r in range(self.world):
+                self.comm.broadcast([self.t.params[i] for i, o in enumerate(self.owners) if o == r and active[i]], r)
         return loss_sum, norm, tokens, has_image
 
     def _nan_message(self, step: int, loss: float) -> str:
@@ -191,22 +208,39 @@ class Trainer:
             names = [n for n, _ in self.model.parameters_and_names()]
             write_official(state_of(self.model, names), a.model_name_or_path, dst, dtype)
 
+    def _optimizer_file(self) -> str:
+        return f"optimizer-rank{self.rank}.safetensors" if self.zero else "optimizer.safetensors"
+
     def save_checkpoint(self, gs: int) -> None:
-        if self.rank != 0:
-            return
+        """checkpoint-N: weights (fp32), optimizer state (one file per rank when sharded), trainer state; built
+        in a temporary directory by rank 0 and renamed, so a crash or a full disk leaves the previous one."""
+        from ..weights.safetensors import write_safetensors
+        from ..weights.tags import to_st
         a = self.args
         dst = os.path.join(a.output_dir, f"checkpoint-{gs}")
+        stage = os.path.join(a.output_dir, f".optimizer-{gs}")
+        if self.zero:  # each rank writes its shard of the optimizer states, then all meet
+            os.makedirs(stage, exist_ok=True)
+            write_safetensors(os.path.join(stage, self._optimizer_file()),
+                              {k: to_st(v) for k, v in self.opt.state_arrays().items()})
+            self.comm.agree(True)
+        if self.rank != 0:
+            return
 
         def build(tmp):
             self._write_weights(tmp, "fp32")  # exact: a resumed run continues from these bits
-            from ..weights.safetensors import write_safetensors
-            from ..weights.tags import to_st
-            opt = self.opt.state_arrays()
-            write_safetensors(os.path.join(tmp, "optimizer.safetensors"), {k: to_st(v) for k, v in opt.items()})
-            write_json(os.path.join(tmp, "trainer_state.json"), self.state)
+            if self.zero:
+                for f in os.listdir(stage):
+                    os.replace(os.path.join(stage, f), os.path.join(tmp, f))
+            else:
+                write_safetensors(os.path.join(tmp, self._optimizer_file()),
+                                  {k: to_st(v) for k, v in self.opt.state_arrays().items()})
+            write_json(os.path.join(tmp, "trainer_state.json"), dict(self.state, world_size=self.world,
+                                                                      zero_stage=self.zero))
             write_json(os.path.join(tmp, "training_args.json"), asdict(a))
         try:
             publish_dir(build, dst)
+            shutil.rmtree(stage, ignore_errors=True)
         except OSError as e:
             prev = [c for c in checkpoints(a.output_dir) if c != dst]
             raise TrainingError(f"{dst}: cannot save the checkpoint ({e.strerror or e}); "
@@ -239,7 +273,11 @@ class Trainer:
             self._load_adapter_weights(path)
         else:
             stream_into(self.model, path)
-        self.opt.load_state_arrays(read_optimizer(os.path.join(path, "optimizer.safetensors")))
+        opt_file = os.path.join(path, self._optimizer_file())
+        if not os.path.isfile(opt_file):
+            raise TrainingError(f"--resume_from_checkpoint: {opt_file} is missing (a sharded checkpoint resumes with "
+                                f"the same number of workers, saved {state.get('world_size', 1)}, now {self.world})")
+        self.opt.load_state_arrays(read_optimizer(opt_file))
         self.state.update(global_step=state["global_step"], epoch=state["epoch"], log_history=state["log_history"])
         if self.rank == 0:
             self.log(f"ixc25-finetune: resumed from {path} at step {state['global_step']}")

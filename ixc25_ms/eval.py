@@ -1,0 +1,98 @@
+"""`ixc25-eval`: accuracy per question type of a model on shape pictures (official conversation format)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+from . import shapes as S
+
+TYPE_NAMES = {1: "colour of the {shape}", 2: "how many {shape}s", 3: "shape of the {colour} one", 4: "describe"}
+
+
+def _image_path(p: str, data_path: str) -> str:
+    """Paths as the official data: relative to the working directory; else relative to the data file."""
+    if os.path.isabs(p) or os.path.exists(p):
+        return p
+    return os.path.join(os.path.dirname(os.path.abspath(data_path)), p)
+
+
+def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Optional[int] = None, log=None) -> dict:
+    """Chats through every item (one question per turn, earlier turns as history, greedy) and scores each
+    answer against the item's own reference answer with shapes.is_correct. Returns counts, accuracy per type
+    and every answer."""
+    per: Dict[int, List[int]] = {t: [0, 0] for t in S.QUESTIONS}
+    rows = []
+    t0 = time.perf_counter()
+    for k, item in enumerate(items):
+        image = item.get("image")
+        images = [] if image is None else [_image_path(p, data_path) for p in ([image] if isinstance(image, str) else image)]
+        history = []
+        conv = item.get("conversations", [])
+        for q_turn, a_turn in zip(conv[0::2], conv[1::2]):
+            q, expected = q_turn["value"], a_turn["value"]
+            kw = {} if hd_num is None else {"hd_num": hd_num}
+            got, history = model.chat(tokenizer, q, images, history=history, do_sample=False, num_beams=1,
+                                      max_new_tokens=48, **kw)
+            qt = S.question_type(q)
+            ok = None
+            if qt is not None:
+                ok = S.is_correct(qt[0], qt[1], expected, got)
+                per[qt[0]][0] += int(ok)
+                per[qt[0]][1] += 1
+            rows.append({"id": item.get("id", k), "question": q, "expected": expected, "answer": got,
+                         "type": None if qt is None else qt[0], "correct": ok})
+        if log and (k + 1) % 50 == 0:
+            log(f"[eval] {k + 1}/{len(items)} items, {time.perf_counter() - t0:.0f} s")
+    acc = {t: (c / n if n else None) for t, (c, n) in per.items()}
+    return {"items": len(items), "counts": {t: {"correct": c, "total": n} for t, (c, n) in per.items()},
+            "accuracy": acc, "seconds": time.perf_counter() - t0, "answers": rows}
+
+
+def table(res: dict) -> str:
+    lines = ["| type | question | correct | total | accuracy |", "|---|---|---|---|---|"]
+    for t in S.QUESTIONS:
+        c = res["counts"][t]
+        acc = "-" if c["total"] == 0 else f"{100 * c['correct'] / c['total']:.1f} %"
+        lines.append(f"| {t} | {S.QUESTIONS[t]} | {c['correct']} | {c['total']} | {acc} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="ixc25-eval", description="Accuracy per question type on shape pictures: "
+                                 "every question of the data file asked in a chat turn, answers checked.")
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded default model)")
+    ap.add_argument("--data", required=True, help="JSON list of items in the official conversation format")
+    ap.add_argument("--json", default=None, help="write the results (with every answer) here")
+    ap.add_argument("--hd_num", type=int, default=None, help="HD crops cap (default: chat's)")
+    ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N items")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    import ixc25_ms
+    try:
+        with open(args.data, encoding="utf-8") as f:
+            items = json.load(f)
+        if not isinstance(items, list):
+            raise ValueError("expected a JSON list of items")
+    except (OSError, ValueError) as e:
+        print(f"ixc25-eval: error: {args.data}: {e}", file=sys.stderr)
+        return 1
+    if args.limit:
+        items = items[:args.limit]
+    model, tok = ixc25_ms.load(args.model or ixc25_ms.DEFAULT_MODEL, use_jit=True)
+    res = evaluate(model, tok, items, args.data, args.hd_num, None if args.quiet else
+                   (lambda m: print(m, file=sys.stderr)))
+    print(table(res))
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
