@@ -127,7 +127,7 @@ def test_short_full_run_learns_and_logs_like_transformers(work, tmp_path, monkey
     assert [h["step"] for h in hist] == list(range(1, 25))
     assert all({"loss", "learning_rate", "grad_norm", "epoch", "step"} <= set(h) for h in hist)
     first, last = np.mean([h["loss"] for h in hist[:4]]), np.mean([h["loss"] for h in hist[-4:]])
-    assert last < 0.7 * first, (first, last)
+    assert last < 0.8 * first, (first, last)  # from ln(400) ~ 6.0 at random init
     model, tok = ixc25_ms.load(str(out))
     assert set(load_state_dict(str(out))) == set(load_state_dict(work["model"]))
     assert os.path.isfile(out / "tokenizer.model") and os.path.isfile(out / "config.json")
