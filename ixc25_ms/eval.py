@@ -27,6 +27,25 @@ def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Option
     per: Dict[int, List[int]] = {t: [0, 0] for t in S.QUESTIONS}
     rows = []
     t0 = time.perf_counter()
+    encode = model.encode_img
+    memo = {}  # the turns of one item ask about the same picture: its embeddings are computed once
+
+    def encode_once(image, hd=24):
+        key = (image, hd) if isinstance(image, str) else None
+        if key is None:
+            return encode(image, hd)
+        if key not in memo:
+            memo.clear()
+            memo[key] = encode(image, hd)
+        return memo[key]
+    model.encode_img = encode_once
+    try:
+        return _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0)
+    finally:
+        del model.encode_img
+
+
+def _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0) -> dict:
     for k, item in enumerate(items):
         image = item.get("image")
         images = [] if image is None else [_image_path(p, data_path) for p in ([image] if isinstance(image, str) else image)]

@@ -19,7 +19,8 @@ def _answer(model, tok, query, images, history, args, out=sys.stdout):
 
 def main(argv=None, stdin=None, out=None):
     ap = argparse.ArgumentParser(prog="ixc25-chat", description=__doc__)
-    ap.add_argument("--model", required=True, help="checkpoint directory (official layout or converted)")
+    ap.add_argument("--model", default=None, help="checkpoint directory (official layout or converted; default: the "
+                    "embedded default model)")
     ap.add_argument("--image", action="append", default=[], help="image path (repeatable)")
     ap.add_argument("--video", action="append", default=[], help="video path (repeatable)")
     ap.add_argument("--max-new-tokens", type=int, default=1024)
@@ -41,7 +42,7 @@ def main(argv=None, stdin=None, out=None):
             return 2
     import ixc25_ms
     try:
-        model, tok = ixc25_ms.load(args.model, dtype=args.dtype, use_jit=args.jit)
+        model, tok = ixc25_ms.load(args.model or ixc25_ms.DEFAULT_MODEL, dtype=args.dtype, use_jit=args.jit)
     except (ixc25_ms.CheckpointError, ixc25_ms.ConfigError, OSError) as e:
         print(f"ixc25-chat: error: {e}", file=sys.stderr)
         return 2

@@ -24,21 +24,27 @@ PACKAGE_DIR = os.path.join(os.path.dirname(HERE), "ixc25_ms", "default_model")
 # 100 merged tokens per view), the HD crops, sub_GN/glb_GN layout, projector, InternLM2 with GQA and partial LoRA.
 CONFIG = {
     "architectures": ["InternLMXComposer2ForCausalLM"], "model_type": "internlm2",
-    "vocab_size": 320, "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4,
-    "num_attention_heads": 6, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000,
+    "vocab_size": 320, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000,
     "rope_scaling": None, "max_position_embeddings": 4096, "bias": False, "tie_word_embeddings": False,
     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "max_length": 4096,
     "lora_r": 16, "lora_alpha": 16, "web_lora_r": 4,
-    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 128, "intermediate_size": 512,
-                      "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": 560, "patch_size": 28,
+    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 256,
+                      "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": 560, "patch_size": 28,
                       "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
 }
 TRAIN_SEED_BASE, EVAL_SEED_BASE = 0, 10_000_000  # picture i of the training set uses seed BASE + i
+# Training pictures are stored at 2/3 of the drawn size: the training transform (ceil(1.5 w / 560) columns) then
+# cuts them into the crop grid that chat's inference transform (ceil(w / 560)) cuts the full-size picture into,
+# at the same final resolution, so the model trains on the grids and scales it will be asked about.
+TRAIN_SCALE = 2 / 3
 
 
-def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: float = 0.08, log=print) -> str:
+def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: float = 0.08, scale: float = 1.0,
+                  log=print) -> str:
     """n pictures under root/images and root/data.json (official conversation format); picture i drawn from
-    seed seed_base + i; `chitchat` of n extra text-only items. Returns the JSON path."""
+    seed seed_base + i (stored at `scale` of its size); `chitchat` of n extra text-only items. Returns the JSON
+    path."""
     from ixc25_ms import shapes as S
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     items = []
@@ -48,8 +54,12 @@ def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: flo
         scene = S.random_scene(rng)
         path = os.path.join("images", f"{seed_base + i}.png")
         full = os.path.join(root, path)
+        im = S.render(scene, rng)
         if not os.path.exists(full):
-            S.render(scene, rng).save(full, compress_level=1)
+            if scale != 1.0:
+                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                               resample=3)  # bicubic, antialiased
+            im.save(full, compress_level=1)
         qa = S.conversation(scene, rng, int(rng.integers(turns[0], turns[1] + 1)))
         conv = []
         for _, _, q, a in qa:
@@ -116,7 +126,7 @@ def finetune_flags(args) -> list:
             "--fix_vit", "False", "--fix_sampler", "False", "--use_lora", "False", "--hd_num", str(args.hd_num),
             "--max_length", "4096", "--batch_size", "1", "--per_device_train_batch_size", "1",
             "--gradient_accumulation_steps", str(args.accum), "--num_train_epochs", str(args.epochs),
-            "--learning_rate", str(args.lr), "--weight_decay", "0.05", "--adam_beta2", "0.98", "--warmup_steps", "200",
+            "--learning_rate", str(args.lr), "--weight_decay", "0.05", "--adam_beta2", "0.98", "--warmup_steps", "100",
             "--lr_scheduler_type", "cosine", "--max_grad_norm", "1.0", "--plora_dropout", "0.0", "--logging_steps",
             "50", "--save_strategy", "steps", "--save_steps", "500", "--save_total_limit", "1", "--seed",
             str(args.seed)] + (["--max_steps", str(args.max_steps)] if args.max_steps else []) + (
@@ -160,7 +170,8 @@ def main(argv=None) -> int:
     command = "python scripts/train_default.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     t0 = time.perf_counter()
     os.makedirs(args.work, exist_ok=True)
-    make_pictures(args.work, args.pictures, TRAIN_SEED_BASE + args.seed * 1_000_000)
+    make_pictures(args.work, args.pictures, TRAIN_SEED_BASE + args.seed * 1_000_000, turns=(3, 4),
+                  scale=TRAIN_SCALE)
     init_checkpoint(os.path.join(args.work, "init"), args.seed)
     t_data = time.perf_counter() - t0
     print(f"[default] data and initial checkpoint in {t_data:.0f} s", flush=True)

@@ -30,12 +30,13 @@ def golden_workdir(dst) -> str:
     return d
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["pynative", "jit"])
-def test_one_sgd_step_reproduces_official_gradients(tmp_path, monkeypatch, jit):
+@pytest.mark.parametrize("jit,recompute", [(False, False), (True, False), (True, True)],
+                         ids=["pynative", "jit", "jit-gradient-checkpointing"])
+def test_one_sgd_step_reproduces_official_gradients(tmp_path, monkeypatch, jit, recompute):
     from ixc25_ms.train.cli import main
     d = golden_workdir(tmp_path / "case")
     monkeypatch.chdir(d)
-    assert main(GOLDEN_ARGS + ["--quiet", "--torch_compile", str(jit)]) == 0
+    assert main(GOLDEN_ARGS + ["--quiet", "--torch_compile", str(jit), "--gradient_checkpointing", str(recompute)]) == 0
     before = load_state_dict(d)
     after = load_state_dict(os.path.join(d, "out"))
     st = SafetensorsFile(os.path.join(d, "expected.safetensors"))

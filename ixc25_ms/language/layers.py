@@ -41,7 +41,7 @@ class RMSNorm(nn.Cell):
 
     def construct(self, x):
         in_dtype = x.dtype
-        if x.shape[1] == 1 and in_dtype == ms.float32:
+        if not self.training and x.shape[1] == 1 and in_dtype == ms.float32:  # (training: also dynamic shapes)
             r = ops.rsqrt(self.addcmul(self.eps_t, self.dot(x, x), self.inv_h, self.one))  # (B, 1, 1)
             return self.addcmul(self.zero, x, r, self.weight)
         h = x.astype(ms.float32)
@@ -177,7 +177,7 @@ class FeedForward(nn.Cell):
 
     def construct(self, x, im_mask, infer_mode):
         a, b = self.w1(x, im_mask, infer_mode), self.w3(x, im_mask, infer_mode)
-        if x.shape[1] == 1 and not self.training:  # decode: silu(a)*b in one kernel after Sigmoid, or fused
+        if not self.training and x.shape[1] == 1:  # decode: silu(a)*b in one kernel after Sigmoid, or fused
             gated = self.kernels.swiglu(a, b) if self.kernels is not None else self.addcmul(self.zero, a,
                                                                                            ops.sigmoid(a), b)
             return self.w2(gated, im_mask, infer_mode)

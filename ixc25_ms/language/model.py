@@ -171,10 +171,11 @@ class InternLM2ForCausalLM(nn.Cell):
         cos, sin = qkv_rope_tables(*self.rope.cos_sin(position_ids), self.cfg.num_kv_groups, self.q_scale)
         return Tensor(cos), Tensor(sin)
 
-    def sequence_inputs(self, b: int, l: int, im_mask=None, attention_mask=None):
-        """Host-side inputs of a whole-sequence pass: (im_mask (B,L,1) or None, cos, sin, additive mask)."""
+    def sequence_inputs(self, b: int, l: int, im_mask=None, attention_mask=None, rope_len=None):
+        """Host-side inputs of a whole-sequence pass: (im_mask (B,L,1) or None, cos, sin, additive mask, mask).
+        rope_len: the sequence length a dynamic-NTK RoPE sees (default L; a bucket-padded batch passes its own)."""
         am = np.ones((b, l), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64).reshape(b, l)
-        cos, sin = self.rope_tables(position_ids_from_mask(am), l)
+        cos, sin = self.rope_tables(position_ids_from_mask(am), l if rope_len is None else rope_len)
         return self.im_mask_tensor(im_mask, b, l), cos, sin, Tensor(prefill_mask(am)), am
 
     def construct(self, inputs_embeds, im_mask=None, attention_mask=None, infer_mode="base"):

@@ -44,6 +44,21 @@ class Batch:
     samples: List[Sample] = field(default_factory=list)
     text_only: bool = False
 
+    length: int = 0  # the official sequence length (before any bucket padding)
+
+    def padded(self, multiple: int, pad_id: int) -> "Batch":
+        """The batch right-padded to a multiple of `multiple` positions (pad id, label IGNORE, attention 0), after
+        the labels were made: the loss and every gradient are unchanged, and a compiled step sees fewer shapes."""
+        b, l = self.ids.shape
+        extra = -(-l // multiple) * multiple - l if multiple > 1 else 0
+        if extra == 0:
+            return self
+
+        def pad(a, value):
+            return np.concatenate([a, np.full((b, extra), value, a.dtype)], 1)
+        return Batch(pad(self.ids, pad_id), pad(self.labels, IGNORE), pad(self.attention_mask, 0), pad(self.im_mask, False),
+                     pad(self.image_rows, 0), self.views, self.samples, self.text_only, self.length or l)
+
     @property
     def n_trained(self) -> int:
         return count_trained(self.labels)

@@ -77,7 +77,7 @@ def forward_inputs(model, batch: Batch, label_bucket: int = LABEL_BUCKET):
     label_pos[:n] = pos_b * l + pos_t
     label_ids[:n] = lab[pos_b, pos_t]
     label_w[:n] = 1.0
-    _, cos, sin, mask, _ = model.sequence_inputs(b, l, None, batch.attention_mask)
+    _, cos, sin, mask, _ = model.sequence_inputs(b, l, None, batch.attention_mask, rope_len=batch.length or l)
     im = batch.im_mask[..., None]
     views = None if batch.views is None else Tensor(batch.views.astype(np_dtype(dt)))
     return (Tensor(batch.ids.astype(np.int32)), Tensor(batch.image_rows.astype(np.int32)), Tensor(im),

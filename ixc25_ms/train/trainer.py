@@ -24,6 +24,9 @@ from .optim import Optimizer, clip_coefficient, global_norm, lr_lambda, warmup_s
 from .prepare import parameter_counts, prepare, state_of
 
 
+LENGTH_BUCKET = 64  # under jit, micro-batches are right-padded to a multiple of this many positions
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss, a checkpoint that cannot be written); the message says where."""
 
@@ -39,7 +42,10 @@ class Trainer:
                 f"{'bf16' if args.bf16 else 'fp16'}")
         self.model, self.tok = load_model(args.model_name_or_path, dtype="float32")
         check_pieces(self.tok)
-        self.t = prepare(self.model, args, log)
+        self.t = prepare(self.model, args, log).in_graph_only()
+        if args.gradient_checkpointing:  # recompute: keep each layer's input, redo its forward in the backward
+            from .prepare import use_recompute
+            self.t.notes.append(f"recompute on {use_recompute(self.model)} layers")
         self.geo = self.model.vit.geometry  # crop side and merged grid of the tower
         self.collate = Collator(self.tok, args.max_length, args.hd_num, self.geo, self.model.cfg.pad_token_id)
         samples = load_samples(args.data_path, args.given_num, args.seed, log if rank == 0 else (lambda *a: None))
@@ -72,7 +78,8 @@ class Trainer:
         self.model.set_train(True)
         fwd = TrainForward(self.model, self.geo)
         self.grad_fn = ms.value_and_grad(fwd, None, self.t.params)
-        self.grad_jit = ms.jit(self.grad_fn) if args.jit else None
+        # compiled with dynamic shapes (lengths and view counts vary): a few graphs, not one per shape
+        self.grad_jit = ms.jit(self.grad_fn, dynamic=1) if args.jit else None
         self.state = {"global_step": 0, "epoch": 0.0, "max_steps": self.total, "log_history": [],
                       "num_train_epochs": math.ceil(self.total / self.steps_per_epoch),
                       "sampling": args.sampling, "trainable": self.t.names}
@@ -117,10 +124,15 @@ class Trainer:
         acc, loss_sum, tokens, has_image = None, 0.0, 0, False
         for j, idx in enumerate(self.step_micro_batches(step)):
             batch = self.collate([self.samples[i] for i in idx])
+            if self.grad_jit is not None:  # compiled: lengths bucketed, so nearby lengths share one graph
+                batch = batch.padded(LENGTH_BUCKET, self.collate.pad)
             k = step * self.per_step + self.rank + j * self.world  # the micro-batch's index in the global order
             ms.set_seed(a.seed * 1_000_003 + k)  # dropout fixed by (seed, micro-batch): resumes and workers agree
             inputs = forward_inputs(self.model, batch)
-            loss, grads = (self.grad_jit or self.grad_fn)(*inputs)
+            # text-only micro-batches (views None) run eagerly: MindSpore 2.10's dynamic-shape jit fails on a None
+            # argument (IndexError in _add_mutable_attr); they are short
+            run = self.grad_jit if self.grad_jit is not None and batch.views is not None else self.grad_fn
+            loss, grads = run(*inputs)
             acc = grads if acc is None else [x + g for x, g in zip(acc, grads)]
             loss_sum += float(loss.asnumpy()) / a.gradient_accumulation_steps
             tokens += batch.n_tokens
