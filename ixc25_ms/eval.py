@@ -20,10 +20,12 @@ def _image_path(p: str, data_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(data_path)), p)
 
 
-def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Optional[int] = None, log=None) -> dict:
+def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Optional[int] = None, log=None,
+             reference=None) -> dict:
     """Chats through every item (one question per turn, earlier turns as history, greedy) and scores each
     answer against the item's own reference answer with shapes.is_correct. Returns counts, accuracy per type
-    and every answer."""
+    and every answer. `reference`: a PyTorch RefChat (parity_tests.reference.chat) asked the same turns with the
+    same history: the answers' identity is recorded too."""
     per: Dict[int, List[int]] = {t: [0, 0] for t in S.QUESTIONS}
     rows = []
     t0 = time.perf_counter()
@@ -40,12 +42,12 @@ def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Option
         return memo[key]
     model.encode_img = encode_once
     try:
-        return _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0)
+        return _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0, reference)
     finally:
         del model.encode_img
 
 
-def _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0) -> dict:
+def _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0, reference) -> dict:
     for k, item in enumerate(items):
         image = item.get("image")
         images = [] if image is None else [_image_path(p, data_path) for p in ([image] if isinstance(image, str) else image)]
@@ -54,6 +56,7 @@ def _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0) -> dict
         for q_turn, a_turn in zip(conv[0::2], conv[1::2]):
             q, expected = q_turn["value"], a_turn["value"]
             kw = {} if hd_num is None else {"hd_num": hd_num}
+            ref = None if reference is None else reference.chat(q, images, history, hd_num or 24)
             got, history = model.chat(tokenizer, q, images, history=history, do_sample=False, num_beams=1,
                                       max_new_tokens=48, **kw)
             qt = S.question_type(q)
@@ -63,12 +66,17 @@ def _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0) -> dict
                 per[qt[0]][0] += int(ok)
                 per[qt[0]][1] += 1
             rows.append({"id": item.get("id", k), "question": q, "expected": expected, "answer": got,
-                         "type": None if qt is None else qt[0], "correct": ok})
+                         "type": None if qt is None else qt[0], "correct": ok,
+                         **({} if ref is None else {"reference": ref, "same_as_reference": ref == got})})
         if log and (k + 1) % 50 == 0:
             log(f"[eval] {k + 1}/{len(items)} items, {time.perf_counter() - t0:.0f} s")
     acc = {t: (c / n if n else None) for t, (c, n) in per.items()}
-    return {"items": len(items), "counts": {t: {"correct": c, "total": n} for t, (c, n) in per.items()},
-            "accuracy": acc, "seconds": time.perf_counter() - t0, "answers": rows}
+    out = {"items": len(items), "counts": {t: {"correct": c, "total": n} for t, (c, n) in per.items()},
+           "accuracy": acc, "seconds": time.perf_counter() - t0, "answers": rows}
+    if reference is not None:
+        same = [r["same_as_reference"] for r in rows]
+        out["same_as_reference"] = {"identical": sum(same), "total": len(same)}
+    return out
 
 
 def table(res: dict) -> str:
@@ -89,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hd_num", type=int, default=None, help="HD crops cap (default: chat's)")
     ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N items")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--reference", action="store_true", help="also answer with our PyTorch reference (same weights, "
+                    "fp32, greedy) and count identical answers")
     args = ap.parse_args(argv)
     import ixc25_ms
     try:
@@ -102,9 +112,20 @@ def main(argv=None) -> int:
     if args.limit:
         items = items[:args.limit]
     model, tok = ixc25_ms.load(args.model or ixc25_ms.DEFAULT_MODEL, use_jit=True)
+    reference = None
+    if args.reference:
+        from parity_tests.reference.chat import RefChat
+        from .processing import preprocess_image
+        from .weights.layout import load_state_dict
+        reference = RefChat(model.cfg, load_state_dict(args.model or ixc25_ms.DEFAULT_MODEL), tok,
+                            lambda image, hd: preprocess_image(image, hd_num=hd, crop=model.vit.resolution))
     res = evaluate(model, tok, items, args.data, args.hd_num, None if args.quiet else
-                   (lambda m: print(m, file=sys.stderr)))
+                   (lambda m: print(m, file=sys.stderr)), reference)
     print(table(res))
+    if reference is not None:
+        s = res["same_as_reference"]
+        print(f"identical answers, MindSpore vs the PyTorch reference: {s['identical']} of {s['total']} "
+              f"({100 * s['identical'] / max(1, s['total']):.1f} %)")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:

@@ -161,14 +161,6 @@ def test_cli_one_shot_and_interactive(golden_model, tmp_path):
     assert main(["--model", str(tmp_path / "missing")]) == 2
 
 
-def test_demo_runs(tmp_path, capsys):
-    from scripts.demo import main
-    assert main(["--dir", str(tmp_path / "tiny"), "--max-new-tokens", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "assistant:" in out and "timings:" in out
-    assert sorted(os.listdir(tmp_path / "tiny")) == ["config.json", "demo.png", "model.safetensors", "tokenizer.model"]
-
-
 def test_load_errors(tmp_path):
     from ixc25_ms.weights import CheckpointError
     from ixc25_ms.config import ConfigError
