@@ -4,7 +4,7 @@ On MindSpore's CPU backend a decode step of one token is bound by kernel launche
 each launch costs tens of microseconds of runtime work. These kernels fuse the small ops around the linears
 (RMSNorm with the residual add before it, the q/k/v split with RoPE, SwiGLU), so a layer launches 15
 kernels instead of 28. Attention stays MindSpore's two-threaded BatchMatMul/Softmax: fused attention
-kernels (one or two threads) were not measurably faster at 1,408 slots (notes/performance.md, session 5).
+kernels (one or two threads) were not measurably faster at 1,408 slots (notes/performance.md, 2026-11-23).
 They run only where they can: device target CPU, float32, one token per row (decode; in a last-token
 prefill also the last layer's SwiGLU, which sees one row); elsewhere (Ascend, GPU, fp16/bf16, the rest of
 prefill) the portable MindSpore ops run, and those stay tested.

@@ -53,7 +53,7 @@ def test_jit_prefill_peak_does_not_grow_per_layer():
     # the causal chunks' scores of one layer, (heads, rows, keys up to the chunk's end) fp32: 36 MiB here
     half_mb = HEADS * sum(min(rows, L - s) * min(L, s + rows) for s in range(0, L, rows)) * 4 / 2 ** 20
     per_layer = (three["peak_mb"] - one["peak_mb"]) / 2
-    # measured (session 7): 7.2 of those per extra layer with the broadcasting products, 3.8 without them
+    # measured on 2026-11-23: 7.2 of those per extra layer with the broadcasting products, 3.8 without them
     # (the rest is the CPU memory pool's, see notes/performance.md)
     assert per_layer < 5 * half_mb, (f"each extra layer grew the jit prefill peak by {per_layer:.0f} MiB "
                                      f"({per_layer / half_mb:.1f} x the {half_mb:.0f} MiB of its causal scores)")

@@ -14,7 +14,7 @@ INFER_MODES = ("base", "write", "web")
 def full_mul(x, y):
     """x * y with y broadcast to x's shape first. In a compiled CPU graph (MindSpore 2.10) a broadcasting
     Mul/Add keeps about 4 output-sized buffers for the whole call (prefill peak RSS grew ~0.45 GB per layer at
-    1,280 tokens) and is slower than BroadcastTo + a same-shape Mul (notes/performance.md, run of 2026-11-29)."""
+    1,280 tokens) and is slower than BroadcastTo + a same-shape Mul (notes/performance.md, 2026-11-23)."""
     return x * ops.broadcast_to(y, x.shape)
 
 
