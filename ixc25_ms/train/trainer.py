@@ -75,6 +75,7 @@ class Trainer:
         self.opt = Optimizer([self.t.params[i] for i in self.mine], [self.t.names[i] for i in self.mine], args.optim,
                              args.weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_epsilon,
                              self.t.lr_scale[self.mine])
+        self._pool, self._ahead = None, {}
         self.model.set_train(True)
         fwd = TrainForward(self.model, self.geo)
         self.grad_fn = ms.value_and_grad(fwd, None, self.t.params)
@@ -118,14 +119,33 @@ class Trainer:
         return mbs[self.rank::self.world]
 
     # -- one optimizer step ------------------------------------------------------------------------------
+    def _prepare(self, step: int):
+        """The host arrays of this worker's micro-batches of `step` (pictures decoded, transformed, labelled)."""
+        out = []
+        for idx in self.step_micro_batches(step):
+            batch = self.collate([self.samples[i] for i in idx])
+            if self.grad_jit is not None:  # compiled: lengths bucketed, so nearby lengths share one graph
+                batch = batch.padded(LENGTH_BUCKET, self.collate.pad)
+            out.append(batch)
+        return out
+
+    def _batches(self, step: int):
+        """This step's micro-batches; the next step's are prepared meanwhile on a second thread (decoding and
+        resizing pictures is host work the compiled step leaves a core free for)."""
+        from concurrent.futures import ThreadPoolExecutor
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="ixc25-data")
+        fut = self._ahead.pop(step, None)
+        batches = fut.result() if fut is not None else self._prepare(step)
+        if step + 1 < self.total:
+            self._ahead[step + 1] = self._pool.submit(self._prepare, step + 1)
+        return batches
+
     def train_step(self, step: int):
         """-> (loss as logged, grad norm, tokens, has_image) after the update of step `step`."""
         a = self.args
         acc, loss_sum, tokens, has_image = None, 0.0, 0, False
-        for j, idx in enumerate(self.step_micro_batches(step)):
-            batch = self.collate([self.samples[i] for i in idx])
-            if self.grad_jit is not None:  # compiled: lengths bucketed, so nearby lengths share one graph
-                batch = batch.padded(LENGTH_BUCKET, self.collate.pad)
+        for j, batch in enumerate(self._batches(step)):
             k = step * self.per_step + self.rank + j * self.world  # the micro-batch's index in the global order
             ms.set_seed(a.seed * 1_000_003 + k)  # dropout fixed by (seed, micro-batch): resumes and workers agree
             inputs = forward_inputs(self.model, batch)
