@@ -1,6 +1,7 @@
 """Weight-only int8 on the host: symmetric per-output-channel quantisation of (out, in) weights, and back."""
 from __future__ import annotations
 
+import re
 from typing import Tuple
 
 import numpy as np
@@ -10,6 +11,14 @@ from ..weights.tags import widen
 QMAX = 127           # symmetric: codes in [-127, 127] (-128 unused, so -q is always a code)
 ROW_BLOCK = 1024     # rows per step: bounds the fp32 temporaries of a quantisation (1024 x 14,336 x 4 B = 59 MB)
 CHUNK = 1 << 24      # elements per step of a float16 narrowing
+SCALE_SUFFIX = "_scale"  # `<linear>.weight` int8 -> `<linear>.weight_scale` fp32 (out,)
+# the checkpoint keys of the base weights int8 stores as codes + scales (decoder linears, output head)
+QUANTIZED_KEY = re.compile(r"model\.layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.w[123])\.weight|output\.weight")
+
+
+def is_quantized_key(key: str) -> bool:
+    """Whether `key` is a base weight that int8 stores as codes + `weight_scale` (decoder linears, output head)."""
+    return QUANTIZED_KEY.fullmatch(key) is not None
 
 
 def quantize_int8(w: np.ndarray, tag: str = "F32") -> Tuple[np.ndarray, np.ndarray]:

@@ -20,11 +20,11 @@ from mindspore import Parameter
 from mindspore.common.initializer import initializer
 
 from ..language.linear import BaseLinear, PLoRA
+from .int8 import SCALE_SUFFIX
 from .kernels import F16Matmul, Int8Matmul, ascend_weight_quant, cpu_quant_kernels
 
 QUANT_MODES = ("int8", "fp16")
 LAZY_LORAS = {"write": ("lora_sft", "lora_dpo"), "web": ("lora_web",)}  # infer_mode -> its LoRA branches
-SCALE_SUFFIX = "_scale"  # `<linear>.weight` int8 -> `<linear>.weight_scale` fp32 (out,)
 
 
 def base_linears(model) -> List[Tuple[str, BaseLinear]]:
