@@ -72,6 +72,8 @@ class Pool {
       n = std::min(n, 8);
     }
     nthreads_ = std::max(1, n);
+    const char *spin = std::getenv("IXC25_KERNEL_SPIN");
+    spin_ = spin ? std::max(0, std::atoi(spin)) : spin_;
     pthread_atfork(nullptr, nullptr, [] { Get().started_ = false; });  // the child's workers are gone
   }
 
@@ -86,7 +88,7 @@ class Pool {
     for (;;) {
       int spins = 0;
       uint64_t g;
-      while ((g = generation_.load(std::memory_order_acquire)) == seen && spins < 20000) {
+      while ((g = generation_.load(std::memory_order_acquire)) == seen && spins < spin_) {
         _mm_pause();
         ++spins;
       }
@@ -104,6 +106,7 @@ class Pool {
   }
 
   int nthreads_ = 1;
+  int spin_ = 2000;  // pause iterations a worker spins before it sleeps (IXC25_KERNEL_SPIN)
   bool started_ = false;
   std::mutex run_mutex_, sleep_mutex_;
   std::condition_variable sleep_cv_;

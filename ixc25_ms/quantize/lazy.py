@@ -24,8 +24,9 @@ class LazyLoras:
     partial LoRA (fp16 under a quantised mode, else the compute dtype). `seconds[mode]` is what the first
     call of that mode paid for reading them (the new mode's graphs compile on top, under jit)."""
 
-    def __init__(self, path: str, keys: List[str], allow_pickle: bool = False):
+    def __init__(self, path: str, keys: List[str], allow_pickle: bool = False, open_source=None):
         self.path, self.allow_pickle = path, allow_pickle
+        self.open_source = open_source or (lambda: open_weights(path, allow_pickle))  # -> a WeightSource
         self.keys = set(keys)
         self.loaded: Dict[str, bool] = {}
         self.seconds: Dict[str, float] = {}
@@ -47,7 +48,7 @@ class LazyLoras:
         if missing:
             raise CheckpointError(f"{self.path}: infer_mode '{infer_mode}' needs key '{missing[0]}', which the "
                                   f"checkpoint does not hold ({len(missing)} missing)")
-        src = open_weights(self.path, self.allow_pickle)
+        src = self.open_source()
         try:
             for name, cell in cells:
                 for b in LAZY_LORAS[infer_mode]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Mapping, Optional
 
 import mindspore as ms
 import numpy as np
@@ -11,7 +11,7 @@ from mindspore import Tensor
 from ..weights import CheckpointError
 from ..weights.layout import open_weights
 from ..weights.loader import check_keys, stream_into
-from ..weights.sources import WeightSource
+from ..weights.sources import StateSource, WeightSource
 from ..weights.tags import widen
 from .int8 import quantize_int8, to_float16
 from .lazy import LazyLoras
@@ -78,15 +78,24 @@ def stream_prepared(model, src: WeightSource, path: str) -> dict:
     return report
 
 
-def load_weights(model, path: str, allow_pickle: bool = False, quantize: Optional[str] = None,
+def load_weights(model, path, allow_pickle: bool = False, quantize: Optional[str] = None,
                  lazy_loras: Optional[bool] = None) -> dict:
-    """Fill `model` from the checkpoint at `path`. quantize None: as stored (float, or int8 for a pre-quantised
-    checkpoint); "int8"/"fp16": quantised storage (prepare). lazy_loras None: lazy under a quantised mode.
-    Float, non-lazy loads take the plain streaming loader. Returns a small report (also `model.load_report`)."""
+    """Fill `model` from the checkpoint at `path` (or an in-memory {key: array} state dict). quantize None: as
+    stored (float, or int8 for a pre-quantised checkpoint); "int8"/"fp16": quantised storage (prepare).
+    lazy_loras None: lazy under a quantised mode. Float, non-lazy loads from a path take the plain streaming
+    loader. Returns a small report (also `model.load_report`)."""
     t = time.perf_counter()
     if quantize not in (None,) + QUANT_MODES:
         raise ValueError(f"quantize must be one of {QUANT_MODES} or None, got {quantize!r}")
-    src = open_weights(path, allow_pickle)
+    if isinstance(path, Mapping):
+        state = path
+        path = "state dict"
+        def open_source():
+            return StateSource(state, path)
+    else:
+        def open_source():
+            return open_weights(path, allow_pickle)
+    src = open_source()
     try:
         stored = stored_quantization(src)
         if stored is not None and quantize not in (None, stored):
@@ -94,14 +103,14 @@ def load_weights(model, path: str, allow_pickle: bool = False, quantize: Optiona
                                   f"(quantize={quantize!r} asked)")
         mode = quantize or stored
         lazy = (mode is not None) if lazy_loras is None else bool(lazy_loras)
-        if mode is None and not lazy:
+        if mode is None and not lazy and not isinstance(src, StateSource):
             src.close()
             stream_into(model, path, allow_pickle)
             report = {}
         else:
             prepare(model, mode, lazy)
             lazy_keys = [k for k in src.keys() if LazyLoras.owns(k)] if lazy else []
-            model.lazy_loras = LazyLoras(path, lazy_keys, allow_pickle) if lazy else None
+            model.lazy_loras = LazyLoras(path, lazy_keys, allow_pickle, open_source) if lazy else None
             report = stream_prepared(model, src, path)
     finally:
         src.close()
