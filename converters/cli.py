@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dst", required=True, help="output directory (created; must be empty unless --overwrite)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="cast floating-point tensors (default: keep each tensor's source dtype)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="weight-only int8 for the LLM's base linears and output head: int8 codes + one fp32 "
+                        "scale per output channel (`<key>_scale`); safetensors only; see notes/quantization.md")
     p.add_argument("--format", choices=("safetensors", "ckpt"), default=None,
                    help="MindSpore file format (default safetensors; --to-torch always writes safetensors)")
     p.add_argument("--shard-size", default="2GB", help="largest output shard, e.g. 2GB, 500MB, 1GiB (default 2GB)")
@@ -52,6 +55,10 @@ def main(argv=None) -> int:
         parser.error("--to-torch writes the official layout (safetensors); --format ckpt does not apply")
     if args.to_torch and args.allow_pickle:
         parser.error("--allow-pickle applies to official sources, not to --to-torch")
+    if args.quantize and args.to_torch:
+        parser.error("--quantize applies to official sources, not to --to-torch")
+    if args.quantize and args.format == "ckpt":
+        parser.error("--quantize writes safetensors shards; --format ckpt does not apply")
     old = None
     if threading.current_thread() is threading.main_thread():
         old = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -60,7 +67,7 @@ def main(argv=None) -> int:
             s = convert_to_torch(args.src, args.dst, args.dtype, shard_size, args.overwrite, args.quiet)
         else:
             s = convert_to_ms(args.src, args.dst, args.dtype, args.format or "safetensors", shard_size,
-                              args.allow_pickle, args.overwrite, args.quiet)
+                              args.allow_pickle, args.overwrite, args.quiet, args.quantize)
     except (CheckpointError, ConfigError) as e:
         print(f"{TOOL}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

@@ -36,23 +36,38 @@ def _source_out(it: Item, warnings: List[str]) -> Tuple[object, object]:
     return arr, arr
 
 
+def _quantized_outs(it: Item) -> List[Out]:
+    """The int8 codes and the per-row fp32 scales of one base weight (ixc25_ms.quantize.int8)."""
+    from ixc25_ms.quantize.int8 import SCALE_SUFFIX, quantize_int8
+    raw = it.source.read(it.key, None)
+    q, scale = quantize_int8(raw, it.tag)
+    del raw
+    return [Out(it.target, "I8", tuple(q.shape), q, q),
+            Out(it.target + SCALE_SUFFIX, "F32", tuple(scale.shape), scale, scale)]
+
+
 def _write_to_ms(plan: Plan, tmp: str, fmt: str, quiet: bool, warnings: List[str]) -> Tuple[dict, List[dict]]:
     ext = "safetensors" if fmt == "safetensors" else "ckpt"
     weight_map, records = {}, []
 
     def write_shard(si, shard, fname, path, hasher, prog):
-        outs = []
+        groups = []  # per item: its outs (a quantised weight has two: codes and scales)
         for it in shard:
+            if it.quantize:
+                groups.append(_quantized_outs(it))
+                continue
             data, hashed = _source_out(it, warnings)
             shape = tuple(data.shape) if isinstance(data, np.ndarray) else it.shape
-            outs.append(Out(it.target, it.out_tag, shape, data, hashed))
+            groups.append([Out(it.target, it.out_tag, shape, data, hashed)])
+        outs = [o for g in groups for o in g]
         inline = fmt == "safetensors"  # our writer hashes what it writes; the ckpt path is hashed apart
         to_hash = [o for o in outs if not (inline and o.data is not None and o.hashed is o.data)]
-        digests = shards.hash_and_write(hasher, prog, outs, to_hash,
-                                        lambda: shards.save_ms_shard(outs, path, fmt))
+        digests = iter(shards.hash_and_write(hasher, prog, outs, to_hash,
+                                             lambda: shards.save_ms_shard(outs, path, fmt)))
         if fmt == "safetensors":
             shards.verify_written(path, [(o.name, o.tag, o.shape) for o in outs if o.data is not None])
-        for it, o, dg in zip(shard, outs, digests):
+        for it, g in zip(shard, groups):
+            o, dg = g[0], next(digests)
             rec = {"source_key": it.key, "source_file": os.path.basename(it.source_file),
                    "source_dtype": it.tag, "shape": list(it.shape)}
             if it.target is None:
@@ -61,6 +76,10 @@ def _write_to_ms(plan: Plan, tmp: str, fmt: str, quiet: bool, warnings: List[str
                 weight_map[it.target] = fname
                 rec.update(target=it.target, target_file=fname, dtype=it.out_tag,
                            target_shape=list(o.shape), sha256=dg)
+            for extra in g[1:]:  # the scales of a quantised weight
+                weight_map[extra.name] = fname
+                rec.update(quantize=it.quantize, scale={"target": extra.name, "dtype": extra.tag,
+                                                        "shape": list(extra.shape), "sha256": next(digests)})
             records.append(rec)
 
     shards.run_shards(plan, tmp, quiet, "convert", lambda si, n: f"ms_model-{si + 1:05d}-of-{n:05d}.{ext}",
@@ -107,12 +126,16 @@ def _mindspore_version() -> str:
 
 def convert_to_ms(src: str, dst: str, dtype: Optional[str] = None, fmt: str = "safetensors",
                   shard_size: int = 2 * 10 ** 9, allow_pickle: bool = False, overwrite: bool = False,
-                  quiet: bool = True) -> dict:
-    """Official checkpoint (file or dir) -> MindSpore shards + ms_model.index.json + conversion.json."""
+                  quiet: bool = True, quantize: Optional[str] = None) -> dict:
+    """Official checkpoint (file or dir) -> MindSpore shards + ms_model.index.json + conversion.json.
+    quantize "int8": the LLM's base weights and the output head as int8 codes `<key>` + fp32 `<key>_scale`
+    (one per output row; safetensors only), the other tensors as `dtype` says (default: as stored)."""
     if fmt not in ("safetensors", "ckpt"):
         raise ConversionError(f"unsupported --format {fmt!r} (safetensors or ckpt)")
+    if quantize is not None and fmt != "safetensors":
+        raise ConversionError(f"--quantize {quantize} writes safetensors shards only, not --format {fmt}")
     t0 = time.time()
-    plan = plan_to_ms(src, dtype, shard_size, allow_pickle)
+    plan = plan_to_ms(src, dtype, shard_size, allow_pickle, quantize)
     t_plan = time.time() - t0
 
     def write(tmp: str, warnings: List[str]) -> dict:
@@ -129,7 +152,8 @@ def convert_to_ms(src: str, dst: str, dtype: Optional[str] = None, fmt: str = "s
             "tool": TOOL, "tool_version": TOOL_VERSION, "mindspore_version": _mindspore_version(),
             "numpy_version": np.__version__, "direction": plan.direction, "source": plan.src,
             "source_files": plan.source_files, "config": os.path.basename(plan.cfg_path), "format": fmt,
-            "dtype": dtype_tag(dtype) or "source", "output_dtypes": out_dtypes, "shard_size": shard_size,
+            "dtype": dtype_tag(dtype) or "source", "output_dtypes": out_dtypes, "quantize": quantize,
+            "shard_size": shard_size,
             "num_shards": len(plan.shards), "total_size": total,
             "num_converted": sum(1 for r in records if r["target"] != "dropped"),
             "num_dropped": sum(1 for r in records if r["target"] == "dropped"),

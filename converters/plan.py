@@ -1,6 +1,7 @@
 """The conversion plan, from headers alone: every tensor accounted for against the config before any write."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -27,6 +28,7 @@ class Item:
     out_tag: Optional[str] = None
     out_nbytes: int = 0
     expect_sha: Optional[str] = None  # sha256 of the stored bytes, when known (to-torch verification)
+    quantize: Optional[str] = None    # "int8": written as int8 codes + `<target>_scale` (fp32, per row)
 
     @property
     def source_file(self) -> str:
@@ -145,9 +147,23 @@ def _items(source: WeightSource, rename: Callable[[str], Optional[str]], out_tag
     return items
 
 
+def _plan_quantize(items: List[Item], quantize: Optional[str]) -> None:
+    """Mark the base weights of the LLM linears and the output head for int8 (codes + one fp32 scale per row)."""
+    if quantize is None:
+        return
+    if quantize != "int8":
+        raise ConversionError(f"unsupported --quantize {quantize!r} (int8)")
+    from ixc25_ms.quantize.int8 import is_quantized_key
+    for it in items:
+        if it.target is not None and is_quantized_key(it.target):
+            it.quantize, it.out_tag = quantize, "I8"
+            it.out_nbytes = _nbytes(it.shape, "I8") + 4 * it.shape[0]
+
+
 def plan_to_ms(src: str, dtype: Optional[str] = None, shard_size: int = 2 * 10 ** 9,
-               allow_pickle: bool = False) -> Plan:
-    """Read headers only and check everything: official layout -> planned MindSpore shards."""
+               allow_pickle: bool = False, quantize: Optional[str] = None) -> Plan:
+    """Read headers only and check everything: official layout -> planned MindSpore shards (with quantize
+    "int8", the LLM's base weights and the output head as int8 codes + per-row scales)."""
     src = os.path.abspath(src)
     out_tag = dtype_tag(dtype)
     if is_converted_dir(src):
@@ -158,6 +174,7 @@ def plan_to_ms(src: str, dtype: Optional[str] = None, shard_size: int = 2 * 10 *
     cfg, cfg_path = _load_cfg(src_dir)
     items = _items(source, official_to_ms, out_tag)
     _account(items, expected_parameters(cfg), cfg_path, src, lambda it: it.key)
+    _plan_quantize(items, quantize)
     names = [os.path.basename(f) for f in source.files]
     if os.path.isdir(src):
         extra, skipped = _extra_files(src_dir, set(names) | {CONVERSION_FILE})
@@ -172,6 +189,19 @@ def plan_to_ms(src: str, dtype: Optional[str] = None, shard_size: int = 2 * 10 *
     return plan
 
 
+def _recorded_quantization(src: str) -> Optional[str]:
+    """The "quantize" entry of a converted directory's conversion.json (None when absent)."""
+    path = os.path.join(src, CONVERSION_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        return record.get("quantize") if isinstance(record, dict) else None
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError as e:
+        raise ConversionError(f"{path}: not a valid conversion record ({e})") from None
+
+
 def plan_to_torch(src: str, dtype: Optional[str] = None, shard_size: int = 2 * 10 ** 9) -> Plan:
     """Read headers only and check everything: our MindSpore directory -> planned official shards."""
     src = os.path.abspath(src)
@@ -181,6 +211,10 @@ def plan_to_torch(src: str, dtype: Optional[str] = None, shard_size: int = 2 * 1
     if not is_converted_dir(src):
         raise ConversionError(f"{src}: not an {TOOL} output directory (no {CONVERSION_FILE} / {MS_INDEX}); "
                               f"--to-torch converts those back, drop it to convert an official checkpoint")
+    quantized = _recorded_quantization(src)
+    if quantized:
+        raise ConversionError(f"{src}: holds {quantized} weights (ixc25-convert --quantize); quantisation is lossy, "
+                              f"so --to-torch takes unquantised directories only: convert the official checkpoint")
     source = open_weights(src)
     recorded = read_records(src)
     cfg, cfg_path = _load_cfg(src)

@@ -13,7 +13,7 @@ from .outdir import fsync_path
 from .plan import Plan
 from .units import ConversionError
 
-MS_TAG_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}  # safetensors' Dtype enum, descending
+MS_TAG_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3, "I8": 4}  # safetensors' Dtype enum, descending
 
 
 def ms_order(outs: List[Out]) -> List[Out]:

@@ -11,14 +11,19 @@ __version__ = "0.1.0"
 DEFAULT_MODEL = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "default_model")
 
 
-def load(path, dtype="float32", allow_pickle=False, use_jit=False, adapter=None):
+def load(path, dtype="float32", allow_pickle=False, use_jit=False, adapter=None, quantize=None, lazy_loras=None):
     """Load an official-layout (or converted) checkpoint directory -> (model, tokenizer).
 
     use_jit compiles the ViT, prefill and decode steps with mindspore.jit (graph mode). adapter: a PEFT LoRA
     adapter directory (ours from ixc25-finetune --use_lora, or one the official scripts saved) applied on top:
-    its LoRA acts on every token, after the partial LoRA."""
+    its LoRA acts on every token, after the partial LoRA. quantize: "int8" (weight-only, one scale per output
+    channel, for the LLM's base linears and output head; quantised while streaming), "fp16", or None (as
+    stored: float, or int8 for a checkpoint ixc25-convert --quantize int8 wrote). lazy_loras: the write/web
+    LoRAs are read from the checkpoint when infer_mode first asks for them (default: with quantize).
+    See notes/quantization.md."""
     from .model import load as _load
-    model, tok = _load(path, dtype=dtype, allow_pickle=allow_pickle, use_jit=use_jit)
+    model, tok = _load(path, dtype=dtype, allow_pickle=allow_pickle, use_jit=use_jit, quantize=quantize,
+                       lazy_loras=lazy_loras)
     if adapter is not None:
         from .train.lora import apply_adapter
         apply_adapter(model, adapter, allow_pickle)

@@ -9,6 +9,9 @@ They run only where they can: device target CPU, float32, one token per row (dec
 prefill also the last layer's SwiGLU, which sees one row); elsewhere (Ascend, GPU, fp16/bf16, the rest of
 prefill) the portable MindSpore ops run, and those stay tested.
 
+The same library holds the weight-only quantised linears of csrc/quant_kernels.cc (int8 and fp16 weights,
+fp32 activations; used through ixc25_ms/quantize/kernels.py, under the same switch).
+
 Switch: `IXC25_CPU_KERNELS` = `auto` (default: used when the library builds), `0` (never), `1` (required:
 an error when it cannot be built). The library is built once per source/compiler/flags into
 `$IXC25_KERNEL_CACHE` (default `~/.cache/ixc25_ms`), written under a temporary name and renamed.
@@ -30,7 +33,8 @@ from mindspore import ops
 log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "decode_kernels.cc")
-CXXFLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
+QUANT_SOURCE = os.path.join(os.path.dirname(SOURCE), "quant_kernels.cc")
+CXXFLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-pthread"]
 _lock = threading.Lock()
 _built: dict = {}  # cache dir -> (path or None, error message)
 
@@ -44,13 +48,17 @@ def _cache_dir() -> str:
 
 
 def build_library(cache_dir: Optional[str] = None, compiler: Optional[str] = None) -> str:
-    """Compiles SOURCE into `cache_dir` (once per source, compiler and flags) and returns the .so path."""
+    """Compiles SOURCE and QUANT_SOURCE into one library in `cache_dir` (once per sources, compiler and flags)
+    and returns the .so path."""
     cxx = compiler or os.environ.get("CXX") or "g++"
     exe = shutil.which(cxx)
     if exe is None:
         raise KernelBuildError(f"no C++ compiler {cxx!r} on PATH to build {SOURCE}")
-    with open(SOURCE, "rb") as f:
-        src = f.read()
+    sources = [SOURCE, QUANT_SOURCE]
+    src = b""
+    for fn in sources:
+        with open(fn, "rb") as f:
+            src += f.read()
     key = hashlib.sha256(src + " ".join([exe] + CXXFLAGS).encode()).hexdigest()[:16]
     cache_dir = cache_dir or _cache_dir()
     path = os.path.join(cache_dir, f"ixc25_decode_kernels-{key}.so")
@@ -63,9 +71,10 @@ def build_library(cache_dir: Optional[str] = None, compiler: Optional[str] = Non
     except OSError as e:
         raise KernelBuildError(f"cannot write the kernel library into {cache_dir}: {e}") from e
     try:
-        proc = subprocess.run([exe] + CXXFLAGS + ["-o", tmp, SOURCE], capture_output=True, text=True)
+        proc = subprocess.run([exe] + CXXFLAGS + ["-o", tmp] + sources, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise KernelBuildError(f"{cxx} failed on {SOURCE} (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+            raise KernelBuildError(f"{cxx} failed on {' '.join(sources)} (exit {proc.returncode}):\n"
+                                   f"{proc.stderr[-2000:]}")
         os.replace(tmp, path)  # atomic: a concurrent build of the same key writes the same bytes
     finally:
         if os.path.exists(tmp):

@@ -21,7 +21,6 @@ from .video import is_video_path, preprocess_video
 from .vision import build_tower, build_vision_proj, encode_pixels
 from .weights import CheckpointError
 from .weights.layout import load_state_dict
-from .weights.loader import stream_into
 
 
 @dataclass
@@ -164,11 +163,15 @@ def read_weights(path: str, allow_pickle: bool = False):
     return load_state_dict(path, allow_pickle=allow_pickle)
 
 
-def load(path: str, dtype: str = "float32", allow_pickle: bool = False, use_jit: bool = False):
+def load(path: str, dtype: str = "float32", allow_pickle: bool = False, use_jit: bool = False,
+         quantize: Optional[str] = None, lazy_loras: Optional[bool] = None):
     """Load a checkpoint directory -> (InternLMXComposer2ForCausalLM, InternLM2Tokenizer).
 
     `path` holds config.json, tokenizer.model and weights (official layout: model.safetensors, sharded
-    safetensors + index, or pytorch_model*.bin with allow_pickle=True; or our converted layout)."""
+    safetensors + index, or pytorch_model*.bin with allow_pickle=True; or our converted layout, also
+    pre-quantised). quantize: None (as stored), "int8" or "fp16" (ixc25_ms.quantize); lazy_loras: the write/web
+    LoRAs read on first use (default: with a quantised mode)."""
+    from .quantize.load import load_weights
     from .tokenizer import InternLM2Tokenizer
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory (expected config.json, tokenizer.model and weights)")
@@ -176,6 +179,6 @@ def load(path: str, dtype: str = "float32", allow_pickle: bool = False, use_jit:
     cfg = IXCConfig.from_file(path)
     tok = InternLM2Tokenizer.from_pretrained(path)
     model = InternLMXComposer2ForCausalLM(cfg, dtype=dtype, use_jit=use_jit)
-    stream_into(model, path, allow_pickle)  # checked from headers, then one tensor at a time
+    load_weights(model, path, allow_pickle, quantize, lazy_loras)  # checked from headers, then tensor by tensor
     model.tokenizer = tok
     return model, tok

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from ixc25_ms.testing import TinyModelTester, make_image, reset_peak, vm
+from ixc25_ms.testing import TinyModelTester, make_image, peak_rss_mb, reset_peak, vm
 
 MARK = "@@BENCH "
 
@@ -27,7 +27,11 @@ class MSWorker:
     def __init__(self, tester, args, use_jit: bool):
         import mindspore as ms
         self.ms = ms
-        self.model = tester.ms_model(dtype=args.dtype, use_jit=use_jit)
+        if getattr(args, "ckpt", None):  # quantised contenders (and the 7b preset): loaded as a user would
+            import ixc25_ms
+            self.model, _ = ixc25_ms.load(args.ckpt, dtype=args.dtype, use_jit=use_jit, quantize=args.quantize)
+        else:
+            self.model = tester.ms_model(dtype=args.dtype, use_jit=use_jit)
 
     def start(self, pv, prompt, n_new):
         """ViT + prefill + first token; returns (timings, generator of (step seconds, id) per decode step)."""
@@ -156,9 +160,11 @@ def worker_main(name: str, spec: dict):
     setup_s = time.perf_counter() - t
     rss_load = vm("VmRSS")
     peak_ok = reset_peak()
+    model = getattr(worker, "model", None)
     _emit({"ready": True, "setup_s": setup_s, "rss_after_load_mb": rss_load,
            "views": int(pv.shape[2] // 560 * pv.shape[3] // 560 + 1),
-           "cpu_kernels": bool(getattr(getattr(worker, "model", None), "cpu_kernels", False))})
+           "cpu_kernels": bool(getattr(model, "cpu_kernels", False)), "quantize": spec.get("quantize"),
+           "load_report": getattr(model, "load_report", None)})
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "run":
@@ -170,6 +176,7 @@ def worker_main(name: str, spec: dict):
             took = [next(paired) for _ in range(int(cmd.split()[1]))]
             _emit({"steps_s": [t for t, _ in took], "ids": [i for _, i in took]})
         elif cmd == "quit":
-            _emit({"peak_rss_mb": vm("VmHWM"), "peak_since_load": peak_ok, "rss_end_mb": vm("VmRSS")})
+            _emit({"peak_rss_mb": vm("VmHWM"), "peak_since_load": peak_ok, "rss_end_mb": vm("VmRSS"),
+                   "peak_rss_process_mb": peak_rss_mb()})
             return 0
     return 0

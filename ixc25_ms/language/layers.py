@@ -18,9 +18,13 @@ class Embedding(nn.Cell):
     def __init__(self, vocab: int, hidden: int, dtype=ms.float32):
         super().__init__()
         self.weight = Parameter(initializer("zeros", (vocab, hidden), dtype), name="weight")
+        self.compute_dtype = dtype  # rows come out in it (the table may be stored fp16: ixc25_ms.quantize)
 
     def construct(self, ids):
-        return ops.gather(self.weight, ids, 0)
+        y = ops.gather(self.weight, ids, 0)
+        if self.weight.dtype != self.compute_dtype:
+            y = y.astype(self.compute_dtype)
+        return y
 
 
 class RMSNorm(nn.Cell):

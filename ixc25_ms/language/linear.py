@@ -21,20 +21,28 @@ def full_mul(x, y):
 class BaseLinear(nn.Cell):
     """Owns a linear's base weight `weight` (out, in) and `bias` under the checkpoint's names, and computes
     x W^T (+ b) in `base`. It is the one seam for how base weights are stored and multiplied: partial LoRA and
-    LoRA add to `base(x)`; a quantised variant replaces what `base` computes (see `ixc25_ms.quantize`)."""
+    LoRA add to `base(x)`; a quantised storage (`ixc25_ms.quantize.prepare`) replaces `weight` by int8 codes
+    plus `weight_scale` (out,) (or by fp16) and sets `weight_matmul`, the cell that multiplies that form."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=ms.float32):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = dtype  # of activations and outputs (the weight's own dtype unless quantised)
         self.weight = Parameter(initializer("zeros", (out_features, in_features), dtype), name="weight")
         self.bias = Parameter(initializer("zeros", (out_features,), dtype), name="bias") if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
         self.bias_add = ops.BiasAdd()  # not `y + bias`: see full_mul
+        self.weight_scale = None   # int8 storage: per-output-channel scales (out,) fp32
+        self.weight_matmul = None  # quantised storage: (x2d, weight, weight_scale) -> x2d W^T
 
     def base(self, x):
         """x (..., in) -> (..., out)."""
         shape = x.shape
-        y = self.matmul(x.reshape(-1, shape[-1]), self.weight)
+        x2 = x.reshape(-1, shape[-1])
+        if self.weight_matmul is None:
+            y = self.matmul(x2, self.weight)
+        else:
+            y = self.weight_matmul(x2, self.weight, self.weight_scale)
         if self.bias is not None:
             y = self.bias_add(y, self.bias)
         return y.reshape(shape[:-1] + (self.out_features,))
@@ -117,7 +125,7 @@ def add_lora_branch(cell, r: int, alpha: float, dropout: float, seed: int = 0):
     B = 0, so the branch adds nothing until trained."""
     if r < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {r}")
-    dtype = cell.weight.dtype
+    dtype = cell.compute_dtype  # the weight's dtype unless the weight is stored quantised
     a = Linear(cell.in_features, r, dtype=dtype)
     bound = 1.0 / math.sqrt(cell.in_features)
     rng = np.random.default_rng(seed)

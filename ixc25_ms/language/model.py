@@ -118,6 +118,8 @@ class InternLM2ForCausalLM(nn.Cell):
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
         self.q_scale = 1.0 / math.sqrt(cfg.head_dim)  # softmax scale, folded into q's RoPE on the host
         self.use_jit = use_jit
+        self.quantization = None  # "int8" / "fp16": the LLM's weights stored so (ixc25_ms.quantize.prepare)
+        self.lazy_loras = None    # write/web LoRAs loaded when an infer_mode first needs them (quantize.LazyLoras)
 
     # -- graph bodies ------------------------------------------------------------------------------
     def _forward_body(self, h, im_mask, cos, sin, attn_mask, infer_mode):
@@ -149,6 +151,11 @@ class InternLM2ForCausalLM(nn.Cell):
         return self._decode_body(x, mq, mk, attn_mask, k_caches, v_caches, write_pos, infer_mode)
 
     # -- host side ----------------------------------------------------------------------------------
+    def need_mode(self, infer_mode: str) -> None:
+        """Load the write/web LoRAs `infer_mode` needs when this model holds them lazily (quantize.LazyLoras)."""
+        if self.lazy_loras is not None and infer_mode != "base":
+            self.lazy_loras.ensure(self, infer_mode)
+
     def embed(self, input_ids) -> Tensor:
         """input_ids (B, L) ints -> embeddings (B, L, H) in the compute dtype."""
         return self.model.tok_embeddings(Tensor(np.asarray(input_ids, dtype=np.int32)))
@@ -185,6 +192,7 @@ class InternLM2ForCausalLM(nn.Cell):
     def forward_hidden(self, inputs_embeds, im_mask=None, attention_mask=None, infer_mode="base"):
         """Uncached forward: (logits fp32 (B, L, V), final normed hidden (B, L, H))."""
         b, l = int(inputs_embeds.shape[0]), int(inputs_embeds.shape[1])
+        self.need_mode(infer_mode)
         m, cos, sin, mask, _ = self.sequence_inputs(b, l, im_mask, attention_mask)
         run = self._forward_jit if self.use_jit else self._forward_body
         return run(self._cast(inputs_embeds), m, cos, sin, mask, infer_mode)
@@ -197,6 +205,7 @@ class InternLM2ForCausalLM(nn.Cell):
         cap = l if cap is None else int(cap)
         if cap < l:
             raise ValueError(f"cache capacity {cap} is smaller than the prompt length {l}")
+        self.need_mode(infer_mode)
         m, cos, sin, mask, am = self.sequence_inputs(b, l, im_mask, attention_mask)
         run = self._prefill_jit if self.use_jit else self._prefill_body
         logits, h, ks, vs = run(self._cast(inputs_embeds), m, cos, sin, mask, cap, infer_mode, last_only)
@@ -210,6 +219,7 @@ class InternLM2ForCausalLM(nn.Cell):
         if not isinstance(cache, KVCache):
             raise TypeError(f"decode takes a KVCache (from prefill or KVCache.from_arrays), got {type(cache).__name__}")
         cache.check(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.compute_dtype)
+        self.need_mode(infer_mode)
         slot, pos = cache.begin_step()
         self.rope.ensure(slot + 1)
         mq, mk = decode_rope_matrices(*self.rope.cos_sin(pos.reshape(-1, 1)), self.q_scale)

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import CheckpointError
 from .safetensors import SafetensorsFile, Span
-from .tags import ST_DTYPES, widen
+from .tags import NP_TO_ST, ST_DTYPES, widen
 
 Entry = Tuple[str, Tuple[int, ...], str]  # (dtype tag, shape, file)
 
@@ -99,6 +99,25 @@ class SafetensorsSource(WeightSource):
 
     def read_raw(self, key: str) -> np.ndarray:
         return self._st[self.file_of(key)].read_raw(key)
+
+
+class StateSource(WeightSource):
+    """An in-memory state dict {key: numpy array} as a weight source (float32/float16/int8 arrays as they are;
+    tests and benchmarks quantise a drawn model through it without writing a checkpoint)."""
+    format = "state"
+
+    def __init__(self, state: Mapping[str, np.ndarray], name: str = "state dict"):
+        super().__init__(name, "official")
+        self.state = state
+        for k, v in state.items():
+            a = np.asarray(v)
+            if a.dtype not in NP_TO_ST:
+                raise CheckpointError(f"{name}: key '{k}' has unsupported dtype {a.dtype}")
+            self._add(name, k, NP_TO_ST[a.dtype], a.shape)
+
+    def read_raw(self, key: str) -> np.ndarray:
+        self._entry(key)
+        return np.asarray(self.state[key])
 
 
 class _OneFileAtATime(WeightSource):

@@ -1,0 +1,105 @@
+"""Quantised storage of the LLM's weights: which Parameters change form, swapped in before any weight is loaded.
+
+`prepare(model, mode)` runs on a freshly built model (its Parameters are still uninitialised, so nothing float
+of the swapped weights is ever allocated):
+- mode "int8": the base weight of every decoder linear (`wqkv`, `wo`, `w1`, `w2`, `w3`) and of the output head
+  becomes int8 codes `weight` (out, in) plus `weight_scale` (out,) fp32 (one scale per output channel);
+- mode "fp16": those weights become fp16;
+- both modes: the other large float weights of the LLM — the partial LoRA (`Plora_A`/`Plora_B`) and the token
+  embeddings — are stored fp16 (exact for bf16 checkpoints within fp16's range), computed in fp32;
+- lazy_loras: the write/web LoRAs (`lora_sft_*`, `lora_dpo_*`, `lora_web_*`) are removed; `LazyLoras` loads
+  them from the checkpoint when an infer_mode first needs them (also possible without a quantised mode).
+Norms, the vision tower and the projector keep the model's dtype. Activations stay in the compute dtype.
+"""
+from __future__ import annotations
+
+from typing import Iterator, List, Tuple
+
+import mindspore as ms
+from mindspore import Parameter
+from mindspore.common.initializer import initializer
+
+from ..language.linear import BaseLinear, PLoRA
+from .int8 import SCALE_SUFFIX
+from .kernels import F16Matmul, Int8Matmul, ascend_weight_quant, cpu_quant_kernels
+
+QUANT_MODES = ("int8", "fp16")
+LAZY_LORAS = {"write": ("lora_sft", "lora_dpo"), "web": ("lora_web",)}  # infer_mode -> its LoRA branches
+
+
+def base_linears(model) -> List[Tuple[str, BaseLinear]]:
+    """(name, cell) of the LLM linears whose base weight a quantised mode stores quantised: every PLoRA of the
+    decoder layers and the output head (names as in the checkpoint: `model.layers.N.attention.wqkv`, `output`)."""
+    out = []
+    for name, cell in model.cells_and_names():
+        if (name.startswith("model.layers.") and isinstance(cell, PLoRA)) or name == "output":
+            out.append((name, cell))
+    return out
+
+
+def plora_cells(model) -> Iterator[Tuple[str, PLoRA]]:
+    for name, cell in model.cells_and_names():
+        if name.startswith("model.layers.") and isinstance(cell, PLoRA):
+            yield name, cell
+
+
+def name_parameters(model) -> None:
+    """Every Parameter named by its path in the model (swapped and added ones are named `weight` only)."""
+    for n, p in model.parameters_and_names():
+        if p.name != n:
+            p.name = n
+
+
+def to_int8(cell: BaseLinear, kernels=None, ascend: bool = False) -> None:
+    """int8 codes `weight` (out, in) + `weight_scale` (out,) fp32, uninitialised; base() goes through Int8Matmul."""
+    out, fin = cell.out_features, cell.in_features
+    cell.weight = Parameter(initializer("zeros", (out, fin), ms.int8), name="weight", requires_grad=False)
+    cell.weight_scale = Parameter(initializer("zeros", (out,), ms.float32), name="weight" + SCALE_SUFFIX,
+                                  requires_grad=False)
+    cell.weight_matmul = Int8Matmul(kernels, ascend)
+
+
+def to_fp16(cell: BaseLinear, kernels=None) -> None:
+    """fp16 `weight` (out, in), uninitialised; base() goes through F16Matmul. No-op when the cell computes
+    in fp16 (its weight is fp16 already)."""
+    if cell.compute_dtype == ms.float16:
+        return
+    cell.weight = Parameter(initializer("zeros", (cell.out_features, cell.in_features), ms.float16),
+                            name="weight", requires_grad=False)
+    cell.weight_matmul = F16Matmul(kernels)
+
+
+def drop_lazy_loras(model) -> None:
+    """Remove the write/web LoRA branches of every PLoRA (their Parameters were never filled)."""
+    for _, cell in plora_cells(model):
+        for branches in LAZY_LORAS.values():
+            for b in branches:
+                setattr(cell, b + "_A", None)
+                setattr(cell, b + "_B", None)
+
+
+def prepare(model, mode=None, lazy_loras: bool = True) -> None:
+    """Swap the storage of the LLM's weights for `mode` ("int8", "fp16" or None: float as built) and, with
+    lazy_loras, remove the write/web LoRAs. Call before loading: the swapped Parameters are uninitialised."""
+    if mode not in (None,) + QUANT_MODES:
+        raise ValueError(f"quantize must be one of {QUANT_MODES} or None, got {mode!r}")
+    if mode is not None:
+        dtype = model.compute_dtype
+        kernels = cpu_quant_kernels(dtype, None if model.cpu_kernels else False)
+        ascend = ascend_weight_quant(dtype)
+        for _, cell in base_linears(model):
+            if mode == "int8":
+                to_int8(cell, kernels, ascend)
+            else:
+                to_fp16(cell, kernels)
+        for _, cell in plora_cells(model):
+            to_fp16(cell.Plora_A, kernels)
+            to_fp16(cell.Plora_B, kernels)
+        emb = model.model.tok_embeddings
+        if emb.compute_dtype != ms.float16:
+            emb.weight = Parameter(initializer("zeros", tuple(emb.weight.shape), ms.float16), name="weight",
+                                   requires_grad=False)
+    if lazy_loras:
+        drop_lazy_loras(model)
+    model.quantization = mode
+    name_parameters(model)
