@@ -124,7 +124,7 @@ def init_checkpoint(dst: str, seed: int) -> str:
 def finetune_flags(args) -> list:
     return ["--data_path", "data.json", "--output_dir", os.path.join(args.work, "run"), "--overwrite_output_dir",
             "--fix_vit", "False", "--fix_sampler", "False", "--use_lora", "False", "--hd_num", str(args.hd_num),
-            "--max_length", "4096", "--batch_size", "1", "--per_device_train_batch_size", "1",
+            "--max_length", "4096", "--batch_size", "1", "--per_device_train_batch_size", str(args.batch),
             "--gradient_accumulation_steps", str(args.accum), "--num_train_epochs", str(args.epochs),
             "--learning_rate", str(args.lr), "--weight_decay", "0.05", "--adam_beta2", "0.98", "--warmup_steps", "100",
             "--lr_scheduler_type", "cosine", "--max_grad_norm", "1.0", "--plora_dropout", "0.0", "--logging_steps",
@@ -160,7 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pictures", type=int, default=6000, help="training pictures")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max_steps", type=int, default=0)
-    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1, help="pictures per micro-batch")
+    ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--hd_num", type=int, default=9)
     ap.add_argument("--jit", action="store_true", help="compile the training step (mindspore.jit)")

@@ -209,7 +209,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(work, tmp_path, monke
     run(work, out, "--max_steps", "6", "--save_steps", "1", "--optim", "sgd", "--learning_rate", "1e9",
         "--max_grad_norm", "0", "--fix_vit", "False", expect=2)
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and ("the loss is nan" in err.lower() or "the loss is inf" in err.lower()), err
+    low = err.lower()  # a non-finite loss or gradient norm, or an update that overflowed the weights
+    assert err.count("\n") == 0 and any(m in low for m in ("the loss is nan", "the loss is inf", "norm is nan",
+                                                           "norm is inf", "is not finite")), err
     step = int(err.split("step ")[1].split(":")[0])
     good = out / f"checkpoint-{step - 1}"
     assert str(good) in err and good.is_dir() and not (out / f"checkpoint-{step}").exists()

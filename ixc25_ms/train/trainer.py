@@ -164,6 +164,8 @@ class Trainer:
         active = self.t.active(has_image)
         scale = 1.0 / (a.gradient_accumulation_steps * self.world)  # transformers: each micro-batch loss / GA
         norm = global_norm(acc, active, scale)
+        if not math.isfinite(norm):  # finite loss, overflowing gradient: stop before it reaches the weights
+            raise TrainingError(self._nan_message(step, norm, "gradient norm"))
         lr = a.learning_rate * lr_lambda(a.lr_scheduler_type, step, self.warmup, self.total)
         self.opt.step([acc[i] for i in self.mine], lr, [active[i] for i in self.mine],
                       grad_scale=scale * clip_coefficient(norm, a.max_grad_norm))
@@ -172,10 +174,10 @@ class Trainer:
                 self.comm.broadcast([self.t.params[i] for i, o in enumerate(self.owners) if o == r and active[i]], r)
         return loss_sum, norm, tokens, has_image
 
-    def _nan_message(self, step: int, loss: float) -> str:
+    def _nan_message(self, step: int, value: float, what: str = "loss") -> str:
         ck = checkpoints(self.args.output_dir)
         keep = f"the last good checkpoint is {ck[-1]}" if ck else "no checkpoint was written before it"
-        return f"step {step + 1}: the loss is {loss}; training stopped, {keep}"
+        return f"step {step + 1}: the {what} is {value}; training stopped, {keep}"
 
     # -- the run -----------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -258,6 +260,10 @@ class Trainer:
             self.comm.agree(True)
         if self.rank != 0:
             return
+        bad = [n for n, p in zip(self.t.names, self.t.params) if not np.isfinite(p.asnumpy()).all()]
+        if bad:  # an update overflowed (finite loss, huge step): never save it, so every checkpoint is good
+            raise TrainingError(self._nan_message(gs - 1, "not finite", f"weight {bad[0]}"
+                                                  + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")))
 
         def build(tmp):
             self._write_weights(tmp, "fp32")  # exact: a resumed run continues from these bits
