@@ -122,10 +122,10 @@ def check_crop(crop) -> int:
     return int(crop)
 
 
-def hd_plan(width: int, height: int, hd_num: int = 24, crop: int = PATCH) -> Tuple[int, int]:
+def hd_plan(width: int, height: int, hd_num: int = 24, crop: int = PATCH, upscale: float = 1.0) -> Tuple[int, int]:
     """The (new_w, new_h) the HD transform resizes a width x height image to, before padding (landscape axes:
     for a portrait image the values refer to the transposed image), for `crop`-px crops. Raises ImageError for
-    impossible cases."""
+    impossible cases. `upscale` 1.5: the training transform's columns, ceil(1.5 w / crop) (train/transform.py)."""
     if isinstance(hd_num, bool) or not isinstance(hd_num, (int, np.integer)) or hd_num < 1:
         raise ImageError(f"hd_num must be an integer >= 1, got {hd_num!r}")
     crop = check_crop(crop)
@@ -136,7 +136,7 @@ def hd_plan(width: int, height: int, hd_num: int = 24, crop: int = PATCH) -> Tup
     while scale * math.ceil(scale / ratio) <= hd_num:
         scale += 1
     scale -= 1
-    scale = min(math.ceil(width / crop), scale)
+    scale = min(math.ceil(width * upscale / crop), scale)  # width * 1.0 is exact: inference unchanged
     new_w = int(scale * crop)
     new_h = int(new_w / ratio)
     if new_h < 1:

@@ -8,7 +8,7 @@ from typing import Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..processing import ImageError, to_pixel_values
+from ..processing import ImageError, hd_plan, to_pixel_values
 
 _WHITE = (255, 255, 255)
 
@@ -19,21 +19,7 @@ def train_plan(width: int, height: int, hd_num: int = 18, resolution: int = 560)
     draws randrange(low, up + 1) with both bounds equal, so it is deterministic — new_w = scale * resolution,
     new_h = int(new_w / ratio), padded to a multiple of resolution. Inference uses ceil(w / resolution) instead
     and pads at the bottom; training pads centred."""
-    if isinstance(hd_num, bool) or not isinstance(hd_num, (int, np.integer)) or hd_num < 1:
-        raise ImageError(f"hd_num must be an integer >= 1, got {hd_num!r}")
-    if width < height:
-        width, height = height, width
-    ratio = width / height
-    scale = 1
-    while scale * math.ceil(scale / ratio) <= hd_num:
-        scale += 1
-    scale -= 1
-    scale = min(math.ceil(width * 1.5 / resolution), scale)
-    new_w = int(scale * resolution)
-    new_h = int(new_w / ratio)
-    if new_h < 1:
-        raise ImageError(f"image {width}x{height} is too elongated for hd_num={hd_num}: its short side would "
-                         f"resize to 0 px")
+    new_w, new_h = hd_plan(width, height, hd_num, resolution, upscale=1.5)
     return new_w, new_h, int(math.ceil(new_h / resolution) * resolution)
 
 
