@@ -227,3 +227,29 @@ def test_write_web_loras_load_on_first_use(golden, quantize):
     assert len(names) == 2 * 5 * 6 and "model.layers.1.feed_forward.w3.lora_dpo_B.weight" in names
     if quantize:
         assert {p.dtype for k, p in model.parameters_and_names() if k in names} == {ms.float16}
+
+
+def test_memory_lean_path_equals_compiled(golden, monkeypatch):
+    """Quantised models whose dequantised weights pass LEAN_DEQUANT_BYTES (the 7B) prefill eagerly and run the
+    tower eagerly one view at a time: the same image embeddings and greedy ids as the compiled path."""
+    import ixc25_ms.language.model as lm
+    model, _ = ixc25_ms.load(GOLDEN, quantize="int8", use_jit=True)
+    assert not model.memory_lean()
+    pv = golden["pixel_values"]
+    emb_jit = model.img2emb(pv).asnumpy()
+    gen = CASE["generate"]
+    kw = dict(max_new_tokens=gen["max_new_tokens"], do_sample=False, repetition_penalty=gen["repetition_penalty"],
+              eos_token_id=gen["eos_token_id"])
+    ids_jit = model.generate(inputs_embeds=Tensor(golden["inputs_embeds"]), im_mask=golden["im_mask"], **kw)
+    monkeypatch.setattr(lm, "LEAN_DEQUANT_BYTES", 0)
+    assert model.memory_lean()
+    calls = []
+    real = type(model.vit).construct
+    monkeypatch.setattr(type(model.vit), "construct", lambda self, x: calls.append(x.shape[0]) or real(self, x))
+    monkeypatch.setattr(type(model), "_prefill_jit", lambda *a: pytest.fail("compiled prefill in the lean path"))
+    emb = model.img2emb(pv).asnumpy()
+    assert calls == [1, 1, 1]  # global view + 2 crops, one at a time, eagerly
+    np.testing.assert_allclose(emb, emb_jit, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(emb, golden["img_embeds"], rtol=1e-4, atol=1e-5)
+    ids = model.generate(inputs_embeds=Tensor(golden["inputs_embeds"]), im_mask=golden["im_mask"], **kw)
+    assert ids[0].tolist() == ids_jit[0].tolist() == CASE["new_token_ids"]

@@ -23,6 +23,9 @@ PREFILL_CHUNK = 128
 PREFILL_MAX_CHUNKS = 16
 
 
+LEAN_DEQUANT_BYTES = 2 << 30  # above this, quantised models prefill eagerly (InternLM2ForCausalLM.memory_lean)
+
+
 def prefill_chunk_rows(l: int) -> int:
     """Rows per causal query chunk of an l-token last-token prefill; 0 = one pass (under two chunks)."""
     rows = max(PREFILL_CHUNK, -(-l // PREFILL_MAX_CHUNKS))
@@ -151,6 +154,19 @@ class InternLM2ForCausalLM(nn.Cell):
         return self._decode_body(x, mq, mk, attn_mask, k_caches, v_caches, write_pos, infer_mode)
 
     # -- host side ----------------------------------------------------------------------------------
+    def memory_lean(self) -> bool:
+        """Whether prefill (and the vision tower, ixc25_ms.model) run eagerly although use_jit is set: quantised
+        storage whose weights dequantised to fp32 would exceed LEAN_DEQUANT_BYTES. Prefill's MatMul path
+        dequantises each weight, and a CPU graph keeps every buffer of its memory plan until the process ends:
+        at 7B ~0.9 GB per layer (the real-shape run of 2026-12-03 was OOM-killed at 22 GB). Eagerly each buffer
+        is freed after its MatMul; at that size the ops are long, so eager costs little time."""
+        if self.quantization is None:
+            return False
+        c = self.cfg
+        per_layer = c.hidden_size * ((c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+                                     + c.hidden_size + 3 * c.intermediate_size)
+        return 4 * (c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size) > LEAN_DEQUANT_BYTES
+
     def need_mode(self, infer_mode: str) -> None:
         """Load the write/web LoRAs `infer_mode` needs when this model holds them lazily (quantize.LazyLoras)."""
         if self.lazy_loras is not None and infer_mode != "base":
@@ -207,7 +223,7 @@ class InternLM2ForCausalLM(nn.Cell):
             raise ValueError(f"cache capacity {cap} is smaller than the prompt length {l}")
         self.need_mode(infer_mode)
         m, cos, sin, mask, am = self.sequence_inputs(b, l, im_mask, attention_mask)
-        run = self._prefill_jit if self.use_jit else self._prefill_body
+        run = self._prefill_jit if self.use_jit and not self.memory_lean() else self._prefill_body
         logits, h, ks, vs = run(self._cast(inputs_embeds), m, cos, sin, mask, cap, infer_mode, last_only)
         return logits, h, KVCache.from_prefill(ks, vs, am)
 

@@ -10,20 +10,24 @@ from .layout import crop_grid, expected_tokens, global_local_layout, split_views
 
 
 def encode_pixels(vit: TowerCell, vision_proj: nn.Cell, glb_GN, sub_GN, pixel_values: np.ndarray,
-                  use_jit: bool = False, return_layout: bool = False):
+                  use_jit: bool = False, return_layout: bool = False, views_per_call: int = 0):
     """(1,3,H,W) normalised pixels (H, W multiples of the tower's resolution) -> image embeddings
     (1, N, llm_hidden) in the projector's dtype.
 
     Global view = torch-exact bicubic to the tower's resolution (numpy matrices); the tower sees
     [global, crops] in one batch; then the GN layout and vision_proj. With return_layout=True also returns the
-    pre-projector layout (1, N, 4C)."""
+    pre-projector layout (1, N, 4C). views_per_call > 0: the tower runs on that many views at a time (the
+    attention scores of ViT-L are 0.16 GB per view in fp32; the memory-lean path of quantised models uses 1)."""
     if not isinstance(vit, TowerCell):
         raise TypeError(f"encode_pixels: vit must be a vision tower cell (ixc25_ms.vision), got {type(vit).__name__}")
     geom = vit.geometry
     views = split_views(pixel_values, geom)
     h, w = crop_grid(pixel_values, geom)
-    x = Tensor(views.astype(np_dtype(vit.compute_dtype)))
-    feats = vit.forward_jit(x) if use_jit else vit(x)
+    views = views.astype(np_dtype(vit.compute_dtype))
+    tower = vit.forward_jit if use_jit else vit
+    step = views_per_call if views_per_call > 0 else len(views)
+    parts = [tower(Tensor(views[i:i + step])) for i in range(0, len(views), step)]
+    feats = parts[0] if len(parts) == 1 else ops.concat(parts, axis=0)
     layout = global_local_layout(feats, h, w, glb_GN, sub_GN, geom)
     n = expected_tokens(h, w, geom)
     if layout.shape[1] != n:
