@@ -20,8 +20,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = os.path.join(os.path.dirname(HERE), "ixc25_ms", "default_model")
-# The architecture: every IXC2.5 part at toy width. CLIP-style ViT at 560 px with 56-px patches (a 10x10 grid:
-# 25 merged tokens per view), the HD crops, sub_GN/glb_GN layout, projector, InternLM2 with GQA and partial LoRA.
+# The architecture: every IXC2.5 part at toy width. CLIP-style ViT at 560 px with 28-px patches (a 20x20 grid:
+# 100 merged tokens per view; 56-px patches, 25 tokens, trained worse: notes/default-model.md), the HD crops, sub_GN/glb_GN layout, projector, InternLM2 with GQA and partial LoRA.
 CONFIG = {
     "architectures": ["InternLMXComposer2ForCausalLM"], "model_type": "internlm2",
     "vocab_size": 320, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3,
@@ -30,7 +30,7 @@ CONFIG = {
     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "max_length": 4096,
     "lora_r": 16, "lora_alpha": 16, "web_lora_r": 4,
     "vision_config": {"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 256,
-                      "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": 560, "patch_size": 56,
+                      "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": 560, "patch_size": 28,
                       "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
 }
 TRAIN_SEED_BASE, EVAL_SEED_BASE = 0, 10_000_000  # picture i of the training set uses seed BASE + i
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="train_default", description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=os.path.join(os.getcwd(), "default_train"), help="working directory")
     ap.add_argument("--out", default=PACKAGE_DIR, help="where the fp16 model is written")
-    ap.add_argument("--pictures", type=int, default=6000, help="training pictures")
+    ap.add_argument("--pictures", type=int, default=1200, help="training pictures")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max_steps", type=int, default=0)
     ap.add_argument("--batch", type=int, default=1, help="pictures per micro-batch")
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     command = "python scripts/train_default.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     t0 = time.perf_counter()
     os.makedirs(args.work, exist_ok=True)
-    make_pictures(args.work, args.pictures, TRAIN_SEED_BASE + args.seed * 1_000_000, turns=(6, 9),
+    make_pictures(args.work, args.pictures, TRAIN_SEED_BASE + args.seed * 1_000_000, turns=(3, 4),
                   scale=TRAIN_SCALE)
     init_checkpoint(os.path.join(args.work, "init"), args.seed)
     t_data = time.perf_counter() - t0
