@@ -88,17 +88,6 @@ def attend(q, k, v, heads: int):
     return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, n, c))
 
 
-class JitLayer(nn.Cell):
-    """A tower layer (x -> x) that can also run as its own compiled graph, `forward_jit`. The towers' graph
-    mode runs one graph per layer: a single graph over every layer kept ~190 MB per CLIP ViT-L layer of
-    MindSpore's CPU pool for the whole call (+4.4 GB at 24 layers); one graph per layer frees its intermediates
-    when it returns, so the next layer reuses them (notes/performance.md, the ViT memory)."""
-
-    @ms.jit
-    def forward_jit(self, x):
-        return self.construct(x)
-
-
 class TowerCell(nn.Cell):
     """Base of every tower cell: (B,3,R,R) pixels -> (B, grid*grid, C) patch features in `compute_dtype`.
 

@@ -5,7 +5,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ..config import VisionConfig
-from .cells import JitLayer, LayerNorm, PatchConv, Table, TowerCell, attend, dense, param
+from .cells import LayerNorm, PatchConv, Table, TowerCell, attend, dense, param
 from .clip_spec import CLIPSpec
 
 
@@ -64,7 +64,7 @@ class CLIPMLP(nn.Cell):
         return self.fc2(h)
 
 
-class CLIPEncoderLayer(JitLayer):
+class CLIPEncoderLayer(nn.Cell):
     """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
 
     def __init__(self, cfg: VisionConfig, dtype):
@@ -105,11 +105,6 @@ class CLIPVisionTransformer(nn.Cell):
     def construct(self, pixel_values):
         return self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))
 
-    @ms.jit
-    def embed_jit(self, pixel_values):
-        """Graph mode: the embeddings and pre-LN (the layers follow, one graph each)."""
-        return self.pre_layrnorm(self.embeddings(pixel_values))
-
 
 class _VisionModel(nn.Cell):
     """Holds `vision_model` (the HF CLIPVisionModel wrapper level)."""
@@ -141,11 +136,9 @@ class CLIPVisionTower(TowerCell):
         h = self.vision_tower(x)
         return h[:, 1:, :]
 
+    @ms.jit
     def forward_jit(self, pixel_values):
-        """Graph-mode forward, same result as construct: one compiled graph for the embeddings, then one per
-        encoder layer (see cells.JitLayer)."""
-        vm = self.vision_tower.vision_model
-        h = vm.embed_jit(ops.cast(pixel_values, self.compute_dtype))
-        for layer in vm.encoder.layers:
-            h = layer.forward_jit(h)
+        """Graph-mode forward, same result as construct."""
+        x = ops.cast(pixel_values, self.compute_dtype)
+        h = self.vision_tower(x)
         return h[:, 1:, :]

@@ -5,7 +5,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ..config import VisionConfig
-from .cells import JitLayer, LayerNorm, PatchConv, TowerCell, attend, dense, param
+from .cells import LayerNorm, PatchConv, TowerCell, attend, dense, param
 from .vit_spec import TimmViTSpec
 
 
@@ -40,7 +40,7 @@ class Mlp(nn.Cell):
         return self.fc2(ops.gelu(self.fc1(x), approximate="none"))
 
 
-class Block(JitLayer):
+class Block(nn.Cell):
     """Pre-LN block: x + attn(norm1(x)); x + mlp(norm2(x))."""
 
     def __init__(self, cfg: VisionConfig, dtype):
@@ -78,25 +78,14 @@ class VisionTransformer(nn.Cell):
         self.blocks = nn.CellList([Block(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
         self.norm = LayerNorm(c, cfg.layer_norm_eps, dtype)
 
-    def embed(self, pixel_values):
+    def construct(self, pixel_values):
         x = self.patch_embed(pixel_values)  # (B, C, grid, grid)
         b, c = x.shape[0], x.shape[1]
         x = ops.transpose(ops.reshape(x, (b, c, -1)), (0, 2, 1))
         cls = ops.broadcast_to(ops.cast(self.cls_token, x.dtype), (b, 1, c))
-        return ops.concat((cls, x), axis=1) + ops.cast(self.pos_embed, x.dtype)
-
-    def construct(self, pixel_values):
-        x = self.embed(pixel_values)
+        x = ops.concat((cls, x), axis=1) + ops.cast(self.pos_embed, x.dtype)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)
-
-    @ms.jit
-    def embed_jit(self, pixel_values):
-        return self.embed(pixel_values)
-
-    @ms.jit
-    def norm_jit(self, x):
         return self.norm(x)
 
 
@@ -117,11 +106,8 @@ class TimmViTTower(TowerCell):
         h = self.vision_tower(ops.cast(pixel_values, self.compute_dtype))
         return h[:, 1:, :]
 
+    @ms.jit
     def forward_jit(self, pixel_values):
-        """Graph-mode forward, same result as construct: one compiled graph for the embeddings, one per block
-        (see cells.JitLayer), one for the final norm."""
-        vt = self.vision_tower
-        h = vt.embed_jit(ops.cast(pixel_values, self.compute_dtype))
-        for blk in vt.blocks:
-            h = blk.forward_jit(h)
-        return vt.norm_jit(h)[:, 1:, :]
+        """Graph-mode forward, same result as construct."""
+        h = self.vision_tower(ops.cast(pixel_values, self.compute_dtype))
+        return h[:, 1:, :]
