@@ -251,3 +251,13 @@ def test_timm_param_spec_and_converter_round_trip(vit_ckpt, tmp_path):
     again, _ = ixc25_ms.load(ms_dir)  # the converted layout loads into the same tower
     pv = preprocess_image(img, 24, crop=448)
     assert np.array_equal(again.img2emb(pv).asnumpy(), model.img2emb(pv).asnumpy())
+
+
+def test_gradient_checkpointing_covers_every_tower_layer(vit_ckpt):
+    """--gradient_checkpointing marks every decoder layer and every encoder layer of the tower for recompute,
+    whatever the tower calls its layer list (CLIP: encoder.layers, timm: blocks)."""
+    from ixc25_ms.train.prepare import use_recompute
+    model, _ = ixc25_ms.load(vit_ckpt[0])  # a model of its own: recompute marks stay on the cells
+    n_llm, n_vit = model.cfg.num_hidden_layers, model.cfg.vision.num_hidden_layers
+    assert len(model.vit.vision_tower.blocks) == n_vit
+    assert use_recompute(model) == n_llm + n_vit

@@ -118,12 +118,11 @@ def use_recompute(model) -> int:
     """--gradient_checkpointing: MindSpore recompute on every decoder layer and every tower encoder layer (their
     activations are recomputed in the backward pass instead of kept). Returns the number of layers."""
     from ..language.layers import DecoderLayer
-    n = 0
-    for name, cell in model.cells_and_names():
-        if isinstance(cell, DecoderLayer) or (name.startswith("vit.") and re.search(r"\.layers\.\d+$", name)):
-            cell.recompute()
-            n += 1
-    return n
+    from ..parity.hooks import layer_stack  # the tower's encoder layers, whatever the tower names them
+    layers = [c for _, c in model.cells_and_names() if isinstance(c, DecoderLayer)] + list(layer_stack(model.vit))
+    for cell in layers:
+        cell.recompute()
+    return len(layers)
 
 
 def parameter_counts(model, t: Trainables) -> Tuple[int, int]:
