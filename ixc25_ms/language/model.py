@@ -123,6 +123,7 @@ class InternLM2ForCausalLM(nn.Cell):
         self.use_jit = use_jit
         self.quantization = None  # "int8" / "fp16": the LLM's weights stored so (ixc25_ms.quantize.prepare)
         self.lazy_loras = None    # write/web LoRAs loaded when an infer_mode first needs them (quantize.LazyLoras)
+        self._dequant_bytes = None  # memory_lean's size, computed on first use
 
     # -- graph bodies ------------------------------------------------------------------------------
     def _forward_body(self, h, im_mask, cos, sin, attn_mask, infer_mode):
@@ -162,10 +163,12 @@ class InternLM2ForCausalLM(nn.Cell):
         is freed after its MatMul; at that size the ops are long, so eager costs little time."""
         if self.quantization is None:
             return False
-        c = self.cfg
-        per_layer = c.hidden_size * ((c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-                                     + c.hidden_size + 3 * c.intermediate_size)
-        return 4 * (c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size) > LEAN_DEQUANT_BYTES
+        if self._dequant_bytes is None:  # the keys int8 stores quantised, at their spec shapes, in fp32
+            from ..quantize.int8 import is_quantized_key
+            from ..weights.spec import expected_parameters
+            self._dequant_bytes = 4 * sum(int(np.prod(shape)) for k, shape in expected_parameters(self.cfg).items()
+                                          if is_quantized_key(k))
+        return self._dequant_bytes > LEAN_DEQUANT_BYTES
 
     def need_mode(self, infer_mode: str) -> None:
         """Load the write/web LoRAs `infer_mode` needs when this model holds them lazily (quantize.LazyLoras)."""
