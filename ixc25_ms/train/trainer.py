@@ -10,6 +10,7 @@ from dataclasses import asdict
 from typing import List, Optional
 
 import mindspore as ms
+from mindspore import ops
 import numpy as np
 
 from .. import load as load_model
@@ -260,7 +261,7 @@ class Trainer:
             self.comm.agree(True)
         if self.rank != 0:
             return
-        bad = [n for n, p in zip(self.t.names, self.t.params) if not np.isfinite(p.asnumpy()).all()]
+        bad = [n for n, p in zip(self.t.names, self.t.params) if not ops.isfinite(p).all()]  # no host copy
         if bad:  # an update overflowed (finite loss, huge step): never save it, so every checkpoint is good
             raise TrainingError(self._nan_message(gs - 1, "not finite", f"weight {bad[0]}"
                                                   + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")))
