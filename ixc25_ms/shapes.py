@@ -55,12 +55,12 @@ class Scene:
         return [o for o in self.objects if o.colour == colour]
 
 
-def random_scene(rng: np.random.Generator, n: Optional[int] = None) -> Scene:
-    """1-4 objects on a canvas of 200-1200 px a side with an aspect ratio up to 3:1 either way; sizes and
-    positions varied, objects apart from each other."""
+def random_scene(rng: np.random.Generator, n: Optional[int] = None, sides: Tuple[int, int] = (200, 1200)) -> Scene:
+    """1-4 objects (or n) on a canvas of 200-1200 px a side (or `sides`) with an aspect ratio up to 3:1 either
+    way; sizes and positions varied, objects apart from each other."""
     while True:
-        w = int(rng.integers(200, 1201))
-        h = int(np.clip(w / math.exp(rng.uniform(-math.log(3), math.log(3))), 200, 1200))
+        w = int(rng.integers(sides[0], sides[1] + 1))
+        h = int(np.clip(w / math.exp(rng.uniform(-math.log(3), math.log(3))), sides[0], sides[1]))
         if 1 / 3 <= w / h <= 3:
             break
     n = int(rng.integers(1, 5)) if n is None else n
@@ -74,7 +74,7 @@ def random_scene(rng: np.random.Generator, n: Optional[int] = None) -> Scene:
         if all(math.hypot(cx - o.cx, cy - o.cy) > r + o.size + 0.04 * short for o in scene.objects):
             scene.objects.append(Obj(SHAPES[int(rng.integers(3))], list(COLOURS)[int(rng.integers(6))], cx, cy, r))
     if len(scene.objects) < n:  # crowded: start over with a new canvas
-        return random_scene(rng, n)
+        return random_scene(rng, n, sides)
     for o in scene.objects:
         o.angle = float(rng.uniform(0, 360)) if o.shape != "circle" else 0.0
         if rng.random() < 0.3:

@@ -40,19 +40,24 @@ TRAIN_SEED_BASE, EVAL_SEED_BASE = 0, 10_000_000  # picture i of the training set
 TRAIN_SCALE = 2 / 3
 
 
+EASY_SEED_OFFSET = 5_000_000  # easy picture j of the training set uses seed BASE + EASY_SEED_OFFSET + j
+
+
 def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: float = 0.08, scale: float = 1.0,
-                  log=print) -> str:
+                  easy: int = 0, log=print) -> str:
     """n pictures under root/images and root/data.json (official conversation format); picture i drawn from
-    seed seed_base + i (stored at `scale` of its size); `chitchat` of n extra text-only items. Returns the JSON
-    path."""
+    seed seed_base + i (stored at `scale` of its size); `turns` (low, high) questions per picture, or None for
+    every question the picture allows; `easy` extra small pictures (200-560 px, 1-2 objects: one crop, where a
+    shape fills more patches); `chitchat` of n extra text-only items. Returns the JSON path."""
     from ixc25_ms import shapes as S
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     items = []
     t = time.perf_counter()
-    for i in range(n):
-        rng = np.random.default_rng(seed_base + i)
-        scene = S.random_scene(rng)
-        path = os.path.join("images", f"{seed_base + i}.png")
+    for i in range(n + easy):
+        seed = seed_base + i if i < n else seed_base + EASY_SEED_OFFSET + i - n
+        rng = np.random.default_rng(seed)
+        scene = S.random_scene(rng) if i < n else S.random_scene(rng, int(rng.integers(1, 3)), (200, 560))
+        path = os.path.join("images", f"{seed}.png")
         full = os.path.join(root, path)
         im = S.render(scene, rng)
         if not os.path.exists(full):
@@ -60,11 +65,16 @@ def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: flo
                 im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
                                resample=3)  # bicubic, antialiased
             im.save(full, compress_level=1)
-        qa = S.conversation(scene, rng, int(rng.integers(turns[0], turns[1] + 1)))
+        if turns is None:  # every question the scene allows, in a random order
+            valid = S.valid_questions(scene)
+            qa = [(t, sub, S.question(t, sub), S.answer(scene, t, sub)) for t, sub in
+                  (valid[int(j)] for j in rng.permutation(len(valid)))]
+        else:
+            qa = S.conversation(scene, rng, int(rng.integers(turns[0], turns[1] + 1)))
         conv = []
         for _, _, q, a in qa:
             conv += [{"from": "human", "value": q}, {"from": "bot", "value": a}]
-        items.append({"id": f"shapes-{seed_base + i}", "image": path, "conversations": conv})
+        items.append({"id": f"shapes-{seed}", "image": path, "conversations": conv})
         if log and (i + 1) % 1000 == 0:
             log(f"[default] {i + 1} pictures ({time.perf_counter() - t:.0f} s)")
     rng = np.random.default_rng(seed_base - 1 if seed_base else 12345)
@@ -128,7 +138,7 @@ def finetune_flags(args) -> list:
             "--gradient_accumulation_steps", str(args.accum), "--num_train_epochs", str(args.epochs),
             "--learning_rate", str(args.lr), "--weight_decay", "0.05", "--adam_beta2", "0.98", "--warmup_steps", "100",
             "--lr_scheduler_type", "cosine", "--max_grad_norm", "1.0", "--plora_dropout", "0.0", "--logging_steps",
-            "50", "--save_strategy", "steps", "--save_steps", "500", "--save_total_limit", "1", "--seed",
+            "50", "--save_strategy", "steps", "--save_steps", str(args.save_steps), "--save_total_limit", str(args.keep), "--seed",
             str(args.seed)] + (["--max_steps", str(args.max_steps)] if args.max_steps else []) + (
             ["--torch_compile", "True"] if args.jit else [])
 
@@ -164,15 +174,31 @@ def main(argv=None) -> int:
     ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--hd_num", type=int, default=9)
+    ap.add_argument("--easy", type=int, default=0, help="extra small training pictures (200-560 px, 1-2 objects)")
+    ap.add_argument("--questions", default="3-4", help="questions per training picture: LOW-HIGH, or 'all' (every "
+                    "question the picture allows, in a random order)")
+    ap.add_argument("--vit_width", type=int, default=CONFIG["vision_config"]["hidden_size"], help="ViT width "
+                    "(heads of 32 channels, MLP 4x)")
+    ap.add_argument("--vit_layers", type=int, default=CONFIG["vision_config"]["num_hidden_layers"])
+    ap.add_argument("--llm_width", type=int, default=CONFIG["hidden_size"], help="InternLM2 width (heads of 32 "
+                    "channels over 2 KV heads, MLP 3x)")
+    ap.add_argument("--llm_layers", type=int, default=CONFIG["num_hidden_layers"])
+    ap.add_argument("--save_steps", type=int, default=500, help="checkpoint every N steps")
+    ap.add_argument("--keep", type=int, default=1, help="checkpoints kept (more: a training curve to evaluate)")
     ap.add_argument("--jit", action="store_true", help="compile the training step (mindspore.jit)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=0, help="score this many held-out pictures after training")
     args = ap.parse_args(argv)
+    CONFIG["vision_config"].update(hidden_size=args.vit_width, intermediate_size=4 * args.vit_width,
+                                   num_attention_heads=max(1, args.vit_width // 32), num_hidden_layers=args.vit_layers)
+    CONFIG.update(hidden_size=args.llm_width, intermediate_size=3 * args.llm_width,
+                  num_attention_heads=max(2, args.llm_width // 32), num_hidden_layers=args.llm_layers)
+    turns = None if args.questions == "all" else tuple(int(x) for x in args.questions.split("-"))
     command = "python scripts/train_default.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     t0 = time.perf_counter()
     os.makedirs(args.work, exist_ok=True)
-    make_pictures(args.work, args.pictures, TRAIN_SEED_BASE + args.seed * 1_000_000, turns=(3, 4),
-                  scale=TRAIN_SCALE)
+    make_pictures(args.work, args.pictures, TRAIN_SEED_BASE + args.seed * 1_000_000, turns=turns,
+                  scale=TRAIN_SCALE, easy=args.easy)
     init_checkpoint(os.path.join(args.work, "init"), args.seed)
     t_data = time.perf_counter() - t0
     print(f"[default] data and initial checkpoint in {t_data:.0f} s", flush=True)
@@ -188,7 +214,7 @@ def main(argv=None) -> int:
     t_train = time.perf_counter() - t0 - t_data
     with open(os.path.join(args.work, "run", "trainer_state.json")) as f:
         state = json.load(f)
-    notes = {"seed": args.seed, "training pictures": args.pictures, "optimizer steps": state["global_step"],
+    notes = {"seed": args.seed, "training pictures": args.pictures, "easy pictures": args.easy, "optimizer steps": state["global_step"],
              "data + init seconds": round(t_data), "training seconds": round(t_train)}
     export(os.path.join(args.work, "run"), args.out, command, notes)
     print(f"[default] wrote {args.out} ({t_train:.0f} s of training)", flush=True)

@@ -253,3 +253,31 @@ def test_memory_lean_path_equals_compiled(golden, monkeypatch):
     np.testing.assert_allclose(emb, golden["img_embeds"], rtol=1e-4, atol=1e-5)
     ids = model.generate(inputs_embeds=Tensor(golden["inputs_embeds"]), im_mask=golden["im_mask"], **kw)
     assert ids[0].tolist() == ids_jit[0].tolist() == CASE["new_token_ids"]
+
+
+def test_memory_lean_model_stores_its_tower_fp16_and_partial_lora_int8(golden, monkeypatch):
+    """A model big enough for the lean path (the 7B) also stores its ViT and projector linears fp16 (0.6 GB less
+    at ViT-L) and its partial LoRA int8 (0.6 GB less at r 256): the image embeddings stay within fp16 rounding
+    of the official ones and greedy ids are unchanged; smaller quantised models keep the tower in fp32 and the
+    partial LoRA fp16."""
+    import mindspore as ms
+    import ixc25_ms.language.model as lm
+    from ixc25_ms.quantize.prepare import plora_cells, vision_linears
+    small, _ = ixc25_ms.load(GOLDEN, quantize="int8", use_jit=True)
+    assert {c.weight.dtype for _, c in vision_linears(small)} == {ms.float32}
+    assert {c.Plora_A.weight.dtype for _, c in plora_cells(small)} == {ms.float16}
+    monkeypatch.setattr(lm, "LEAN_DEQUANT_BYTES", 0)
+    model, _ = ixc25_ms.load(GOLDEN, quantize="int8", use_jit=True)
+    lin = vision_linears(model)
+    assert lin and {c.weight.dtype for _, c in lin} == {ms.float16}
+    assert any(n.startswith("vision_proj.") for n, _ in lin) and any(n.startswith("vit.") for n, _ in lin)
+    pl = [b for _, c in plora_cells(model) for b in (c.Plora_A, c.Plora_B)]
+    assert pl and {b.weight.dtype for b in pl} == {ms.int8} and all(b.weight_scale is not None for b in pl)
+    emb = model.img2emb(golden["pixel_values"]).asnumpy()
+    ref = golden["img_embeds"]
+    assert np.linalg.norm(emb - ref) / np.linalg.norm(ref) < 2e-3
+    gen = CASE["generate"]
+    ids = model.generate(inputs_embeds=Tensor(golden["inputs_embeds"]), im_mask=golden["im_mask"],
+                         max_new_tokens=gen["max_new_tokens"], do_sample=False,
+                         repetition_penalty=gen["repetition_penalty"], eos_token_id=gen["eos_token_id"])
+    assert ids[0].tolist() == CASE["new_token_ids"]

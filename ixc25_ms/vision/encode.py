@@ -32,6 +32,6 @@ def encode_pixels(vit: TowerCell, vision_proj: nn.Cell, glb_GN, sub_GN, pixel_va
     n = expected_tokens(h, w, geom)
     if layout.shape[1] != n:
         raise RuntimeError(f"encode_pixels: {layout.shape[1]} image tokens for a {h}x{w} grid, expected {n}")
-    proj_dtype = vision_proj[0].weight.dtype
+    proj_dtype = vision_proj[0].compute_dtype  # not the weight's: a memory-lean model stores it fp16
     emb = vision_proj(ops.cast(layout, proj_dtype))
     return (emb, layout) if return_layout else emb
