@@ -1,0 +1,76 @@
+"""The drawn-shapes task of the default model: its pictures, its answer checker, and the training conversations."""
+import math
+
+import numpy as np
+
+from ixc25_ms import shapes as S
+from scripts import train_default as T
+
+
+def test_scenes_follow_the_task():
+    """1-4 objects, 200-1200 px a side, aspect ratio within 3:1, objects inside the canvas and apart."""
+    seen_n = set()
+    for seed in range(300):
+        sc = S.random_scene(np.random.default_rng(seed))
+        assert 200 <= sc.width <= 1200 and 200 <= sc.height <= 1200
+        assert 1 / 3 <= sc.width / sc.height <= 3
+        assert 1 <= len(sc.objects) <= 4
+        seen_n.add(len(sc.objects))
+        for i, o in enumerate(sc.objects):
+            assert o.shape in S.SHAPES and o.colour in S.COLOURS
+            assert o.size < o.cx < sc.width - o.size and o.size < o.cy < sc.height - o.size
+            for p in sc.objects[i + 1:]:
+                assert math.hypot(o.cx - p.cx, o.cy - p.cy) > o.size + p.size
+    assert seen_n == {1, 2, 3, 4}
+    small = S.random_scene(np.random.default_rng(1), 2, (200, 560))
+    assert max(small.width, small.height) <= 560 and len(small.objects) == 2
+
+
+def test_checker_by_hand():
+    assert S.is_correct(1, "circle", "The circle is red.", "It is red.")
+    assert not S.is_correct(1, "circle", "The circle is red.", "The circle is red or blue.")
+    assert S.is_correct(2, "square", "There are 2 squares.", "2")
+    assert not S.is_correct(2, "square", "There are 2 squares.", "There are 2 squares and 1 circle.")
+    assert not S.is_correct(2, "square", "There are 0 squares.", "There are no squares.")  # a digit is asked for
+    assert S.is_correct(3, "blue", "The blue one is a triangle.", "A triangle.")
+    assert not S.is_correct(3, "blue", "The blue one is a triangle.", "A square or a triangle.")
+    want = "A red circle and two blue squares."
+    assert S.is_correct(4, "", want, "Two blue squares and a red circle.")
+    assert not S.is_correct(4, "", want, "A red circle and a blue square.")
+    assert not S.is_correct(4, "", want, "A red circle, two blue squares and a green triangle.")
+
+
+def test_described_as_drawn():
+    sc = S.Scene(600, 400, [S.Obj("square", "blue", 100, 100, 40), S.Obj("circle", "red", 300, 200, 40),
+                            S.Obj("square", "blue", 500, 300, 40)])
+    assert S.describe(sc) == "A red circle and two blue squares."
+    assert S.answer(sc, 2, "triangle") == "There are 0 triangles."
+    assert S.answer(sc, 3, "red") == "The red one is a circle."
+    assert (3, "blue") not in S.valid_questions(sc) and (1, "square") not in S.valid_questions(sc)
+
+
+def test_training_turns_never_give_an_answer_away():
+    """grounded_turns: no question whose answer an earlier turn stated — never both the colour of an object
+    (asked by its shape) and its shape (asked by its colour); the description, when asked, comes last; every
+    question valid for the scene; all three counts asked."""
+    for seed in range(400):
+        rng = np.random.default_rng(seed)
+        sc = S.random_scene(rng)
+        turns = T.grounded_turns(sc, rng)
+        valid = set(S.valid_questions(sc))
+        assert all(t in valid for t in turns) and len(set(turns)) == len(turns)
+        assert sorted(s for t, s in turns if t == 2) == sorted(S.SHAPES)
+        if (4, "") in turns:
+            assert turns[-1] == (4, "")
+        objects = []
+        for t, s in turns:
+            if t == 1:
+                objects.append(next(i for i, o in enumerate(sc.objects) if o.shape == s))
+            elif t == 3:
+                objects.append(next(i for i, o in enumerate(sc.objects) if o.colour == s))
+        assert len(objects) == len(set(objects)), (seed, turns)
+
+
+def test_seed_ranges_of_training_and_evaluation_are_disjoint():
+    seeds = T.TRAIN_SEED_BASE + 4 * 1_000_000 + T.EASY_SEED_OFFSET + 1_000_000  # seed 4, a million easy pictures
+    assert seeds <= T.EVAL_SEED_BASE
