@@ -18,8 +18,16 @@ from ixc25_ms.weights.layout import load_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-MSRUN = shutil.which("msrun") or os.path.join(BIN, "msrun")
-FINETUNE = shutil.which("ixc25-finetune") or os.path.join(BIN, "ixc25-finetune")  # msrun runs `python <script>`
+# this interpreter's msrun and ixc25-finetune first (another msrun on PATH may belong to another Python);
+# msrun runs `python <script>` from PATH, so _env puts this interpreter's bin first
+
+
+def _tool(name: str) -> str:
+    own = os.path.join(BIN, name)
+    return own if os.path.exists(own) else (shutil.which(name) or own)
+
+
+MSRUN, FINETUNE = _tool("msrun"), _tool("ixc25-finetune")
 TINY = {"vocab_size": 400, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000,
         "max_position_embeddings": 4096, "lora_r": 8, "lora_alpha": 8, "web_lora_r": 8, "max_length": 4096,
@@ -49,7 +57,8 @@ def work(tmp_path_factory):
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), GLOG_v="3")
+    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), GLOG_v="3",
+                PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
 
 
 def single(work, out, args):
