@@ -21,7 +21,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = os.path.join(os.path.dirname(HERE), "ixc25_ms", "default_model")
 # The architecture: every IXC2.5 part at toy width. CLIP-style ViT at 560 px with 28-px patches (a 20x20 grid:
-# 100 merged tokens per view; 56-px patches, 25 tokens, trained worse: notes/default-model.md), the HD crops, sub_GN/glb_GN layout, projector, InternLM2 with GQA and partial LoRA.
+# 100 merged tokens per view; 56-px patches, 25 tokens, trained worse: notes/default-model.md), the HD crops,
+# sub_GN/glb_GN layout, projector, InternLM2 with GQA and partial LoRA.
 CONFIG = {
     "architectures": ["InternLMXComposer2ForCausalLM"], "model_type": "internlm2",
     "vocab_size": 320, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3,
@@ -155,8 +156,8 @@ def finetune_flags(args) -> list:
             "--gradient_accumulation_steps", str(args.accum), "--num_train_epochs", str(args.epochs),
             "--learning_rate", str(args.lr), "--weight_decay", "0.05", "--adam_beta2", "0.98", "--warmup_steps", "100",
             "--lr_scheduler_type", "cosine", "--max_grad_norm", "1.0", "--plora_dropout", "0.0", "--logging_steps",
-            "50", "--save_strategy", "steps", "--save_steps", str(args.save_steps), "--save_total_limit", str(args.keep), "--seed",
-            str(args.seed)] + (["--max_steps", str(args.max_steps)] if args.max_steps else []) + (
+            "50", "--save_strategy", "steps", "--save_steps", str(args.save_steps), "--save_total_limit",
+            str(args.keep), "--seed", str(args.seed)] + (["--max_steps", str(args.max_steps)] if args.max_steps else []) + (
             ["--torch_compile", "True"] if args.jit else [])
 
 
@@ -166,7 +167,8 @@ def export(run_dir: str, dst: str, command: str, notes: dict) -> None:
     from ixc25_ms.weights.safetensors import write_safetensors
     os.makedirs(dst, exist_ok=True)
     state = load_state_dict(run_dir)
-    write_safetensors(os.path.join(dst, "model.safetensors"), {k: ("F16", v.astype(np.float16)) for k, v in state.items()})
+    write_safetensors(os.path.join(dst, "model.safetensors"),
+                      {k: ("F16", v.astype(np.float16)) for k, v in state.items()})
     for f in ("config.json", "tokenizer.model"):
         with open(os.path.join(run_dir, f), "rb") as a, open(os.path.join(dst, f), "wb") as b:
             b.write(a.read())
@@ -231,8 +233,8 @@ def main(argv=None) -> int:
     t_train = time.perf_counter() - t0 - t_data
     with open(os.path.join(args.work, "run", "trainer_state.json")) as f:
         state = json.load(f)
-    notes = {"seed": args.seed, "training pictures": args.pictures, "easy pictures": args.easy, "optimizer steps": state["global_step"],
-             "data + init seconds": round(t_data), "training seconds": round(t_train)}
+    notes = {"seed": args.seed, "training pictures": args.pictures, "easy pictures": args.easy,
+             "optimizer steps": state["global_step"], "data + init seconds": round(t_data), "training seconds": round(t_train)}
     export(os.path.join(args.work, "run"), args.out, command, notes)
     print(f"[default] wrote {args.out} ({t_train:.0f} s of training)", flush=True)
     if args.eval:

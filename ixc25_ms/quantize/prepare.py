@@ -97,7 +97,7 @@ def prepare(model, mode=None, lazy_loras: bool = True) -> None:
         dtype = model.compute_dtype
         kernels = cpu_quant_kernels(dtype, None if model.cpu_kernels else False)
         ascend = ascend_weight_quant(dtype)
-        lean = hasattr(model, "vit") and model.memory_lean()
+        lean = model.memory_lean()
         for _, cell in base_linears(model):
             if mode == "int8":
                 to_int8(cell, kernels, ascend)

@@ -92,8 +92,8 @@ class TowerCell(nn.Cell):
     """Base of every tower cell: (B,3,R,R) pixels -> (B, grid*grid, C) patch features in `compute_dtype`.
 
     Holds the vision config `cfg`, `geometry` (resolution, patch, grid), `resolution` (the HD crop side),
-    `hidden_size` (C; the projector sees 4C after the 2x2 merge). Subclasses define `construct` and
-    `forward_jit` (its graph-compiled twin)."""
+    `hidden_size` (C; the projector sees 4C after the 2x2 merge). Subclasses define `construct`;
+    `forward_jit` is its graph-compiled twin (one compile per batch size)."""
 
     def __init__(self, vision_cfg, geometry, dtype):
         super().__init__()
@@ -104,3 +104,8 @@ class TowerCell(nn.Cell):
         self.grid = geometry.grid
         self.compute_dtype = ms_dtype(dtype)
         self.hidden_size = vision_cfg.hidden_size
+
+    @ms.jit
+    def forward_jit(self, pixel_values):
+        """Graph-mode forward, same result as construct."""
+        return self.construct(pixel_values)

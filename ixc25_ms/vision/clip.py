@@ -135,10 +135,3 @@ class CLIPVisionTower(TowerCell):
         x = ops.cast(pixel_values, self.compute_dtype)
         h = self.vision_tower(x)
         return h[:, 1:, :]
-
-    @ms.jit
-    def forward_jit(self, pixel_values):
-        """Graph-mode forward, same result as construct."""
-        x = ops.cast(pixel_values, self.compute_dtype)
-        h = self.vision_tower(x)
-        return h[:, 1:, :]

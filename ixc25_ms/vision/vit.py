@@ -105,9 +105,3 @@ class TimmViTTower(TowerCell):
     def construct(self, pixel_values):
         h = self.vision_tower(ops.cast(pixel_values, self.compute_dtype))
         return h[:, 1:, :]
-
-    @ms.jit
-    def forward_jit(self, pixel_values):
-        """Graph-mode forward, same result as construct."""
-        h = self.vision_tower(ops.cast(pixel_values, self.compute_dtype))
-        return h[:, 1:, :]
