@@ -12,7 +12,7 @@ from ixc25_ms.config import IXCConfig
 from ixc25_ms.train.args import FinetuneArgs
 from ixc25_ms.train.batch import Collator
 from ixc25_ms.train.data import parse_item
-from ixc25_ms.train.forward import TrainForward, forward_inputs
+from ixc25_ms.train.forward import TrainForward, forward_inputs, vit_is_frozen
 from ixc25_ms.train.prepare import prepare
 from ixc25_ms.weights.layout import load_state_dict
 from parity_tests.helpers import HERE
@@ -92,8 +92,10 @@ def ms_step(workdir, items, flags, use_jit=False, lora_b_seed=5):
     samples = [parse_item(it, "items", k) for k, it in enumerate(items)]
     batch = col(samples)
     model.set_train(True)
-    grad = ms.value_and_grad(TrainForward(model, col.geo), None, t.params)
-    loss, grads = (ms.jit(grad) if use_jit else grad)(*forward_inputs(model, batch))
+    frozen = vit_is_frozen(t.names)  # as the trainer: a frozen ViT runs outside the gradient
+    grad = ms.value_and_grad(TrainForward(model, col.geo, vit_frozen=frozen), None, t.params)
+    loss, grads = (ms.jit(grad) if use_jit else grad)(*forward_inputs(model, batch, vit_frozen=frozen,
+                                                                       use_jit=use_jit))
     active = t.active(batch.views is not None)
     return dict(labels=batch.labels, loss=float(loss.asnumpy()), lora=lora,
                 grads={n: (g.asnumpy() if a else None) for n, g, a in zip(t.names, grads, active)}), tok

@@ -22,16 +22,21 @@ class TrainForward(nn.Cell):
     image position gathers its row (the official layout as gather indices, see batch.layout_rows); text
     positions take their token embedding. The LLM runs uncached over the right-padded batch; the output head
     and the cross-entropy run on the trained positions only (the others contribute nothing to the loss) and
-    the loss is their mean (torch's CrossEntropyLoss over labels != -100)."""
+    the loss is their mean (torch's CrossEntropyLoss over labels != -100).
 
-    def __init__(self, model, geometry, infer_mode: str = "base"):
+    vit_frozen=True: the caller runs the (frozen) ViT outside the gradient and passes its features in place of
+    the views — the compiled step then holds no ViT at all (its attention scores were most of the step's
+    memory); the result is the same."""
+
+    def __init__(self, model, geometry, infer_mode: str = "base", vit_frozen: bool = False):
         super().__init__()
-        self.model, self.geo, self.infer_mode = model, geometry, infer_mode
+        self.model, self.geo, self.infer_mode, self.vit_frozen = model, geometry, infer_mode, vit_frozen
 
     def image_table(self, views):
-        """(V, 3, R, R) -> projected table (V*half^2 + 2, H): merged view tokens, then sub_GN, then glb_GN."""
+        """(V, 3, R, R) views, or (V, G*G, C) ViT features when vit_frozen -> projected table (V*half^2 + 2, H):
+        merged view tokens, then sub_GN, then glb_GN."""
         m = self.model
-        feats = m.vit(views)  # (V, G*G, C), CLS dropped, no post_layernorm
+        feats = views if self.vit_frozen else m.vit(views)  # (V, G*G, C), CLS dropped, no post_layernorm
         v, _, c = feats.shape
         half = self.geo.half
         x = feats.reshape(v, half, 2, half, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(v * half * half, 4 * c)
@@ -41,7 +46,7 @@ class TrainForward(nn.Cell):
     def construct(self, ids, image_rows, im_bool, im_mask, views, cos, sin, attn_mask, label_pos, label_ids,
                   label_w):
         """ids/image_rows (B,L) int32; im_bool (B,L,1) bool; im_mask (B,L,1) 0/1 in the compute dtype; views
-        (V,3,R,R) or None; label_pos (N,) flat positions whose next token trains, label_ids (N,), label_w (N,)
+        (V,3,R,R) (or the ViT's features, see vit_frozen) or None; label_pos (N,) flat positions whose next token trains, label_ids (N,), label_w (N,)
         1 or 0 (bucket padding) -> mean cross-entropy."""
         m = self.model
         b, l = ids.shape
@@ -61,8 +66,23 @@ def bucket(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-def forward_inputs(model, batch: Batch, label_bucket: int = LABEL_BUCKET):
-    """The host arrays of a Batch as the Tensors TrainForward takes (one pass; nothing read back later)."""
+def vit_is_frozen(trainable_names) -> bool:
+    """True when no ViT tensor trains (fix_vit, LoRA runs): the ViT can then run outside the gradient."""
+    return not any(n.startswith("vit.") for n in trainable_names)
+
+
+def vit_features(vit, views: Tensor, use_jit: bool = False) -> Tensor:
+    """(V,3,R,R) -> (V, G*G, C) features of a frozen ViT, outside any gradient: one view per call, so one view's
+    attention scores are alive at a time (ViT-L: 0.16 GB a view in fp32) and jit compiles one graph."""
+    tower = vit.forward_jit if use_jit else vit
+    parts = [tower(views[i:i + 1]) for i in range(views.shape[0])]
+    return parts[0] if len(parts) == 1 else ops.concat(parts, axis=0)
+
+
+def forward_inputs(model, batch: Batch, label_bucket: int = LABEL_BUCKET, vit_frozen: bool = False,
+                   use_jit: bool = False):
+    """The host arrays of a Batch as the Tensors TrainForward takes (one pass; nothing read back later).
+    vit_frozen: the views are replaced by the frozen ViT's features (TrainForward(vit_frozen=True))."""
     b, l = batch.ids.shape
     dt = model.compute_dtype
     lab = batch.labels[:, 1:]
@@ -80,6 +100,8 @@ def forward_inputs(model, batch: Batch, label_bucket: int = LABEL_BUCKET):
     _, cos, sin, mask, _ = model.sequence_inputs(b, l, None, batch.attention_mask, rope_len=batch.length or l)
     im = batch.im_mask[..., None]
     views = None if batch.views is None else Tensor(batch.views.astype(np_dtype(dt)))
+    if vit_frozen and views is not None:
+        views = vit_features(model.vit, views, use_jit)
     return (Tensor(batch.ids.astype(np.int32)), Tensor(batch.image_rows.astype(np.int32)), Tensor(im),
             Tensor(im.astype(np_dtype(dt))), views, cos, sin, mask, Tensor(label_pos), Tensor(label_ids),
             Tensor(label_w))

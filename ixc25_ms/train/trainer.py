@@ -20,7 +20,7 @@ from .batch import Collator
 from .checkpointing import (checkpoints, publish_dir, read_optimizer, rotate, write_adapter, write_json,
                             write_official)
 from .data import DataError, check_pieces, describe, epoch_order, load_samples, official_draws
-from .forward import TrainForward, forward_inputs
+from .forward import TrainForward, forward_inputs, vit_is_frozen
 from .optim import Optimizer, clip_coefficient, global_norm, lr_lambda, warmup_steps
 from .prepare import parameter_counts, prepare, state_of
 
@@ -78,7 +78,9 @@ class Trainer:
                              self.t.lr_scale[self.mine])
         self._pool, self._ahead = None, {}
         self.model.set_train(True)
-        fwd = TrainForward(self.model, self.geo)
+        # a frozen ViT runs outside the gradient (forward_inputs): the compiled step holds no ViT
+        self.vit_frozen = vit_is_frozen(self.t.names)
+        fwd = TrainForward(self.model, self.geo, vit_frozen=self.vit_frozen)
         self.grad_fn = ms.value_and_grad(fwd, None, self.t.params)
         # compiled with dynamic shapes (lengths and view counts vary): a few graphs, not one per shape
         self.grad_jit = ms.jit(self.grad_fn, dynamic=1) if args.jit else None
@@ -149,7 +151,7 @@ class Trainer:
         for j, batch in enumerate(self._batches(step)):
             k = step * self.per_step + self.rank + j * self.world  # the micro-batch's index in the global order
             ms.set_seed(a.seed * 1_000_003 + k)  # dropout fixed by (seed, micro-batch): resumes and workers agree
-            inputs = forward_inputs(self.model, batch)
+            inputs = forward_inputs(self.model, batch, vit_frozen=self.vit_frozen, use_jit=self.grad_jit is not None)
             # text-only micro-batches (views None) run eagerly: MindSpore 2.10's dynamic-shape jit fails on a None
             # argument (IndexError in _add_mutable_attr); they are short
             run = self.grad_jit if self.grad_jit is not None and batch.views is not None else self.grad_fn
