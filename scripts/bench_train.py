@@ -76,7 +76,7 @@ def _flags(mode: str) -> dict:
     return dict(fix_vit=False, fix_sampler=False, use_lora=False)  # finetune.sh
 
 
-def ms_worker(case: dict, mode: str, steps: int, jit: bool):
+def ms_worker(case: dict, mode: str, steps: int, jit: bool, recompute: bool = False):
     """Our path: ixc25-finetune's Trainer, one train_step per optimizer step (collate, forward, backward, AdamW)."""
     import mindspore as ms
     from ixc25_ms.train.args import FinetuneArgs
@@ -85,7 +85,7 @@ def ms_worker(case: dict, mode: str, steps: int, jit: bool):
     args = FinetuneArgs(model_name_or_path=case["model"], data_path=case["data"], output_dir="unused",
                         per_device_train_batch_size=1, batch_size=1, max_length=16384, hd_num=18, learning_rate=1e-5,
                         weight_decay=0.1, adam_beta2=0.95, plora_dropout=0.0, max_steps=steps + 1, quiet=True,
-                        jit=jit, seed=0, **_flags(mode))
+                        jit=jit, seed=0, gradient_checkpointing=recompute, **_flags(mode))
     tr = Trainer(args, log=lambda *a: None)
     times, tokens, losses = [], 0, []
     for s in range(steps + 1):
@@ -153,7 +153,8 @@ def worker_main(spec: dict) -> int:
     if spec["name"] == "torch-ref":
         times, tokens, losses = torch_worker(case, spec["mode"], spec["steps"])
     else:
-        times, tokens, losses = ms_worker(case, spec["mode"], spec["steps"], spec["name"] == "ms-jit")
+        times, tokens, losses = ms_worker(case, spec["mode"], spec["steps"], spec["name"] == "ms-jit",
+                                            spec.get("recompute", False))
     out = {"warmup_s": times[0], "steps_s": times[1:], "tokens": tokens, "losses": losses,
            "peak_rss_mb": _vm("VmHWM")}
     sys.stdout.write(MARK + json.dumps(out) + "\n")
@@ -181,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="each contender runs this many times, alternating")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ixc25-bench-train"))
+    ap.add_argument("--gradient_checkpointing", action="store_true",
+                    help="MindSpore contenders recompute each layer in the backward (torch-ref does not)")
     ap.add_argument("--json", default=None, metavar="PATH")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -194,7 +197,8 @@ def main(argv=None) -> int:
     for mode in [m for m in args.modes.split(",") if m]:
         for r in range(args.rounds):
             for n in (names if r % 2 == 0 else names[::-1]):
-                res = run_worker(dict(name=n, mode=mode, steps=args.steps, threads=args.threads, case=case))
+                res = run_worker(dict(name=n, mode=mode, steps=args.steps, threads=args.threads, case=case,
+                                     recompute=args.gradient_checkpointing))
                 results.setdefault(mode, {}).setdefault(n, []).append(res)
                 print(f"[bench-train] {mode} {n}: step {statistics.median(res['steps_s']):.2f} s, warm-up "
                       f"{res['warmup_s']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB", file=sys.stderr)

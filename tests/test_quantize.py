@@ -10,7 +10,8 @@ from mindspore import Tensor
 
 import ixc25_ms
 from converters.cli import main as convert_main
-from ixc25_ms.quantize import GEMV_MAX_ROWS, Int8Matmul, dequantize_int8, quantize_int8, relative_error, to_float16
+from ixc25_ms.quantize import (GEMV_MAX_ROWS, Int8Matmul, dequantize_int8, pack_rows, packable, quantize_int8,
+                               relative_error, to_float16, unpack_rows)
 from ixc25_ms.quantize.kernels import F16Matmul, cpu_quant_kernels
 from ixc25_ms.weights.safetensors import SafetensorsFile
 from ixc25_ms.weights.tags import bf16_to_f32, f32_to_bf16
@@ -78,7 +79,23 @@ def kernels():
     return k
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (3, 37, 19), (GEMV_MAX_ROWS, 1040, 259)])
+def test_pack_rows_layout_and_round_trip():
+    """Element (8b + r, 16c + j) of the codes sits at b*8*K + c*128 + r*16 + j of the packed buffer."""
+    q = np.random.default_rng(1).integers(-127, 128, (24, 48)).astype(np.int8)
+    p = pack_rows(q)
+    assert p.shape == q.shape and p.dtype == np.int8
+    flat = p.reshape(-1)
+    for (row, col) in [(0, 0), (3, 17), (8, 0), (23, 47), (13, 33)]:
+        b, r, c, j = row // 8, row % 8, col // 16, col % 16
+        assert flat[b * 8 * 48 + c * 128 + r * 16 + j] == q[row, col]
+    np.testing.assert_array_equal(unpack_rows(p), q)
+    assert not packable(20, 48) and not packable(24, 40)
+    with pytest.raises(ValueError, match="multiple"):
+        pack_rows(q[:20])
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (3, 37, 19), (GEMV_MAX_ROWS, 1040, 259), (1, 1040, 264),
+                                   (5, 1040, 264), (GEMV_MAX_ROWS, 96, 8)])
 def test_int8_and_fp16_matvec_against_numpy(kernels, m, k, n):
     rng = np.random.default_rng(m + k + n)
     w = rng.standard_normal((n, k)).astype(np.float32)
@@ -93,6 +110,12 @@ def test_int8_and_fp16_matvec_against_numpy(kernels, m, k, n):
     np.testing.assert_allclose(y16, ref16, rtol=1e-5, atol=1e-5 * np.abs(ref16).max())
     # the prefill path's dequantisation: one fp32 product per weight, exactly numpy's
     np.testing.assert_array_equal(kernels.int8_dequant(Tensor(q), Tensor(scale)).asnumpy(), dequantize_int8(q, scale))
+    if packable(n, k):  # the packed decode layout: same products, same dequantised weight
+        qp = Tensor(pack_rows(q))
+        yp = kernels.int8_linear_packed(Tensor(x), qp, Tensor(scale)).asnumpy()
+        np.testing.assert_allclose(yp, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        np.testing.assert_array_equal(kernels.int8_dequant_packed(qp, Tensor(scale)).asnumpy(),
+                                      dequantize_int8(q, scale))
 
 
 @pytest.mark.parametrize("m", [1, GEMV_MAX_ROWS + 5])
@@ -107,6 +130,11 @@ def test_matmul_cells_every_path(kernels, m):
     for cell in (Int8Matmul(kernels), Int8Matmul(None)):
         y = cell(Tensor(x), Tensor(q), Tensor(scale)).asnumpy()
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    qp, sp = quantize_int8(rng.standard_normal((72, 48)).astype(np.float32))  # packable: the packed cell
+    xp = rng.standard_normal((m, 48)).astype(np.float32)
+    refp = xp.astype(np.float64) @ dequantize_int8(qp, sp).astype(np.float64).T
+    yp = Int8Matmul(kernels, packed=True)(Tensor(xp), Tensor(pack_rows(qp)), Tensor(sp)).asnumpy()
+    np.testing.assert_allclose(yp, refp, rtol=1e-5, atol=1e-5 * np.abs(refp).max())
     h = rng.standard_normal((70, 33)).astype(np.float16)
     ref16 = x.astype(np.float64) @ h.T.astype(np.float64)
     for cell in (F16Matmul(kernels), F16Matmul(None)):
@@ -124,6 +152,11 @@ def test_int8_golden_logits_within_two_percent(golden, fp32_logits):
     assert dts["model.layers.1.feed_forward.w2.weight_scale"] == ms.float32
     assert dts["model.layers.0.attention.wo.Plora_A.weight"] == ms.float16
     assert dts["vision_proj.0.weight"] == ms.float32 and dts["model.norm.weight"] == ms.float32
+    # every int8 weight of the tiny config is packable: held in the mat-vec's layout, the codes of the source
+    assert len(model.packed_int8) == 11
+    src = SafetensorsFile(os.path.join(GOLDEN, "model.safetensors"))
+    w2 = dict(model.parameters_and_names())["model.layers.0.feed_forward.w2.weight"].asnumpy()
+    np.testing.assert_array_equal(unpack_rows(w2), quantize_int8(src.read("model.layers.0.feed_forward.w2.weight"))[0])
     lq = _logits(model, golden)
     err = relative_error(lq, fp32_logits)
     print(f"int8 golden logits: relative Frobenius error {err:.4f}")

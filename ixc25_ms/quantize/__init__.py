@@ -1,6 +1,6 @@
 """Weight-only quantisation of the LLM: int8 per output channel (or fp16), quantised storage, kernels, loading.
 
-Public names: `quantize_int8` / `dequantize_int8` / `to_float16` (numpy), `prepare` (swap a model's storage
+Public names: `quantize_int8` / `dequantize_int8` / `to_float16` / `pack_rows` (numpy), `prepare` (swap a model's storage
 before loading), `load_weights` (fill a model from a checkpoint, quantising while streaming or reading
 pre-quantised int8), `LazyLoras` (write/web LoRAs on demand), `Int8Matmul` / `F16Matmul` (the cells
 `BaseLinear.base` calls), QUANT_MODES, SCALE_SUFFIX, `is_quantized_key`. See notes/quantization.md.
@@ -8,7 +8,8 @@ Importing the package does not import MindSpore (the converter uses `quantize.in
 """
 _LAZY = {
     "QMAX": "int8", "SCALE_SUFFIX": "int8", "dequantize_int8": "int8", "quantize_int8": "int8",
-    "relative_error": "int8", "to_float16": "int8", "is_quantized_key": "int8",
+    "relative_error": "int8", "to_float16": "int8", "is_quantized_key": "int8", "pack_rows": "int8",
+    "unpack_rows": "int8", "packable": "int8",
     "GEMV_MAX_ROWS": "kernels", "F16Matmul": "kernels", "Int8Matmul": "kernels",
     "LazyLoras": "lazy", "load_weights": "load", "stored_quantization": "load",
     "LAZY_LORAS": "prepare", "QUANT_MODES": "prepare", "base_linears": "prepare", "prepare": "prepare",

@@ -54,6 +54,31 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale.astype(np.float32)[:, None]
 
 
+PACK_ROWS, PACK_COLS = 8, 16  # the CPU mat-vec's block: 8 rows x 16 columns (csrc/quant_kernels.cc)
+
+
+def packable(out: int, fin: int) -> bool:
+    """Whether an (out, in) int8 weight can take the packed decode layout (every real IXC2.5 shape can)."""
+    return out % PACK_ROWS == 0 and fin % PACK_COLS == 0
+
+
+def pack_rows(q: np.ndarray) -> np.ndarray:
+    """(out, in) row-major codes -> the same shape in the CPU mat-vec's layout: blocks of 8 rows, each block
+    K/16 chunks of 8 rows x 16 columns, so the kernel reads a block as one sequential stream."""
+    n, k = q.shape
+    if not packable(n, k):
+        raise ValueError(f"pack_rows: shape {[n, k]} is not a multiple of {[PACK_ROWS, PACK_COLS]}")
+    return np.ascontiguousarray(q.reshape(n // PACK_ROWS, PACK_ROWS, k // PACK_COLS, PACK_COLS)
+                                .transpose(0, 2, 1, 3)).reshape(n, k)
+
+
+def unpack_rows(p: np.ndarray) -> np.ndarray:
+    """The inverse of pack_rows."""
+    n, k = p.shape
+    return np.ascontiguousarray(p.reshape(n // PACK_ROWS, k // PACK_COLS, PACK_ROWS, PACK_COLS)
+                                .transpose(0, 2, 1, 3)).reshape(n, k)
+
+
 def to_float16(w: np.ndarray, tag: str = "F32") -> Tuple[np.ndarray, int]:
     """A stored float array -> (float16 array, number of values that are not exactly representable), in
     CHUNK-element steps. bf16 values in fp16's normal range [6.1e-5, 65504] are exact (fp16 has more mantissa

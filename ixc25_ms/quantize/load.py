@@ -13,7 +13,7 @@ from ..weights.layout import open_weights
 from ..weights.loader import check_keys, stream_into
 from ..weights.sources import StateSource, WeightSource
 from ..weights.tags import widen
-from .int8 import quantize_int8, to_float16
+from .int8 import pack_rows, quantize_int8, to_float16
 from .lazy import LazyLoras
 from .prepare import QUANT_MODES, SCALE_SUFFIX, prepare
 
@@ -52,6 +52,7 @@ def stream_prepared(model, src: WeightSource, path: str) -> dict:
             shapes[k + SCALE_SUFFIX] = shape[:1]  # computed from the float weight
     check_keys(model, shapes, path)
     report = {"quantized": 0, "prequantized": 0, "fp16": 0, "fp16_inexact": 0, "fp16_values": 0}
+    packed = getattr(model, "packed_int8", set())  # int8 weights held in the CPU mat-vec's layout
     for k in order:
         if k not in params:
             continue  # droppable buffer (check_keys allowed it)
@@ -59,11 +60,11 @@ def stream_prepared(model, src: WeightSource, path: str) -> dict:
         raw = src.read(k, None)
         if p.dtype == ms.int8 and tag != "I8":
             q, scale = quantize_int8(raw, tag)
-            _assign(p, q)
+            _assign(p, pack_rows(q) if k in packed else q)
             _assign(params[k + SCALE_SUFFIX], scale)
             report["quantized"] += 1
         elif p.dtype == ms.int8:
-            _assign(p, raw)
+            _assign(p, pack_rows(raw) if k in packed else raw)
             report["prequantized"] += 1
         elif p.dtype == ms.float16:
             h, inexact = to_float16(raw, tag)

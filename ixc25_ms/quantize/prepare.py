@@ -3,7 +3,9 @@
 `prepare(model, mode)` runs on a freshly built model (its Parameters are still uninitialised, so nothing float
 of the swapped weights is ever allocated):
 - mode "int8": the base weight of every decoder linear (`wqkv`, `wo`, `w1`, `w2`, `w3`) and of the output head
-  becomes int8 codes `weight` (out, in) plus `weight_scale` (out,) fp32 (one scale per output channel);
+  becomes int8 codes `weight` (out, in) plus `weight_scale` (out,) fp32 (one scale per output channel); with
+  the CPU kernels the codes are held in the mat-vec's packed layout (`model.packed_int8` names them; the
+  loader packs, `quantize.int8.unpack_rows` reads them back row-major);
 - mode "fp16": those weights become fp16;
 - both modes: the other large float weights of the LLM — the partial LoRA (`Plora_A`/`Plora_B`) and the token
   embeddings — are stored fp16 (exact for bf16 checkpoints within fp16's range), computed in fp32;
@@ -23,7 +25,7 @@ from mindspore import Parameter
 from mindspore.common.initializer import initializer
 
 from ..language.linear import BaseLinear, PLoRA
-from .int8 import SCALE_SUFFIX
+from .int8 import SCALE_SUFFIX, packable
 from .kernels import F16Matmul, Int8Matmul, ascend_weight_quant, cpu_quant_kernels
 
 QUANT_MODES = ("int8", "fp16")
@@ -59,13 +61,17 @@ def name_parameters(model) -> None:
             p.name = n
 
 
-def to_int8(cell: BaseLinear, kernels=None, ascend: bool = False) -> None:
-    """int8 codes `weight` (out, in) + `weight_scale` (out,) fp32, uninitialised; base() goes through Int8Matmul."""
+def to_int8(cell: BaseLinear, kernels=None, ascend: bool = False) -> bool:
+    """int8 codes `weight` (out, in) + `weight_scale` (out,) fp32, uninitialised; base() goes through Int8Matmul.
+    Returns whether the codes are to be stored in the CPU mat-vec's packed layout (CPU kernels, shape a
+    multiple of 8 x 16): the loader then packs them (`packed_int8`)."""
     out, fin = cell.out_features, cell.in_features
     cell.weight = Parameter(initializer("zeros", (out, fin), ms.int8), name="weight", requires_grad=False)
     cell.weight_scale = Parameter(initializer("zeros", (out,), ms.float32), name="weight" + SCALE_SUFFIX,
                                   requires_grad=False)
-    cell.weight_matmul = Int8Matmul(kernels, ascend)
+    packed = kernels is not None and not ascend and packable(out, fin)
+    cell.weight_matmul = Int8Matmul(kernels, ascend, packed)
+    return packed
 
 
 def to_fp16(cell: BaseLinear, kernels=None) -> None:
@@ -93,20 +99,23 @@ def prepare(model, mode=None, lazy_loras: bool = True) -> None:
     if mode not in (None,) + QUANT_MODES:
         raise ValueError(f"quantize must be one of {QUANT_MODES} or None, got {mode!r}")
     model.quantization = mode
+    model.packed_int8 = set()  # names of the int8 weights the loader stores packed (Int8Matmul.packed)
     if mode is not None:
         dtype = model.compute_dtype
         kernels = cpu_quant_kernels(dtype, None if model.cpu_kernels else False)
         ascend = ascend_weight_quant(dtype)
         lean = model.memory_lean()
-        for _, cell in base_linears(model):
+        for name, cell in base_linears(model):
             if mode == "int8":
-                to_int8(cell, kernels, ascend)
+                if to_int8(cell, kernels, ascend):
+                    model.packed_int8.add(name + ".weight")
             else:
                 to_fp16(cell, kernels)
-        for _, cell in plora_cells(model):
-            for branch in (cell.Plora_A, cell.Plora_B):
+        for name, cell in plora_cells(model):
+            for bname, branch in (("Plora_A", cell.Plora_A), ("Plora_B", cell.Plora_B)):
                 if lean and mode == "int8":
-                    to_int8(branch, kernels, ascend)
+                    if to_int8(branch, kernels, ascend):
+                        model.packed_int8.add(f"{name}.{bname}.weight")
                 else:
                     to_fp16(branch, kernels)
         emb = model.model.tok_embeddings
