@@ -47,21 +47,22 @@ def _cache_dir() -> str:
     return os.environ.get("IXC25_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ixc25_ms")
 
 
-def build_library(cache_dir: Optional[str] = None, compiler: Optional[str] = None) -> str:
-    """Compiles SOURCE and QUANT_SOURCE into one library in `cache_dir` (once per sources, compiler and flags)
-    and returns the .so path."""
+def build_library(cache_dir: Optional[str] = None, compiler: Optional[str] = None, sources=None,
+                  name: str = "ixc25_decode_kernels", link=()) -> str:
+    """Compiles `sources` (default SOURCE and QUANT_SOURCE) into one library `name` in `cache_dir` (once per
+    sources, compiler and flags; `link`: extra linker arguments) and returns the .so path."""
     cxx = compiler or os.environ.get("CXX") or "g++"
+    sources = list(sources or [SOURCE, QUANT_SOURCE])
     exe = shutil.which(cxx)
     if exe is None:
-        raise KernelBuildError(f"no C++ compiler {cxx!r} on PATH to build {SOURCE}")
-    sources = [SOURCE, QUANT_SOURCE]
+        raise KernelBuildError(f"no C++ compiler {cxx!r} on PATH to build {sources[0]}")
     src = b""
     for fn in sources:
         with open(fn, "rb") as f:
             src += f.read()
-    key = hashlib.sha256(src + " ".join([exe] + CXXFLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join([exe] + CXXFLAGS + list(link)).encode()).hexdigest()[:16]
     cache_dir = cache_dir or _cache_dir()
-    path = os.path.join(cache_dir, f"ixc25_decode_kernels-{key}.so")
+    path = os.path.join(cache_dir, f"{name}-{key}.so")
     if os.path.exists(path):
         return path
     try:
@@ -71,7 +72,7 @@ def build_library(cache_dir: Optional[str] = None, compiler: Optional[str] = Non
     except OSError as e:
         raise KernelBuildError(f"cannot write the kernel library into {cache_dir}: {e}") from e
     try:
-        proc = subprocess.run([exe] + CXXFLAGS + ["-o", tmp] + sources, capture_output=True, text=True)
+        proc = subprocess.run([exe] + CXXFLAGS + ["-o", tmp] + sources + list(link), capture_output=True, text=True)
         if proc.returncode != 0:
             raise KernelBuildError(f"{cxx} failed on {' '.join(sources)} (exit {proc.returncode}):\n"
                                    f"{proc.stderr[-2000:]}")

@@ -77,6 +77,7 @@ class Attention(nn.Cell):
         self.matmul_r = ops.MatMul()
         self.rot_r = Tensor(rotate_half_matrix(self.head_dim), dtype)  # a constant, not a checkpoint parameter
         self.kernels = None  # fused CPU decode kernels (cpu_kernels.DecodeKernels), set by the LM
+        self.train_attention = None  # fused CPU training attention (train.attention), set by the trainer
 
     def _qkv(self, x, im_mask, cos, sin, infer_mode):
         """x (B,L,H), cos/sin (B,L,1,G+2,d) from `qkv_rope_tables` (softmax scale in the q slots) ->
@@ -98,7 +99,11 @@ class Attention(nn.Cell):
         """Uncached forward: x (B,L,H), attn_mask (B,1,L,L) additive -> (B,L,H)."""
         b, l, _ = x.shape
         q, k, v = self._heads(*self._qkv(x, im_mask, cos, sin, infer_mode), b, l, l)
-        out = self._attend(q, k, v, attn_mask).swapaxes(1, 2).reshape(b, l, self.heads * self.head_dim)
+        if self.train_attention is not None:  # no (heads, L, L) tensor in the graph
+            out = self.train_attention(q, k, v, attn_mask)[0]
+        else:
+            out = self._attend(q, k, v, attn_mask)
+        out = out.swapaxes(1, 2).reshape(b, l, self.heads * self.head_dim)
         return self.wo(out, im_mask, infer_mode)
 
     def prefill(self, x, im_mask, cos, sin, attn_mask, cap, infer_mode, last_row=False, chunk_rows=0):

@@ -1,0 +1,149 @@
+// Fused attention for training on CPU (MindSpore Custom "aot" ops, see ixc25_ms/train/attention.py): forward
+// (out, each row's log of its softmax sum after the max is subtracted) and backward (dq, dk, dv). The max is
+// recomputed in the backward, not folded into the saved value: a fully masked row (left padding) sits at
+// -3.4e38, where max + log(sum) rounds back to the max and the row would no longer sum to one. The scores of one KV group live in a scratch buffer of
+// kRowChunk rows at a time and are recomputed in the backward, so a compiled training step holds no
+// (heads, L, L) tensor: MindSpore's CPU graph kept ~1.1 GB per mid-config layer of score-sized buffers.
+// GEMMs are oneDNN's dnnl_sgemm (row-major), the library MindSpore's own CPU MatMul ships with.
+// Layout (contiguous fp32): q (B, H, L, D) pre-scaled, k/v (B, KV, C, D), additive mask (B, 1, L, C);
+// H = KV * G, heads g*G .. g*G+G-1 read KV head g, so a group's queries are G*L consecutive rows.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
+                          int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
+
+namespace {
+
+constexpr int64_t kRowChunk = 512;  // query rows whose scores are in the scratch at once
+
+bool F32(const char *t) { return std::strcmp(t, "float32") == 0 || std::strcmp(t, "float") == 0; }
+
+struct Dims {
+  int64_t B, H, KV, G, L, C, D;
+};
+
+// q, k, v, mask shapes -> Dims; false when they do not fit together
+bool GetDims(int *ndims, int64_t **shapes, Dims *d) {
+  if (ndims[0] != 4 || ndims[1] != 4 || ndims[2] != 4 || ndims[3] != 4) return false;
+  d->B = shapes[0][0], d->H = shapes[0][1], d->L = shapes[0][2], d->D = shapes[0][3];
+  d->KV = shapes[1][1], d->C = shapes[1][2];
+  if (d->KV <= 0 || d->H % d->KV != 0) return false;
+  d->G = d->H / d->KV;
+  for (int i = 1; i < 3; ++i)
+    if (shapes[i][0] != d->B || shapes[i][1] != d->KV || shapes[i][2] != d->C || shapes[i][3] != d->D) return false;
+  return shapes[3][0] == d->B && shapes[3][1] == 1 && shapes[3][2] == d->L && shapes[3][3] == d->C;
+}
+
+// s (n, C) = q rows [r0, r0 + n) of a group (row r is query position r % L) times k^T, plus the mask
+int Scores(const Dims &d, const float *q, const float *k, const float *mask, int64_t r0, int64_t n, float *s) {
+  if (dnnl_sgemm('N', 'T', n, d.C, d.D, 1.f, q + r0 * d.D, d.D, k, d.D, 0.f, s, d.C) != 0) return 3;
+  for (int64_t i = 0; i < n; ++i) {
+    const float *m = mask + ((r0 + i) % d.L) * d.C;
+    float *row = s + i * d.C;
+    for (int64_t j = 0; j < d.C; ++j) row[j] += m[j];
+  }
+  return 0;
+}
+
+}  // namespace
+
+// q, k, v, mask -> out (B, H, L, D), lse (B, H, L) (log of each row's sum of exp(s - max))
+extern "C" int IxcAttnTrainFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  Dims d;
+  if (nparam != 6) return 1;
+  for (int i = 0; i < 6; ++i)
+    if (!F32(dtypes[i])) return 1;
+  if (!GetDims(ndims, shapes, &d)) return 2;
+  const float *q = static_cast<const float *>(params[0]), *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]), *mask = static_cast<const float *>(params[3]);
+  float *out = static_cast<float *>(params[4]), *lse = static_cast<float *>(params[5]);
+  const int64_t rows = d.G * d.L;
+  std::vector<float> s(std::min(rows, kRowChunk) * d.C);
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t g = 0; g < d.KV; ++g) {
+      const int64_t head0 = b * d.H + g * d.G;  // first head of the group
+      const float *qg = q + head0 * d.L * d.D, *kg = k + (b * d.KV + g) * d.C * d.D;
+      const float *vg = v + (b * d.KV + g) * d.C * d.D, *mb = mask + b * d.L * d.C;
+      for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
+        const int64_t n = std::min(kRowChunk, rows - r0);
+        if (int rc = Scores(d, qg, kg, mb, r0, n, s.data())) return rc;
+        for (int64_t i = 0; i < n; ++i) {  // softmax in place, keeping the row's logsumexp
+          float *row = s.data() + i * d.C;
+          float mx = row[0];
+          for (int64_t j = 1; j < d.C; ++j) mx = std::max(mx, row[j]);
+          double sum = 0.0;
+          for (int64_t j = 0; j < d.C; ++j) {
+            row[j] = std::exp(row[j] - mx);
+            sum += row[j];
+          }
+          const float inv = static_cast<float>(1.0 / sum);
+          for (int64_t j = 0; j < d.C; ++j) row[j] *= inv;
+          lse[head0 * d.L + r0 + i] = static_cast<float>(std::log(sum));  // the max is recomputed in bwd
+        }
+        if (dnnl_sgemm('N', 'N', n, d.D, d.C, 1.f, s.data(), d.C, vg, d.D, 0.f, out + (head0 * d.L + r0) * d.D,
+                       d.D) != 0)
+          return 3;
+      }
+    }
+  return 0;
+}
+
+// q, k, v, mask, out, lse, dout -> dq (B, H, L, D), dk, dv (B, KV, C, D)
+extern "C" int IxcAttnTrainBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  Dims d;
+  if (nparam != 10) return 1;
+  for (int i = 0; i < 10; ++i)
+    if (!F32(dtypes[i])) return 1;
+  if (!GetDims(ndims, shapes, &d)) return 2;
+  const float *q = static_cast<const float *>(params[0]), *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]), *mask = static_cast<const float *>(params[3]);
+  const float *out = static_cast<const float *>(params[4]), *lse = static_cast<const float *>(params[5]);
+  const float *dout = static_cast<const float *>(params[6]);
+  float *dq = static_cast<float *>(params[7]), *dk = static_cast<float *>(params[8]);
+  float *dv = static_cast<float *>(params[9]);
+  const int64_t rows = d.G * d.L, chunk = std::min(rows, kRowChunk);
+  std::vector<float> p(chunk * d.C), ds(chunk * d.C);
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t g = 0; g < d.KV; ++g) {
+      const int64_t head0 = b * d.H + g * d.G;
+      const float *qg = q + head0 * d.L * d.D, *kg = k + (b * d.KV + g) * d.C * d.D;
+      const float *vg = v + (b * d.KV + g) * d.C * d.D, *mb = mask + b * d.L * d.C;
+      const float *og = out + head0 * d.L * d.D, *dog = dout + head0 * d.L * d.D, *lg = lse + head0 * d.L;
+      float *dkg = dk + (b * d.KV + g) * d.C * d.D, *dvg = dv + (b * d.KV + g) * d.C * d.D;
+      for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
+        const int64_t n = std::min(kRowChunk, rows - r0);
+        if (int rc = Scores(d, qg, kg, mb, r0, n, p.data())) return rc;
+        for (int64_t i = 0; i < n; ++i) {  // P = exp(S - max - log(sum)), exactly the forward's rows
+          float *row = p.data() + i * d.C;
+          float mx = row[0];
+          for (int64_t j = 1; j < d.C; ++j) mx = std::max(mx, row[j]);
+          const float l = lg[r0 + i];
+          for (int64_t j = 0; j < d.C; ++j) row[j] = std::exp(row[j] - mx - l);
+        }
+        // dP = dout V^T; dS = P * (dP - rowsum(dout * out))
+        if (dnnl_sgemm('N', 'T', n, d.C, d.D, 1.f, dog + r0 * d.D, d.D, vg, d.D, 0.f, ds.data(), d.C) != 0) return 3;
+        for (int64_t i = 0; i < n; ++i) {
+          const float *o = og + (r0 + i) * d.D, *dor = dog + (r0 + i) * d.D;
+          double dd = 0.0;
+          for (int64_t c = 0; c < d.D; ++c) dd += static_cast<double>(o[c]) * dor[c];
+          const float di = static_cast<float>(dd);
+          float *dsr = ds.data() + i * d.C;
+          const float *pr = p.data() + i * d.C;
+          for (int64_t j = 0; j < d.C; ++j) dsr[j] = pr[j] * (dsr[j] - di);
+        }
+        const float beta = r0 == 0 ? 0.f : 1.f;  // dk/dv sum over every chunk of the group's rows
+        if (dnnl_sgemm('N', 'N', n, d.D, d.C, 1.f, ds.data(), d.C, kg, d.D, 0.f, dq + (head0 * d.L + r0) * d.D,
+                       d.D) != 0 ||
+            dnnl_sgemm('T', 'N', d.C, d.D, n, 1.f, ds.data(), d.C, qg + r0 * d.D, d.D, beta, dkg, d.D) != 0 ||
+            dnnl_sgemm('T', 'N', d.C, d.D, n, 1.f, p.data(), d.C, dog + r0 * d.D, d.D, beta, dvg, d.D) != 0)
+          return 3;
+      }
+    }
+  return 0;
+}

@@ -1,0 +1,92 @@
+"""Fused CPU attention for training: csrc/train_attention.cc as a MindSpore Custom op with its own backward.
+
+MindSpore's compiled CPU training step keeps score-sized buffers of every layer's attention (forward and
+backward: ~1.1 GB per layer at 1,408 positions and 16 heads, notes/training.md); this op holds a group's
+scores in a kernel-private scratch of 512 rows and recomputes them in the backward (saving only the output
+and each row's log-sum), so the graph has no (heads, L, L) tensor at all. Its GEMMs are oneDNN's
+`dnnl_sgemm` from the libdnnl that MindSpore ships. Used for fp32 training on CPU when the library builds
+(switch: IXC25_CPU_KERNELS, as the decode kernels); elsewhere the portable ops of `Attention._attend` run.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import threading
+from typing import Optional
+
+import mindspore as ms
+from mindspore import ops
+
+from ..cpu_kernels import KernelBuildError, _cache_dir, build_library, switch
+
+log = logging.getLogger(__name__)
+SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "train_attention.cc")
+_lock = threading.Lock()
+_built: dict = {}
+
+
+def _dnnl_link() -> list:
+    """Linker arguments for the libdnnl inside the installed MindSpore."""
+    libdir = os.path.join(os.path.dirname(os.path.abspath(ms.__file__)), "lib")
+    found = sorted(glob.glob(os.path.join(libdir, "libdnnl.so*")))
+    if not found:
+        raise KernelBuildError(f"no libdnnl.so in {libdir} (the training attention kernel links MindSpore's oneDNN)")
+    return [f"-L{libdir}", f"-l:{os.path.basename(found[0])}", f"-Wl,-rpath,{libdir}"]
+
+
+def library_path() -> Optional[str]:
+    """The built attention library, or None when it cannot be built (the reason is logged once)."""
+    d = _cache_dir()
+    with _lock:
+        if d not in _built:
+            try:
+                _built[d] = (build_library(d, sources=[SOURCE], name="ixc25_train_attention", link=_dnnl_link()), "")
+            except (KernelBuildError, OSError) as e:
+                _built[d] = (None, str(e))
+                log.warning("fused CPU training attention unavailable, using the portable ops: %s", e)
+        return _built[d][0]
+
+
+class TrainAttention:
+    """(q (B,H,L,D) pre-scaled, k/v (B,KV,C,D), additive mask (B,1,L,C)) -> (out (B,H,L,D), lse (B,H,L): the
+    log of each row's softmax sum after its max is subtracted);
+    differentiable in q, k, v (the mask gets a zero gradient). fp32, contiguous inputs."""
+
+    def __init__(self, path: str):
+        bwd = ops.Custom(f"{path}:IxcAttnTrainBwd", out_shape=lambda q, k, v, m, o, l, do: (q, k, v),
+                         out_dtype=lambda q, k, v, m, o, l, do: (q, q, q), func_type="aot")
+        zeros_like = ops.ZerosLike()
+
+        def bprop(q, k, v, mask, out, dout):
+            dq, dk, dv = bwd(q, k, v, mask, out[0], out[1], dout[0])
+            return dq, dk, dv, zeros_like(mask)
+
+        self.op = ops.Custom(f"{path}:IxcAttnTrainFwd", out_shape=lambda q, k, v, m: (q, q[:3]),
+                             out_dtype=lambda q, k, v, m: (q, q), func_type="aot", bprop=bprop)
+
+
+def train_attention(dtype=ms.float32, requested: Optional[bool] = None) -> Optional[TrainAttention]:
+    """The fused training attention where it can run (CPU, fp32, kernels switched on, library built), else None."""
+    if not switch(dtype, requested):
+        return None
+    path = library_path()
+    if path is None:
+        if requested:
+            raise KernelBuildError(f"the fused CPU training attention was required but could not be built: "
+                                   f"{_built[_cache_dir()][1]}")
+        return None
+    return TrainAttention(path)
+
+
+def use_train_attention(model, requested: Optional[bool] = None) -> bool:
+    """Routes every decoder layer's uncached attention of `model` through the fused op; False (and nothing
+    changed) where it cannot run."""
+    from ..language.layers import Attention
+    att = train_attention(model.compute_dtype, requested)
+    if att is None:
+        return False
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, Attention):
+            cell.train_attention = att.op
+    return True

@@ -1,0 +1,69 @@
+"""The fused CPU training attention (ixc25_ms.train.attention) against the portable ops and float64 numpy:
+output and the gradients of q, k, v, with GQA, padding, causal masks and several row chunks; PyNative and jit."""
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, nn, ops
+
+from ixc25_ms.language.cache import prefill_mask
+from ixc25_ms.train.attention import train_attention
+
+
+def _reference(q, k, v, mask, dout):
+    """float64 numpy: out, and the gradients of sum(out * dout) in q, k, v."""
+    b, h, l, d = q.shape
+    kvh = k.shape[1]
+    g = h // kvh
+    kk, vv = np.repeat(k, g, 1), np.repeat(v, g, 1)
+    s = q @ kk.transpose(0, 1, 3, 2) + mask
+    s = s - s.max(-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(-1, keepdims=True)
+    out = p @ vv
+    dp = dout @ vv.transpose(0, 1, 3, 2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq = ds @ kk
+    dk = (ds.transpose(0, 1, 3, 2) @ q).reshape(b, kvh, g, -1, d).sum(2)
+    dv = (p.transpose(0, 1, 3, 2) @ dout).reshape(b, kvh, g, -1, d).sum(2)
+    return out, dq, dk, dv
+
+
+class _Loss(nn.Cell):
+    def __init__(self, attend):
+        super().__init__()
+        self.attend = attend
+
+    def construct(self, q, k, v, mask, dout):
+        return (self.attend(q, k, v, mask)[0] * dout).sum()
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("b,h,kvh,l,d", [(1, 4, 2, 40, 16), (2, 6, 2, 300, 8)])  # 2nd: 900 rows a group, 2 chunks
+def test_train_attention_matches_float64(use_jit, b, h, kvh, l, d):
+    att = train_attention(ms.float32, True)
+    rng = np.random.default_rng(l + h)
+    q = (rng.standard_normal((b, h, l, d)) / np.sqrt(d)).astype(np.float32)
+    k = rng.standard_normal((b, kvh, l, d)).astype(np.float32)
+    v = rng.standard_normal((b, kvh, l, d)).astype(np.float32)
+    am = np.ones((b, l), np.int64)
+    am[-1, : l // 5] = 0  # left padding on the last row: fully masked query rows too
+    mask = prefill_mask(am)
+    dout = rng.standard_normal((b, h, l, d)).astype(np.float32)
+    ref = _reference(*(x.astype(np.float64) for x in (q, k, v, mask, dout)))
+    grad = ms.value_and_grad(_Loss(att.op), (0, 1, 2))
+    if use_jit:
+        grad = ms.jit(grad)
+    loss, (dq, dk, dv) = grad(*(Tensor(x) for x in (q, k, v, mask, dout)))
+    out = att.op(Tensor(q), Tensor(k), Tensor(v), Tensor(mask))[0].asnumpy()
+    for name, ours, r in (("out", out, ref[0]), ("dq", dq.asnumpy(), ref[1]), ("dk", dk.asnumpy(), ref[2]),
+                          ("dv", dv.asnumpy(), ref[3])):
+        rel = np.linalg.norm(ours - r) / np.linalg.norm(r)
+        assert rel <= 1e-5, f"{name}: relative Frobenius {rel:.2e}"
+    assert abs(float(loss.asnumpy()) - float((ref[0] * dout).sum())) <= 1e-4 * abs(float((ref[0] * dout).sum()))
+
+
+def test_train_attention_off_switch(monkeypatch):
+    monkeypatch.setenv("IXC25_CPU_KERNELS", "0")
+    assert train_attention(ms.float32) is None
+    monkeypatch.delenv("IXC25_CPU_KERNELS")
+    assert train_attention(ms.float16) is None  # fp32 only
