@@ -38,16 +38,22 @@ class _Loss(nn.Cell):
 
 
 @pytest.mark.parametrize("use_jit", [False, True])
-@pytest.mark.parametrize("b,h,kvh,l,d", [(1, 4, 2, 40, 16), (2, 6, 2, 300, 8)])  # 2nd: 900 rows a group, 2 chunks
-def test_train_attention_matches_float64(use_jit, b, h, kvh, l, d):
+@pytest.mark.parametrize("b,h,kvh,l,d,masking", [
+    (1, 4, 2, 40, 16, "padded"),  # left padding: fully masked query rows too
+    (2, 6, 2, 300, 8, "padded"),  # 900 rows a group: two row chunks
+    (2, 4, 4, 50, 8, "shared"),  # one (1, 1, L, L) mask for the batch
+    (2, 4, 4, 50, 8, "none"),  # (1, 1, 1, 1): no mask (the ViT)
+])
+def test_train_attention_matches_float64(use_jit, b, h, kvh, l, d, masking):
     att = train_attention(ms.float32, True)
     rng = np.random.default_rng(l + h)
     q = (rng.standard_normal((b, h, l, d)) / np.sqrt(d)).astype(np.float32)
     k = rng.standard_normal((b, kvh, l, d)).astype(np.float32)
     v = rng.standard_normal((b, kvh, l, d)).astype(np.float32)
     am = np.ones((b, l), np.int64)
-    am[-1, : l // 5] = 0  # left padding on the last row: fully masked query rows too
-    mask = prefill_mask(am)
+    am[-1, : l // 5] = 0
+    mask = {"padded": prefill_mask(am), "shared": prefill_mask(am[:1] * 0 + 1),
+            "none": np.zeros((1, 1, 1, 1), np.float32)}[masking]
     dout = rng.standard_normal((b, h, l, d)).astype(np.float32)
     ref = _reference(*(x.astype(np.float64) for x in (q, k, v, mask, dout)))
     grad = ms.value_and_grad(_Loss(att.op), (0, 1, 2))

@@ -5,7 +5,8 @@
 // kRowChunk rows at a time and are recomputed in the backward, so a compiled training step holds no
 // (heads, L, L) tensor: MindSpore's CPU graph kept ~1.1 GB per mid-config layer of score-sized buffers.
 // GEMMs are oneDNN's dnnl_sgemm (row-major), the library MindSpore's own CPU MatMul ships with.
-// Layout (contiguous fp32): q (B, H, L, D) pre-scaled, k/v (B, KV, C, D), additive mask (B, 1, L, C);
+// Layout (contiguous fp32): q (B, H, L, D) pre-scaled, k/v (B, KV, C, D), additive mask (B or 1, 1, L, C) or
+// (1, 1, 1, 1) for none;
 // H = KV * G, heads g*G .. g*G+G-1 read KV head g, so a group's queries are G*L consecutive rows.
 #include <algorithm>
 #include <cmath>
@@ -24,7 +25,10 @@ bool F32(const char *t) { return std::strcmp(t, "float32") == 0 || std::strcmp(t
 
 struct Dims {
   int64_t B, H, KV, G, L, C, D;
+  int64_t mask_stride;  // elements between batch rows of the mask; 0: shared; -1: no mask
 };
+
+int64_t Numel4(const int64_t *s) { return s[0] * s[1] * s[2] * s[3]; }
 
 // q, k, v, mask shapes -> Dims; false when they do not fit together
 bool GetDims(int *ndims, int64_t **shapes, Dims *d) {
@@ -35,12 +39,20 @@ bool GetDims(int *ndims, int64_t **shapes, Dims *d) {
   d->G = d->H / d->KV;
   for (int i = 1; i < 3; ++i)
     if (shapes[i][0] != d->B || shapes[i][1] != d->KV || shapes[i][2] != d->C || shapes[i][3] != d->D) return false;
-  return shapes[3][0] == d->B && shapes[3][1] == 1 && shapes[3][2] == d->L && shapes[3][3] == d->C;
+  if (Numel4(shapes[3]) == 1) {  // (1, 1, 1, 1): no mask (the ViT)
+    d->mask_stride = -1;
+    return true;
+  }
+  if (shapes[3][1] != 1 || shapes[3][2] != d->L || shapes[3][3] != d->C) return false;
+  if (shapes[3][0] != d->B && shapes[3][0] != 1) return false;
+  d->mask_stride = shapes[3][0] == 1 ? 0 : d->L * d->C;  // one mask for the batch, or one per row
+  return true;
 }
 
 // s (n, C) = q rows [r0, r0 + n) of a group (row r is query position r % L) times k^T, plus the mask
 int Scores(const Dims &d, const float *q, const float *k, const float *mask, int64_t r0, int64_t n, float *s) {
   if (dnnl_sgemm('N', 'T', n, d.C, d.D, 1.f, q + r0 * d.D, d.D, k, d.D, 0.f, s, d.C) != 0) return 3;
+  if (mask == nullptr) return 0;
   for (int64_t i = 0; i < n; ++i) {
     const float *m = mask + ((r0 + i) % d.L) * d.C;
     float *row = s + i * d.C;
@@ -68,7 +80,7 @@ extern "C" int IxcAttnTrainFwd(int nparam, void **params, int *ndims, int64_t **
     for (int64_t g = 0; g < d.KV; ++g) {
       const int64_t head0 = b * d.H + g * d.G;  // first head of the group
       const float *qg = q + head0 * d.L * d.D, *kg = k + (b * d.KV + g) * d.C * d.D;
-      const float *vg = v + (b * d.KV + g) * d.C * d.D, *mb = mask + b * d.L * d.C;
+      const float *vg = v + (b * d.KV + g) * d.C * d.D, *mb = d.mask_stride < 0 ? nullptr : mask + b * d.mask_stride;
       for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
         const int64_t n = std::min(kRowChunk, rows - r0);
         if (int rc = Scores(d, qg, kg, mb, r0, n, s.data())) return rc;
@@ -113,7 +125,7 @@ extern "C" int IxcAttnTrainBwd(int nparam, void **params, int *ndims, int64_t **
     for (int64_t g = 0; g < d.KV; ++g) {
       const int64_t head0 = b * d.H + g * d.G;
       const float *qg = q + head0 * d.L * d.D, *kg = k + (b * d.KV + g) * d.C * d.D;
-      const float *vg = v + (b * d.KV + g) * d.C * d.D, *mb = mask + b * d.L * d.C;
+      const float *vg = v + (b * d.KV + g) * d.C * d.D, *mb = d.mask_stride < 0 ? nullptr : mask + b * d.mask_stride;
       const float *og = out + head0 * d.L * d.D, *dog = dout + head0 * d.L * d.D, *lg = lse + head0 * d.L;
       float *dkg = dk + (b * d.KV + g) * d.C * d.D, *dvg = dv + (b * d.KV + g) * d.C * d.D;
       for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {

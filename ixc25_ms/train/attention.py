@@ -80,13 +80,13 @@ def train_attention(dtype=ms.float32, requested: Optional[bool] = None) -> Optio
 
 
 def use_train_attention(model, requested: Optional[bool] = None) -> bool:
-    """Routes every decoder layer's uncached attention of `model` through the fused op; False (and nothing
-    changed) where it cannot run."""
-    from ..language.layers import Attention
+    """Routes every attention of `model` that has a `train_attention` slot (the decoder layers' uncached
+    attention, the vision towers' self-attention) through the fused op; False (and nothing changed) where it
+    cannot run."""
     att = train_attention(model.compute_dtype, requested)
     if att is None:
         return False
     for _, cell in model.cells_and_names():
-        if isinstance(cell, Attention):
+        if hasattr(cell, "train_attention"):
             cell.train_attention = att.op
     return True

@@ -77,11 +77,15 @@ def _heads(x, b, n, heads, d):
     return ops.transpose(ops.reshape(x, (b, n, heads, d)), (0, 2, 1, 3))
 
 
-def attend(q, k, v, heads: int):
-    """(B,N,C) q (already scaled), k, v -> (B,N,C) multi-head attention; scores and softmax in fp32."""
+def attend(q, k, v, heads: int, fused=None):
+    """(B,N,C) q (already scaled), k, v -> (B,N,C) multi-head attention; scores and softmax in fp32.
+    fused: the CPU training attention op (train.attention), no score tensor in the graph."""
     b, n, c = q.shape
     d = c // heads
     q, k, v = _heads(q, b, n, heads, d), _heads(k, b, n, heads, d), _heads(v, b, n, heads, d)
+    if fused is not None:
+        out = fused(q, k, v, ops.zeros((1, 1, 1, 1), q.dtype))[0]  # (1,1,1,1): no mask
+        return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, n, c))
     scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
     probs = ops.cast(ops.softmax(ops.cast(scores, ms.float32), -1), v.dtype)
     out = ops.matmul(probs, v)
