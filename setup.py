@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["ixc25_ms", "ixc25_ms.*", "converters", "converters.*",
                                     "parity_tests", "parity_tests.*", "scripts", "scripts.*"]),
     # the fused CPU decode kernels (compiled on first use) and the embedded default model
-    package_data={"ixc25_ms": ["csrc/*.cc", "default_model/*"]},
+    package_data={"ixc25_ms": ["csrc/*.cc", "csrc/*.h", "default_model/*"]},
     install_requires=[
         "mindspore==2.10.0",
         "numpy==1.26.4",

@@ -57,7 +57,9 @@ def build_library(cache_dir: Optional[str] = None, compiler: Optional[str] = Non
     if exe is None:
         raise KernelBuildError(f"no C++ compiler {cxx!r} on PATH to build {sources[0]}")
     src = b""
-    for fn in sources:
+    headers = sorted(os.path.join(os.path.dirname(SOURCE), f) for f in os.listdir(os.path.dirname(SOURCE))
+                     if f.endswith(".h"))
+    for fn in sources + headers:  # the shared headers are part of every library's key
         with open(fn, "rb") as f:
             src += f.read()
     key = hashlib.sha256(src + " ".join([exe] + CXXFLAGS + list(link)).encode()).hexdigest()[:16]

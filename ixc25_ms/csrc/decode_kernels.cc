@@ -28,24 +28,7 @@ inline void NormRow(const float *s, const float *w, float eps, int64_t h, float 
   for (int64_t i = 0; i < h; ++i) y[i] = s[i] * r * w[i];
 }
 
-// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, exp(r) by the Cephes expf polynomial
-// (about 1 ulp); branch-free so that loops over it vectorise; 0 below -87 (where exp underflows anyway)
-inline float Exp(float x) {
-  const float xc = std::fmin(std::fmax(x, -87.0f), 88.0f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
-}
+#include "vec_math.h"  // Exp
 
 // out (n) = in (d) @ m (d, n): rows of m are contiguous, so the inner loop vectorises
 inline void RowTimesMatrix(const float *in, const float *m, int64_t d, int64_t n, float *out) {

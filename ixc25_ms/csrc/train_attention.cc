@@ -8,10 +8,16 @@
 // Layout (contiguous fp32): q (B, H, L, D) pre-scaled, k/v (B, KV, C, D), additive mask (B or 1, 1, L, C) or
 // (1, 1, 1, 1) for none;
 // H = KV * G, heads g*G .. g*G+G-1 read KV head g, so a group's queries are G*L consecutive rows.
+#include <pthread.h>
+#include <sched.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
@@ -19,7 +25,39 @@ extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_
 
 namespace {
 
+#include "vec_math.h"  // Exp, Max16, Sum16
+
 constexpr int64_t kRowChunk = 512;  // query rows whose scores are in the scratch at once
+
+// threads for the (batch, KV group) tasks: IXC25_KERNEL_THREADS, else the CPUs this process may run on (<= 8)
+int Threads() {
+  const char *env = std::getenv("IXC25_KERNEL_THREADS");
+  int n = env ? std::atoi(env) : 0;
+  if (n <= 0) {
+    cpu_set_t set;
+    n = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+    n = std::min(n, 8);
+  }
+  return std::max(1, n);
+}
+
+// fn(task, worker) for task in [0, n) on up to Threads() threads (the caller is worker 0); the first nonzero
+// return code, or 0
+template <typename F>
+int ParallelTasks(int64_t n, const F &fn) {
+  const int nt = static_cast<int>(std::min<int64_t>(Threads(), n));
+  std::atomic<int64_t> next{0};
+  std::atomic<int> err{0};
+  auto work = [&](int w) {
+    for (int64_t t; (t = next.fetch_add(1)) < n;)
+      if (int rc = fn(t, w)) err.store(rc);
+  };
+  std::vector<std::thread> pool;
+  for (int w = 1; w < nt; ++w) pool.emplace_back(work, w);
+  work(0);
+  for (auto &th : pool) th.join();
+  return err.load();
+}
 
 bool F32(const char *t) { return std::strcmp(t, "float32") == 0 || std::strcmp(t, "float") == 0; }
 
@@ -74,25 +112,23 @@ extern "C" int IxcAttnTrainFwd(int nparam, void **params, int *ndims, int64_t **
   const float *q = static_cast<const float *>(params[0]), *k = static_cast<const float *>(params[1]);
   const float *v = static_cast<const float *>(params[2]), *mask = static_cast<const float *>(params[3]);
   float *out = static_cast<float *>(params[4]), *lse = static_cast<float *>(params[5]);
-  const int64_t rows = d.G * d.L;
-  std::vector<float> s(std::min(rows, kRowChunk) * d.C);
-  for (int64_t b = 0; b < d.B; ++b)
-    for (int64_t g = 0; g < d.KV; ++g) {
+  const int64_t rows = d.G * d.L, chunk = std::min(rows, kRowChunk);
+  std::vector<std::vector<float>> scratch(Threads());
+  return ParallelTasks(d.B * d.KV, [&](int64_t task, int w) -> int {
+      const int64_t b = task / d.KV, g = task % d.KV;
+      std::vector<float> &s = scratch[w];
+      s.resize(chunk * d.C);
       const int64_t head0 = b * d.H + g * d.G;  // first head of the group
       const float *qg = q + head0 * d.L * d.D, *kg = k + (b * d.KV + g) * d.C * d.D;
       const float *vg = v + (b * d.KV + g) * d.C * d.D, *mb = d.mask_stride < 0 ? nullptr : mask + b * d.mask_stride;
       for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
         const int64_t n = std::min(kRowChunk, rows - r0);
         if (int rc = Scores(d, qg, kg, mb, r0, n, s.data())) return rc;
-        for (int64_t i = 0; i < n; ++i) {  // softmax in place, keeping the row's logsumexp
+        for (int64_t i = 0; i < n; ++i) {  // softmax in place, keeping the row's log-sum
           float *row = s.data() + i * d.C;
-          float mx = row[0];
-          for (int64_t j = 1; j < d.C; ++j) mx = std::max(mx, row[j]);
-          double sum = 0.0;
-          for (int64_t j = 0; j < d.C; ++j) {
-            row[j] = std::exp(row[j] - mx);
-            sum += row[j];
-          }
+          const float mx = Max16(row, d.C);
+          for (int64_t j = 0; j < d.C; ++j) row[j] = Exp(row[j] - mx);
+          const double sum = Sum16(row, d.C);
           const float inv = static_cast<float>(1.0 / sum);
           for (int64_t j = 0; j < d.C; ++j) row[j] *= inv;
           lse[head0 * d.L + r0 + i] = static_cast<float>(std::log(sum));  // the max is recomputed in bwd
@@ -101,8 +137,8 @@ extern "C" int IxcAttnTrainFwd(int nparam, void **params, int *ndims, int64_t **
                        d.D) != 0)
           return 3;
       }
-    }
-  return 0;
+      return 0;
+    });
 }
 
 // q, k, v, mask, out, lse, dout -> dq (B, H, L, D), dk, dv (B, KV, C, D)
@@ -120,9 +156,12 @@ extern "C" int IxcAttnTrainBwd(int nparam, void **params, int *ndims, int64_t **
   float *dq = static_cast<float *>(params[7]), *dk = static_cast<float *>(params[8]);
   float *dv = static_cast<float *>(params[9]);
   const int64_t rows = d.G * d.L, chunk = std::min(rows, kRowChunk);
-  std::vector<float> p(chunk * d.C), ds(chunk * d.C);
-  for (int64_t b = 0; b < d.B; ++b)
-    for (int64_t g = 0; g < d.KV; ++g) {
+  std::vector<std::vector<float>> scratch(Threads());
+  return ParallelTasks(d.B * d.KV, [&](int64_t task, int w) -> int {
+      const int64_t b = task / d.KV, g = task % d.KV;
+      std::vector<float> &buf = scratch[w];
+      buf.resize(2 * chunk * d.C);
+      float *p = buf.data(), *ds = p + chunk * d.C;
       const int64_t head0 = b * d.H + g * d.G;
       const float *qg = q + head0 * d.L * d.D, *kg = k + (b * d.KV + g) * d.C * d.D;
       const float *vg = v + (b * d.KV + g) * d.C * d.D, *mb = d.mask_stride < 0 ? nullptr : mask + b * d.mask_stride;
@@ -130,32 +169,30 @@ extern "C" int IxcAttnTrainBwd(int nparam, void **params, int *ndims, int64_t **
       float *dkg = dk + (b * d.KV + g) * d.C * d.D, *dvg = dv + (b * d.KV + g) * d.C * d.D;
       for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
         const int64_t n = std::min(kRowChunk, rows - r0);
-        if (int rc = Scores(d, qg, kg, mb, r0, n, p.data())) return rc;
+        if (int rc = Scores(d, qg, kg, mb, r0, n, p)) return rc;
         for (int64_t i = 0; i < n; ++i) {  // P = exp(S - max - log(sum)), exactly the forward's rows
-          float *row = p.data() + i * d.C;
-          float mx = row[0];
-          for (int64_t j = 1; j < d.C; ++j) mx = std::max(mx, row[j]);
-          const float l = lg[r0 + i];
-          for (int64_t j = 0; j < d.C; ++j) row[j] = std::exp(row[j] - mx - l);
+          float *row = p + i * d.C;
+          const float mx = Max16(row, d.C), l = lg[r0 + i];  // (s - mx) - l: mx + l rounds to mx at -3.4e38
+          for (int64_t j = 0; j < d.C; ++j) row[j] = Exp(row[j] - mx - l);
         }
         // dP = dout V^T; dS = P * (dP - rowsum(dout * out))
-        if (dnnl_sgemm('N', 'T', n, d.C, d.D, 1.f, dog + r0 * d.D, d.D, vg, d.D, 0.f, ds.data(), d.C) != 0) return 3;
+        if (dnnl_sgemm('N', 'T', n, d.C, d.D, 1.f, dog + r0 * d.D, d.D, vg, d.D, 0.f, ds, d.C) != 0) return 3;
         for (int64_t i = 0; i < n; ++i) {
           const float *o = og + (r0 + i) * d.D, *dor = dog + (r0 + i) * d.D;
           double dd = 0.0;
           for (int64_t c = 0; c < d.D; ++c) dd += static_cast<double>(o[c]) * dor[c];
           const float di = static_cast<float>(dd);
-          float *dsr = ds.data() + i * d.C;
-          const float *pr = p.data() + i * d.C;
+          float *dsr = ds + i * d.C;
+          const float *pr = p + i * d.C;
           for (int64_t j = 0; j < d.C; ++j) dsr[j] = pr[j] * (dsr[j] - di);
         }
         const float beta = r0 == 0 ? 0.f : 1.f;  // dk/dv sum over every chunk of the group's rows
-        if (dnnl_sgemm('N', 'N', n, d.D, d.C, 1.f, ds.data(), d.C, kg, d.D, 0.f, dq + (head0 * d.L + r0) * d.D,
+        if (dnnl_sgemm('N', 'N', n, d.D, d.C, 1.f, ds, d.C, kg, d.D, 0.f, dq + (head0 * d.L + r0) * d.D,
                        d.D) != 0 ||
-            dnnl_sgemm('T', 'N', d.C, d.D, n, 1.f, ds.data(), d.C, qg + r0 * d.D, d.D, beta, dkg, d.D) != 0 ||
-            dnnl_sgemm('T', 'N', d.C, d.D, n, 1.f, p.data(), d.C, dog + r0 * d.D, d.D, beta, dvg, d.D) != 0)
+            dnnl_sgemm('T', 'N', d.C, d.D, n, 1.f, ds, d.C, qg + r0 * d.D, d.D, beta, dkg, d.D) != 0 ||
+            dnnl_sgemm('T', 'N', d.C, d.D, n, 1.f, p, d.C, dog + r0 * d.D, d.D, beta, dvg, d.D) != 0)
           return 3;
       }
-    }
-  return 0;
+      return 0;
+    });
 }
