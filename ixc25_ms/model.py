@@ -11,6 +11,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, ops
 from mindspore.common.initializer import initializer
 
+from .fused_attention import use_fused_attention
 from . import chat as _chat, compose as _compose
 from .config import IXCConfig
 from .dtypes import ms_dtype
@@ -45,6 +46,8 @@ class InternLMXComposer2ForCausalLM(InternLM2ForCausalLM):
         self.vision_proj = build_vision_proj(c4, cfg.hidden_size, self.compute_dtype)
         self.plora_glb_GN = Parameter(initializer("zeros", (1, 1, c4), self.compute_dtype), name="plora_glb_GN")
         self.plora_sub_GN = Parameter(initializer("zeros", (1, 1, 1, c4), self.compute_dtype), name="plora_sub_GN")
+        if self.cpu_kernels:  # the tower's attention too (the LLM's is set by the base class)
+            use_fused_attention(self.vit)
         self.tokenizer = None
         self.hd_num = 24
         self.font_path = None  # video headers; None = the default font (see notes/vision.md)

@@ -12,7 +12,7 @@ from ixc25_ms.config import IXCConfig
 from ixc25_ms.train.args import FinetuneArgs
 from ixc25_ms.train.batch import Collator
 from ixc25_ms.train.data import parse_item
-from ixc25_ms.train.attention import use_train_attention
+from ixc25_ms.fused_attention import use_fused_attention
 from ixc25_ms.train.forward import TrainForward, forward_inputs, vit_is_frozen
 from ixc25_ms.train.prepare import prepare
 from ixc25_ms.weights.layout import load_state_dict
@@ -79,11 +79,11 @@ def _flags(flags) -> dict:
 
 def ms_step(workdir, items, flags, use_jit=False, lora_b_seed=5, fused_attention=True):
     """Our side: the model loaded as ixc25-finetune loads it, the flags applied, one micro-batch's loss/grads.
-    fused_attention: the CPU training attention, as the trainer uses it (False: the portable ops)."""
+    fused_attention: the fused CPU attention, as the trainer uses it (False: the portable ops)."""
     model, tok = ixc25_ms.load(str(workdir / "model"))
     args = FinetuneArgs(model_name_or_path=str(workdir / "model"), output_dir="unused", seed=0, **_flags(flags))
     t = prepare(model, args)
-    assert use_train_attention(model, None if fused_attention else False) == fused_attention
+    assert use_fused_attention(model, None if fused_attention else False) == fused_attention
     rng = np.random.default_rng(lora_b_seed)
     lora = {}  # nonzero B (A is random already), so LoRA gradients are all nonzero; the reference gets the same
     for n, p in model.parameters_and_names():

@@ -77,7 +77,7 @@ class Attention(nn.Cell):
         self.matmul_r = ops.MatMul()
         self.rot_r = Tensor(rotate_half_matrix(self.head_dim), dtype)  # a constant, not a checkpoint parameter
         self.kernels = None  # fused CPU decode kernels (cpu_kernels.DecodeKernels), set by the LM
-        self.train_attention = None  # fused CPU training attention (train.attention), set by the trainer
+        self.fused_attention = None  # fused CPU attention (ixc25_ms.fused_attention), set with the kernels
 
     def _qkv(self, x, im_mask, cos, sin, infer_mode):
         """x (B,L,H), cos/sin (B,L,1,G+2,d) from `qkv_rope_tables` (softmax scale in the q slots) ->
@@ -99,8 +99,8 @@ class Attention(nn.Cell):
         """Uncached forward: x (B,L,H), attn_mask (B,1,L,L) additive -> (B,L,H)."""
         b, l, _ = x.shape
         q, k, v = self._heads(*self._qkv(x, im_mask, cos, sin, infer_mode), b, l, l)
-        if self.train_attention is not None:  # no (heads, L, L) tensor in the graph
-            out = self.train_attention(q, k, v, attn_mask)[0]
+        if self.fused_attention is not None:  # no (heads, L, L) tensor in the graph
+            out = self.fused_attention(q, k, v, attn_mask)[0]
         else:
             out = self._attend(q, k, v, attn_mask)
         out = out.swapaxes(1, 2).reshape(b, l, self.heads * self.head_dim)
@@ -122,6 +122,8 @@ class Attention(nn.Cell):
         if self.flash:  # Ascend prefill: fused kernel, GQA native, mask 1 = masked
             out = ops.flash_attention_score(q, k, v, self.heads, attn_mask=(attn_mask < 0).astype(ms.uint8),
                                             scalar_value=1.0, input_layout="BNSD")
+        elif self.fused_attention is not None:  # CPU fp32: scores in the kernel's scratch, never a graph tensor
+            out = self.fused_attention(q, k, v, attn_mask)[0]
         elif chunk_rows and lq > chunk_rows:  # causal chunks: about half the L x L work at long prompts
             outs = []
             for s0 in range(0, lq, chunk_rows):

@@ -10,6 +10,7 @@ from mindspore import Tensor, nn
 
 from ..config import IXCConfig
 from ..cpu_kernels import DecodeKernels, library_path as kernel_library, switch as cpu_kernels_switch
+from ..fused_attention import use_fused_attention
 from ..dtypes import ms_dtype, np_dtype
 from .cache import KVCache, decode_mask, position_ids_from_mask, prefill_mask
 from .layers import DecoderLayer, Embedding, RMSNorm
@@ -117,6 +118,7 @@ class InternLM2ForCausalLM(nn.Cell):
         self.cpu_kernels = cpu_kernels_switch(self.compute_dtype, cpu_kernels)
         if self.cpu_kernels:
             self.model.use_kernels(DecodeKernels(kernel_library(), cfg.num_key_value_heads, cfg.num_kv_groups))
+            use_fused_attention(self.model)  # uncached forward and prefill: no (heads, L, L) tensor
         self.output = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=self.compute_dtype)
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
         self.q_scale = 1.0 / math.sqrt(cfg.head_dim)  # softmax scale, folded into q's RoPE on the host

@@ -79,7 +79,7 @@ def _heads(x, b, n, heads, d):
 
 def attend(q, k, v, heads: int, fused=None):
     """(B,N,C) q (already scaled), k, v -> (B,N,C) multi-head attention; scores and softmax in fp32.
-    fused: the CPU training attention op (train.attention), no score tensor in the graph."""
+    fused: the fused CPU attention op (ixc25_ms.fused_attention), no score tensor in the graph."""
     b, n, c = q.shape
     d = c // heads
     q, k, v = _heads(q, b, n, heads, d), _heads(k, b, n, heads, d), _heads(v, b, n, heads, d)

@@ -40,10 +40,10 @@ class CLIPAttention(nn.Cell):
         self.k_proj = dense(c, c, dtype)
         self.v_proj = dense(c, c, dtype)
         self.out_proj = dense(c, c, dtype)
-        self.train_attention = None  # fused CPU training attention (train.attention), set by the trainer
+        self.fused_attention = None  # fused CPU attention (ixc25_ms.fused_attention), set with the kernels
 
     def construct(self, x):
-        out = attend(self.q_proj(x) * self.scale, self.k_proj(x), self.v_proj(x), self.heads, self.train_attention)
+        out = attend(self.q_proj(x) * self.scale, self.k_proj(x), self.v_proj(x), self.heads, self.fused_attention)
         return self.out_proj(out)
 
 

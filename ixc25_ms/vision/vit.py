@@ -20,13 +20,13 @@ class Attention(nn.Cell):
         self.scale = (c // self.heads) ** -0.5
         self.qkv = dense(c, 3 * c, dtype)
         self.proj = dense(c, c, dtype)
-        self.train_attention = None  # fused CPU training attention (train.attention), set by the trainer
+        self.fused_attention = None  # fused CPU attention (ixc25_ms.fused_attention), set with the kernels
 
     def construct(self, x):
         qkv = self.qkv(x)  # (B, N, 3C): [q | k | v], each C = heads x head_dim
         c = self.c
         q, k, v = qkv[:, :, :c], qkv[:, :, c:2 * c], qkv[:, :, 2 * c:]
-        return self.proj(attend(q * self.scale, k, v, self.heads, self.train_attention))
+        return self.proj(attend(q * self.scale, k, v, self.heads, self.fused_attention))
 
 
 class Mlp(nn.Cell):

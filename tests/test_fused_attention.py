@@ -1,4 +1,4 @@
-"""The fused CPU training attention (ixc25_ms.train.attention) against the portable ops and float64 numpy:
+"""The fused CPU attention (ixc25_ms.fused_attention) against the portable ops and float64 numpy:
 output and the gradients of q, k, v, with GQA, padding, causal masks and several row chunks; PyNative and jit."""
 import mindspore as ms
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from mindspore import Tensor, nn, ops
 
 from ixc25_ms.language.cache import prefill_mask
-from ixc25_ms.train.attention import train_attention
+from ixc25_ms.fused_attention import fused_attention
 
 
 def _reference(q, k, v, mask, dout):
@@ -44,8 +44,8 @@ class _Loss(nn.Cell):
     (2, 4, 4, 50, 8, "shared"),  # one (1, 1, L, L) mask for the batch
     (2, 4, 4, 50, 8, "none"),  # (1, 1, 1, 1): no mask (the ViT)
 ])
-def test_train_attention_matches_float64(use_jit, b, h, kvh, l, d, masking):
-    att = train_attention(ms.float32, True)
+def test_fused_attention_matches_float64(use_jit, b, h, kvh, l, d, masking):
+    att = fused_attention(ms.float32, True)
     rng = np.random.default_rng(l + h)
     q = (rng.standard_normal((b, h, l, d)) / np.sqrt(d)).astype(np.float32)
     k = rng.standard_normal((b, kvh, l, d)).astype(np.float32)
@@ -68,8 +68,8 @@ def test_train_attention_matches_float64(use_jit, b, h, kvh, l, d, masking):
     assert abs(float(loss.asnumpy()) - float((ref[0] * dout).sum())) <= 1e-4 * abs(float((ref[0] * dout).sum()))
 
 
-def test_train_attention_off_switch(monkeypatch):
+def test_fused_attention_off_switch(monkeypatch):
     monkeypatch.setenv("IXC25_CPU_KERNELS", "0")
-    assert train_attention(ms.float32) is None
+    assert fused_attention(ms.float32) is None
     monkeypatch.delenv("IXC25_CPU_KERNELS")
-    assert train_attention(ms.float16) is None  # fp32 only
+    assert fused_attention(ms.float16) is None  # fp32 only

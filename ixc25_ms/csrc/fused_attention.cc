@@ -1,9 +1,10 @@
-// Fused attention for training on CPU (MindSpore Custom "aot" ops, see ixc25_ms/train/attention.py): forward
+// Fused attention on CPU (MindSpore Custom "aot" ops, see ixc25_ms/fused_attention.py): forward
 // (out, each row's log of its softmax sum after the max is subtracted) and backward (dq, dk, dv). The max is
 // recomputed in the backward, not folded into the saved value: a fully masked row (left padding) sits at
 // -3.4e38, where max + log(sum) rounds back to the max and the row would no longer sum to one. The scores of one KV group live in a scratch buffer of
 // kRowChunk rows at a time and are recomputed in the backward, so a compiled training step holds no
-// (heads, L, L) tensor: MindSpore's CPU graph kept ~1.1 GB per mid-config layer of score-sized buffers.
+// (heads, L, L) tensor: MindSpore's CPU graph kept ~1.1 GB per mid-config layer of score-sized buffers
+// (training) and the ViT's and prefill's graphs hold them too.
 // GEMMs are oneDNN's dnnl_sgemm (row-major), the library MindSpore's own CPU MatMul ships with.
 // Layout (contiguous fp32): q (B, H, L, D) pre-scaled, k/v (B, KV, C, D), additive mask (B or 1, 1, L, C) or
 // (1, 1, 1, 1) for none;

@@ -1,11 +1,13 @@
-"""Fused CPU attention for training: csrc/train_attention.cc as a MindSpore Custom op with its own backward.
+"""Fused CPU attention: csrc/fused_attention.cc as a MindSpore Custom op with its own backward.
 
 MindSpore's compiled CPU training step keeps score-sized buffers of every layer's attention (forward and
-backward: ~1.1 GB per layer at 1,408 positions and 16 heads, notes/training.md); this op holds a group's
+backward: ~1.1 GB per layer at 1,408 positions and 16 heads, notes/training.md), and its inference graphs
+(the ViT, the prefill) hold them too; this op holds a group's
 scores in a kernel-private scratch of 512 rows and recomputes them in the backward (saving only the output
 and each row's log-sum), so the graph has no (heads, L, L) tensor at all. Its GEMMs are oneDNN's
-`dnnl_sgemm` from the libdnnl that MindSpore ships. Used for fp32 training on CPU when the library builds
-(switch: IXC25_CPU_KERNELS, as the decode kernels); elsewhere the portable ops of `Attention._attend` run.
+`dnnl_sgemm` from the libdnnl that MindSpore ships. Used on CPU in fp32 wherever the decode kernels are
+(switch: IXC25_CPU_KERNELS): the decoder layers' uncached forward and prefill, the vision towers' attention,
+training included; elsewhere (Ascend, GPU, fp16/bf16) the portable ops run.
 """
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ from typing import Optional
 import mindspore as ms
 from mindspore import ops
 
-from ..cpu_kernels import KernelBuildError, _cache_dir, build_library, switch
+from .cpu_kernels import KernelBuildError, _cache_dir, build_library, switch
 
 log = logging.getLogger(__name__)
-SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "train_attention.cc")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "fused_attention.cc")
 _lock = threading.Lock()
 _built: dict = {}
 
@@ -31,7 +33,7 @@ def _dnnl_link() -> list:
     libdir = os.path.join(os.path.dirname(os.path.abspath(ms.__file__)), "lib")
     found = sorted(glob.glob(os.path.join(libdir, "libdnnl.so*")))
     if not found:
-        raise KernelBuildError(f"no libdnnl.so in {libdir} (the training attention kernel links MindSpore's oneDNN)")
+        raise KernelBuildError(f"no libdnnl.so in {libdir} (the fused attention kernel links MindSpore's oneDNN)")
     return [f"-L{libdir}", f"-l:{os.path.basename(found[0])}", f"-Wl,-rpath,{libdir}"]
 
 
@@ -41,14 +43,14 @@ def library_path() -> Optional[str]:
     with _lock:
         if d not in _built:
             try:
-                _built[d] = (build_library(d, sources=[SOURCE], name="ixc25_train_attention", link=_dnnl_link()), "")
+                _built[d] = (build_library(d, sources=[SOURCE], name="ixc25_fused_attention", link=_dnnl_link()), "")
             except (KernelBuildError, OSError) as e:
                 _built[d] = (None, str(e))
-                log.warning("fused CPU training attention unavailable, using the portable ops: %s", e)
+                log.warning("fused CPU attention unavailable, using the portable ops: %s", e)
         return _built[d][0]
 
 
-class TrainAttention:
+class FusedAttention:
     """(q (B,H,L,D) pre-scaled, k/v (B,KV,C,D), additive mask (B,1,L,C)) -> (out (B,H,L,D), lse (B,H,L): the
     log of each row's softmax sum after its max is subtracted);
     differentiable in q, k, v (the mask gets a zero gradient). fp32, contiguous inputs."""
@@ -66,27 +68,25 @@ class TrainAttention:
                              out_dtype=lambda q, k, v, m: (q, q), func_type="aot", bprop=bprop)
 
 
-def train_attention(dtype=ms.float32, requested: Optional[bool] = None) -> Optional[TrainAttention]:
-    """The fused training attention where it can run (CPU, fp32, kernels switched on, library built), else None."""
+def fused_attention(dtype=ms.float32, requested: Optional[bool] = None) -> Optional[FusedAttention]:
+    """The fused attention where it can run (CPU, fp32, kernels switched on, library built), else None."""
     if not switch(dtype, requested):
         return None
     path = library_path()
     if path is None:
         if requested:
-            raise KernelBuildError(f"the fused CPU training attention was required but could not be built: "
+            raise KernelBuildError(f"the fused CPU attention was required but could not be built: "
                                    f"{_built[_cache_dir()][1]}")
         return None
-    return TrainAttention(path)
+    return FusedAttention(path)
 
 
-def use_train_attention(model, requested: Optional[bool] = None) -> bool:
-    """Routes every attention of `model` that has a `train_attention` slot (the decoder layers' uncached
-    attention, the vision towers' self-attention) through the fused op; False (and nothing changed) where it
-    cannot run."""
-    att = train_attention(model.compute_dtype, requested)
-    if att is None:
-        return False
+def use_fused_attention(model, requested: Optional[bool] = None) -> bool:
+    """Routes every attention of `model` that has a `fused_attention` slot (the decoder layers' uncached
+    attention and prefill, the vision towers' self-attention) through the fused op; where it cannot run (or
+    requested is False) they get the portable ops and the result is False."""
+    att = fused_attention(model.compute_dtype, requested)
     for _, cell in model.cells_and_names():
-        if hasattr(cell, "train_attention"):
-            cell.train_attention = att.op
-    return True
+        if hasattr(cell, "fused_attention"):
+            cell.fused_attention = None if att is None else att.op
+    return att is not None
