@@ -81,11 +81,11 @@ def fused_attention(dtype=ms.float32, requested: Optional[bool] = None) -> Optio
     return FusedAttention(path)
 
 
-def use_fused_attention(model, requested: Optional[bool] = None) -> bool:
+def use_fused_attention(model, requested: Optional[bool] = None, dtype=None) -> bool:
     """Routes every attention of `model` that has a `fused_attention` slot (the decoder layers' uncached
     attention and prefill, the vision towers' self-attention) through the fused op; where it cannot run (or
     requested is False) they get the portable ops and the result is False."""
-    att = fused_attention(model.compute_dtype, requested)
+    att = fused_attention(model.compute_dtype if dtype is None else dtype, requested)
     for _, cell in model.cells_and_names():
         if hasattr(cell, "fused_attention"):
             cell.fused_attention = None if att is None else att.op
