@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "decode_kernels.cc")
 QUANT_SOURCE = os.path.join(os.path.dirname(SOURCE), "quant_kernels.cc")
+OPTIM_SOURCE = os.path.join(os.path.dirname(SOURCE), "optim_kernels.cc")  # in-place optimizer updates
 CXXFLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-pthread"]
 _lock = threading.Lock()
 _built: dict = {}  # cache dir -> (path or None, error message)
@@ -49,10 +50,10 @@ def _cache_dir() -> str:
 
 def build_library(cache_dir: Optional[str] = None, compiler: Optional[str] = None, sources=None,
                   name: str = "ixc25_decode_kernels", link=()) -> str:
-    """Compiles `sources` (default SOURCE and QUANT_SOURCE) into one library `name` in `cache_dir` (once per
+    """Compiles `sources` (default SOURCE, QUANT_SOURCE and OPTIM_SOURCE) into one library `name` in `cache_dir` (once per
     sources, compiler and flags; `link`: extra linker arguments) and returns the .so path."""
     cxx = compiler or os.environ.get("CXX") or "g++"
-    sources = list(sources or [SOURCE, QUANT_SOURCE])
+    sources = list(sources or [SOURCE, QUANT_SOURCE, OPTIM_SOURCE])
     exe = shutil.which(cxx)
     if exe is None:
         raise KernelBuildError(f"no C++ compiler {cxx!r} on PATH to build {sources[0]}")

@@ -25,12 +25,16 @@ def test_decay_groups_follow_transformers():
     assert [decays(n) for n in NAMES] == [True, False, False, True, True]
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
-def test_adamw_equals_torch_with_skipped_parameters(use_jit):
+@pytest.mark.parametrize("use_jit,in_place", [(False, True), (False, False), (True, False)])
+def test_adamw_equals_torch_with_skipped_parameters(use_jit, in_place):
+    """Compiled, eager op by op, and eager in place (csrc/optim_kernels.cc, the path above 256 MB)."""
     init, grads = _setup()
     active = [[True] * 5, [True, True, True, True, False], [True, False, True, True, False]]
     params = [ms.Parameter(ms.Tensor(a.copy()), name=f"p{i}") for i, a in enumerate(init)]
     opt = Optimizer(params, NAMES, "adamw_torch", weight_decay=0.1, betas=(0.9, 0.95), eps=1e-6)
+    assert (opt._in_place is not None) or not in_place  # the CPU kernels build here
+    if not in_place:
+        opt._in_place = None
     tp = [torch.tensor(a.copy(), requires_grad=True) for a in init]
     groups = [{"params": [p for p, n in zip(tp, NAMES) if decays(n)], "weight_decay": 0.1},
               {"params": [p for p, n in zip(tp, NAMES) if not decays(n)], "weight_decay": 0.0}]
@@ -48,10 +52,12 @@ def test_adamw_equals_torch_with_skipped_parameters(use_jit):
     assert opt.steps.tolist() == [3, 2, 3, 3, 1]
 
 
-def test_sgd_equals_torch_with_weight_decay():
+@pytest.mark.parametrize("use_jit", [True, False])  # compiled; eager, in place
+def test_sgd_equals_torch_with_weight_decay(use_jit):
     init, grads = _setup(1)
     params = [ms.Parameter(ms.Tensor(a.copy()), name=f"q{i}") for i, a in enumerate(init)]
     opt = Optimizer(params, NAMES, "sgd", weight_decay=0.05)
+    assert opt._in_place is not None
     tp = [torch.tensor(a.copy(), requires_grad=True) for a in init]
     topt = torch.optim.SGD([{"params": [p for p, n in zip(tp, NAMES) if decays(n)], "weight_decay": 0.05},
                             {"params": [p for p, n in zip(tp, NAMES) if not decays(n)], "weight_decay": 0.0}], lr=0.1)
@@ -59,7 +65,7 @@ def test_sgd_equals_torch_with_weight_decay():
         for p, gi in zip(tp, g):
             p.grad = torch.tensor(gi)
         topt.step()
-        opt.step([ms.Tensor(x) for x in g], 0.1, [True] * 5)
+        opt.step([ms.Tensor(x) for x in g], 0.1, [True] * 5, use_jit=use_jit)
     for p, t in zip(params, tp):
         np.testing.assert_allclose(p.asnumpy(), t.detach().numpy(), rtol=1e-6, atol=1e-7)
 

@@ -11,9 +11,9 @@ from mindspore.common.initializer import initializer
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 GROUP = 48  # parameters per compiled update graph (a graph's Python loop is unrolled: depth grows with it)
-# trainable bytes up to which the update runs compiled; above, eagerly: a compiled group graph held every
-# temporary of its parameters at once (mid-config full fine-tuning: 6.9 GB after the gradients, over 19 GB in
-# the compiled update, 12.8 GB eager; run of 2026-12-04), while eagerly each temporary is freed after use
+# without the in-place kernels: trainable bytes up to which the update runs compiled; above, eagerly op by op:
+# a compiled group graph held every temporary of its parameters at once (mid-config full fine-tuning: 6.9 GB
+# after the gradients, over 19 GB in the compiled update, 12.8 GB eager; run of 2026-12-04)
 COMPILED_UPDATE_MAX_BYTES = 256 << 20
 LAYERNORM_PARAMS = ("layer_norm1.", "layer_norm2.", "pre_layrnorm.", "post_layernorm.")  # the ViT's nn.LayerNorm
 
@@ -79,6 +79,25 @@ class _Update(nn.Cell):
         return self.construct(grads, scale, decay, step_size, bc2_sqrt, eps, beta1, beta2, active)
 
 
+class _InPlace:
+    """The in-place updates of csrc/optim_kernels.cc (eager use only: they write into their inputs' buffers)."""
+
+    def __init__(self, path: str):
+        def op(name):
+            return ops.Custom(f"{path}:{name}", out_shape=lambda *a: [1], out_dtype=lambda *a: ms.int32,
+                              func_type="aot")
+        self.adamw, self.sgd = op("IxcAdamWInPlace"), op("IxcSgdInPlace")
+
+
+def _in_place_kernels(params) -> Optional[_InPlace]:
+    """The in-place update kernels where they can run (CPU kernels on, every parameter fp32), else None."""
+    from ..cpu_kernels import library_path, switch
+    if not params or any(p.dtype != ms.float32 for p in params) or not switch(ms.float32):
+        return None
+    path = library_path()
+    return None if path is None else _InPlace(path)
+
+
 class Optimizer:
     """AdamW (`--optim adamw_torch`: decoupled decay p *= 1 - lr*wd, then Adam with bias correction, per-parameter
     step counts) or SGD (`--optim sgd`: p -= lr * (g + wd * p)). Parameters whose gradient is not in the graph
@@ -103,16 +122,19 @@ class Optimizer:
         else:
             self.m = self.v = []
         n = len(self.params)
+        self._in_place = _in_place_kernels(self.params)  # the eager update without temporaries
         self._groups = [(i, min(n, i + GROUP)) for i in range(0, n, GROUP)]
         self._updates = [_Update(self.kind, self.params[a:b], self.m[a:b], self.v[a:b]) for a, b in self._groups]
 
     def step(self, grads, lr: float, active: Sequence[bool], use_jit: Optional[bool] = None,
              grad_scale: float = 1.0) -> None:
         """One update with the gradients `grads` * `grad_scale` (accumulation average and clipping folded in, so no
-        scaled copy of the gradients is made). use_jit None: compiled when the trainable parameters are at most
-        COMPILED_UPDATE_MAX_BYTES, else eager (see there)."""
+        scaled copy of the gradients is made). use_jit None: in place where the CPU kernels are (no temporaries,
+        one kernel per parameter), else compiled when the trainable parameters are at most
+        COMPILED_UPDATE_MAX_BYTES and eager op by op above (see there)."""
         if use_jit is None:
-            use_jit = sum(int(np.prod(p.shape)) * 4 for p in self.params) <= COMPILED_UPDATE_MAX_BYTES
+            use_jit = self._in_place is None and (sum(int(np.prod(p.shape)) * 4 for p in self.params)
+                                                  <= COMPILED_UPDATE_MAX_BYTES)
         active = tuple(bool(a) for a in active)
         self.steps += np.asarray(active, np.int64)
         lrs = lr * self.lr_scale
@@ -124,6 +146,21 @@ class Optimizer:
             bc2 = np.sqrt(1.0 - b2 ** t)
         else:
             decay, step_size, bc2 = self.wd, lrs, np.ones_like(lrs)
+        if not use_jit and self._in_place is not None:  # eager: each parameter updated where it lies
+            done = None
+            for i, p in enumerate(self.params):
+                if not active[i]:
+                    continue
+                g = grads[i] if grads[i].dtype == ms.float32 else grads[i].astype(ms.float32)
+                if self.kind == "adamw":
+                    h = np.array([grad_scale, decay[i], step_size[i], bc2[i], self.eps, b1, b2], np.float32)
+                    done = self._in_place.adamw(p, self.m[i], self.v[i], g, Tensor(h))
+                else:
+                    h = np.array([grad_scale, decay[i], step_size[i]], np.float32)
+                    done = self._in_place.sgd(p, g, Tensor(h))
+            if done is not None:
+                done.asnumpy()  # the writes are done before anything reads the parameters
+            return
         scale = Tensor(np.float32(grad_scale))
         for (a, b), upd in zip(self._groups, self._updates):
             vec = lambda x: Tensor(np.asarray(x[a:b], np.float32))  # noqa: E731  per-parameter values
