@@ -140,8 +140,9 @@ def test_cached_decode_equals_uncached(tiny, use_jit, cpu_kernels):
 
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_last_token_prefill_shortcuts(tiny, monkeypatch, use_jit):
-    """A last-token prefill (generation) takes two shortcuts: causal query chunks (chunk size patched down to
-    2 rows here: 6 chunks of a 12-token prompt) and the last layer's output for the last row only. With a
+    """A last-token prefill (generation) takes two shortcuts: causal query chunks of the portable ops (chunk size
+    patched down to 2 rows here: 6 chunks of a 12-token prompt; PyNative) or the fused CPU attention (jit), and
+    the last layer's output for the last row only. With a
     left-padded row, its last logits, the caches at valid slots and the decode steps after it equal the
     reference's full forward."""
     import ixc25_ms.language as L
@@ -153,6 +154,9 @@ def test_last_token_prefill_shortcuts(tiny, monkeypatch, use_jit):
         real = L.Attention._attend
         monkeypatch.setattr(L.Attention, "_attend", lambda self, *a: calls.append(a[0].shape[2]) or real(self, *a))
     lm = build_ms_lm(cfg, state, use_jit=use_jit)
+    if not use_jit:  # the portable ops' chunks (with the fused CPU attention, as under jit here, none are needed)
+        from ixc25_ms.fused_attention import use_fused_attention
+        use_fused_attention(lm.model, False, dtype=lm.compute_dtype)
     ref = RefLM(cfg, state)
     am = np.ones((2, 12), np.int64)
     am[1, :3] = 0
