@@ -10,7 +10,9 @@ prefill also the last layer's SwiGLU, which sees one row); elsewhere (Ascend, GP
 prefill) the portable MindSpore ops run, and those stay tested.
 
 The same library holds the weight-only quantised linears of csrc/quant_kernels.cc (int8 and fp16 weights,
-fp32 activations; used through ixc25_ms/quantize/kernels.py, under the same switch).
+fp32 activations; used through ixc25_ms/quantize/kernels.py) and the in-place optimizer updates of
+csrc/optim_kernels.cc (ixc25_ms/train/optim.py), under the same switch; ixc25_ms/fused_attention.py builds
+its own library (it links MindSpore's oneDNN).
 
 Switch: `IXC25_CPU_KERNELS` = `auto` (default: used when the library builds), `0` (never), `1` (required:
 an error when it cannot be built). The library is built once per source/compiler/flags into
