@@ -8,6 +8,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..dtypes import np_dtype
+from ..vision.encode import tower_features
 from .batch import Batch
 from .labels import IGNORE
 
@@ -71,14 +72,6 @@ def vit_is_frozen(trainable_names) -> bool:
     return not any(n.startswith("vit.") for n in trainable_names)
 
 
-def vit_features(vit, views: Tensor, use_jit: bool = False) -> Tensor:
-    """(V,3,R,R) -> (V, G*G, C) features of a frozen ViT, outside any gradient: one view per call, so one view's
-    attention scores are alive at a time (ViT-L: 0.16 GB a view in fp32) and jit compiles one graph."""
-    tower = vit.forward_jit if use_jit else vit
-    parts = [tower(views[i:i + 1]) for i in range(views.shape[0])]
-    return parts[0] if len(parts) == 1 else ops.concat(parts, axis=0)
-
-
 def forward_inputs(model, batch: Batch, label_bucket: int = LABEL_BUCKET, vit_frozen: bool = False,
                    use_jit: bool = False):
     """The host arrays of a Batch as the Tensors TrainForward takes (one pass; nothing read back later).
@@ -100,8 +93,8 @@ def forward_inputs(model, batch: Batch, label_bucket: int = LABEL_BUCKET, vit_fr
     _, cos, sin, mask, _ = model.sequence_inputs(b, l, None, batch.attention_mask, rope_len=batch.length or l)
     im = batch.im_mask[..., None]
     views = None if batch.views is None else Tensor(batch.views.astype(np_dtype(dt)))
-    if vit_frozen and views is not None:
-        views = vit_features(model.vit, views, use_jit)
+    if vit_frozen and views is not None:  # outside any gradient, one view per call (jit: one graph)
+        views = tower_features(model.vit, views, use_jit, views_per_call=1)
     return (Tensor(batch.ids.astype(np.int32)), Tensor(batch.image_rows.astype(np.int32)), Tensor(im),
             Tensor(im.astype(np_dtype(dt))), views, cos, sin, mask, Tensor(label_pos), Tensor(label_ids),
             Tensor(label_w))

@@ -9,6 +9,15 @@ from .cells import TowerCell
 from .layout import crop_grid, expected_tokens, global_local_layout, split_views
 
 
+def tower_features(vit: TowerCell, views: Tensor, use_jit: bool = False, views_per_call: int = 0) -> Tensor:
+    """(V,3,R,R) -> (V, grid*grid, C) tower features, `views_per_call` views per call (0: all at once), through
+    `forward_jit` under jit (one graph per batch size)."""
+    tower = vit.forward_jit if use_jit else vit
+    step = views_per_call if views_per_call > 0 else views.shape[0]
+    parts = [tower(views[i:i + step]) for i in range(0, views.shape[0], step)]
+    return parts[0] if len(parts) == 1 else ops.concat(parts, axis=0)
+
+
 def encode_pixels(vit: TowerCell, vision_proj: nn.Cell, glb_GN, sub_GN, pixel_values: np.ndarray,
                   use_jit: bool = False, return_layout: bool = False, views_per_call: int = 0):
     """(1,3,H,W) normalised pixels (H, W multiples of the tower's resolution) -> image embeddings
@@ -24,10 +33,7 @@ def encode_pixels(vit: TowerCell, vision_proj: nn.Cell, glb_GN, sub_GN, pixel_va
     views = split_views(pixel_values, geom)
     h, w = crop_grid(pixel_values, geom)
     views = views.astype(np_dtype(vit.compute_dtype))
-    tower = vit.forward_jit if use_jit else vit
-    step = views_per_call if views_per_call > 0 else len(views)
-    parts = [tower(Tensor(views[i:i + step])) for i in range(0, len(views), step)]
-    feats = parts[0] if len(parts) == 1 else ops.concat(parts, axis=0)
+    feats = tower_features(vit, Tensor(views), use_jit, views_per_call)
     layout = global_local_layout(feats, h, w, glb_GN, sub_GN, geom)
     n = expected_tokens(h, w, geom)
     if layout.shape[1] != n:
