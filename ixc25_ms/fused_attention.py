@@ -2,9 +2,9 @@
 
 MindSpore's compiled CPU training step keeps score-sized buffers of every layer's attention (forward and
 backward: ~1.1 GB per layer at 1,408 positions and 16 heads, notes/training.md), and its inference graphs
-(the ViT, the prefill) hold them too; this op holds a group's
-scores in a kernel-private scratch of 512 rows and recomputes them in the backward (saving only the output
-and each row's log-sum), so the graph has no (heads, L, L) tensor at all. Its GEMMs are oneDNN's
+(the ViT, the prefill) hold them too; this op holds a group's scores in a kernel-private scratch of 512 rows
+and recomputes them in the backward (saving only the output and each row's log-sum), so the graph has no
+(heads, L, L) tensor at all. Its GEMMs are oneDNN's
 `dnnl_sgemm` from the libdnnl that MindSpore ships. Used on CPU in fp32 wherever the decode kernels are
 (switch: IXC25_CPU_KERNELS): the decoder layers' uncached forward and prefill, the vision towers' attention,
 training included; elsewhere (Ascend, GPU, fp16/bf16) the portable ops run.
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "fused_attention.cc")
 _lock = threading.Lock()
 _built: dict = {}
+_ops: dict = {}  # library path -> FusedAttention (one pair of Primitives per process)
 
 
 def _dnnl_link() -> list:
@@ -56,7 +57,7 @@ class FusedAttention:
     differentiable in q, k, v (the mask gets a zero gradient). fp32, contiguous inputs."""
 
     def __init__(self, path: str):
-        bwd = ops.Custom(f"{path}:IxcAttnTrainBwd", out_shape=lambda q, k, v, m, o, l, do: (q, k, v),
+        bwd = ops.Custom(f"{path}:IxcAttnBwd", out_shape=lambda q, k, v, m, o, l, do: (q, k, v),
                          out_dtype=lambda q, k, v, m, o, l, do: (q, q, q), func_type="aot")
         zeros_like = ops.ZerosLike()
 
@@ -64,7 +65,7 @@ class FusedAttention:
             dq, dk, dv = bwd(q, k, v, mask, out[0], out[1], dout[0])
             return dq, dk, dv, zeros_like(mask)
 
-        self.op = ops.Custom(f"{path}:IxcAttnTrainFwd", out_shape=lambda q, k, v, m: (q, q[:3]),
+        self.op = ops.Custom(f"{path}:IxcAttnFwd", out_shape=lambda q, k, v, m: (q, q[:3]),
                              out_dtype=lambda q, k, v, m: (q, q), func_type="aot", bprop=bprop)
 
 
@@ -78,7 +79,10 @@ def fused_attention(dtype=ms.float32, requested: Optional[bool] = None) -> Optio
             raise KernelBuildError(f"the fused CPU attention was required but could not be built: "
                                    f"{_built[_cache_dir()][1]}")
         return None
-    return FusedAttention(path)
+    with _lock:
+        if path not in _ops:
+            _ops[path] = FusedAttention(path)
+        return _ops[path]
 
 
 def use_fused_attention(model, requested: Optional[bool] = None, dtype=None) -> bool:

@@ -1,9 +1,9 @@
 // Fused attention on CPU (MindSpore Custom "aot" ops, see ixc25_ms/fused_attention.py): forward
 // (out, each row's log of its softmax sum after the max is subtracted) and backward (dq, dk, dv). The max is
 // recomputed in the backward, not folded into the saved value: a fully masked row (left padding) sits at
-// -3.4e38, where max + log(sum) rounds back to the max and the row would no longer sum to one. The scores of one KV group live in a scratch buffer of
-// kRowChunk rows at a time and are recomputed in the backward, so a compiled training step holds no
-// (heads, L, L) tensor: MindSpore's CPU graph kept ~1.1 GB per mid-config layer of score-sized buffers
+// -3.4e38, where max + log(sum) rounds back to the max and the row would no longer sum to one. The scores of
+// one KV group live in a scratch buffer of kRowChunk rows at a time and are recomputed in the backward, so a
+// compiled training step holds no (heads, L, L) tensor: MindSpore's CPU graph kept ~1.1 GB per mid-config layer of score-sized buffers
 // (training) and the ViT's and prefill's graphs hold them too.
 // GEMMs are oneDNN's dnnl_sgemm (row-major), the library MindSpore's own CPU MatMul ships with.
 // Layout (contiguous fp32): q (B, H, L, D) pre-scaled, k/v (B, KV, C, D), additive mask (B or 1, 1, L, C) or
@@ -103,7 +103,7 @@ int Scores(const Dims &d, const float *q, const float *k, const float *mask, int
 }  // namespace
 
 // q, k, v, mask -> out (B, H, L, D), lse (B, H, L) (log of each row's sum of exp(s - max))
-extern "C" int IxcAttnTrainFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+extern "C" int IxcAttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
   Dims d;
   if (nparam != 6) return 1;
@@ -143,7 +143,7 @@ extern "C" int IxcAttnTrainFwd(int nparam, void **params, int *ndims, int64_t **
 }
 
 // q, k, v, mask, out, lse, dout -> dq (B, H, L, D), dk, dv (B, KV, C, D)
-extern "C" int IxcAttnTrainBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+extern "C" int IxcAttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
   Dims d;
   if (nparam != 10) return 1;

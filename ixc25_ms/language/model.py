@@ -118,7 +118,7 @@ class InternLM2ForCausalLM(nn.Cell):
         self.cpu_kernels = cpu_kernels_switch(self.compute_dtype, cpu_kernels)
         if self.cpu_kernels:
             self.model.use_kernels(DecodeKernels(kernel_library(), cfg.num_key_value_heads, cfg.num_kv_groups))
-            use_fused_attention(self.model, dtype=self.compute_dtype)  # uncached forward and prefill: no (heads, L, L) tensor
+            use_fused_attention(self.model, dtype=self.compute_dtype)  # uncached forward, prefill: no L x L tensor
         self.output = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=self.compute_dtype)
         self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, cfg.rope_scaling)
         self.q_scale = 1.0 / math.sqrt(cfg.head_dim)  # softmax scale, folded into q's RoPE on the host

@@ -16,7 +16,6 @@ import numpy as np
 from .. import load as load_model
 from ..weights.loader import stream_into
 from .args import FinetuneArgs
-from ..fused_attention import use_fused_attention
 from .batch import Collator
 from .checkpointing import (checkpoints, publish_dir, read_optimizer, rotate, write_adapter, write_json,
                             write_official)
@@ -48,8 +47,8 @@ class Trainer:
         if args.gradient_checkpointing:  # recompute: keep each layer's input, redo its forward in the backward
             from .prepare import use_recompute
             self.t.notes.append(f"recompute on {use_recompute(self.model)} layers")
-        if use_fused_attention(self.model):  # CPU fp32: no (heads, L, L) tensor in the step (set on load already)
-            self.t.notes.append("fused CPU attention")
+        if any(getattr(c, "fused_attention", None) is not None for _, c in self.model.cells_and_names()):
+            self.t.notes.append("fused CPU attention")  # set on load with the CPU kernels (ixc25_ms.fused_attention)
         self.geo = self.model.vit.geometry  # crop side and merged grid of the tower
         self.collate = Collator(self.tok, args.max_length, args.hd_num, self.geo, self.model.cfg.pad_token_id)
         samples = load_samples(args.data_path, args.given_num, args.seed, log if rank == 0 else (lambda *a: None))
