@@ -26,27 +26,16 @@ extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_
 
 namespace {
 
-#include "vec_math.h"  // Exp, Max16, Sum16
+#include "kernel_threads.h"  // KernelThreads
+#include "vec_math.h"        // Exp, Max16, Sum16
 
 constexpr int64_t kRowChunk = 512;  // query rows whose scores are in the scratch at once
 
-// threads for the (batch, KV group) tasks: IXC25_KERNEL_THREADS, else the CPUs this process may run on (<= 8)
-int Threads() {
-  const char *env = std::getenv("IXC25_KERNEL_THREADS");
-  int n = env ? std::atoi(env) : 0;
-  if (n <= 0) {
-    cpu_set_t set;
-    n = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
-    n = std::min(n, 8);
-  }
-  return std::max(1, n);
-}
-
-// fn(task, worker) for task in [0, n) on up to Threads() threads (the caller is worker 0); the first nonzero
+// fn(task, worker) for task in [0, n) on up to KernelThreads() threads (the caller is worker 0); the first nonzero
 // return code, or 0
 template <typename F>
 int ParallelTasks(int64_t n, const F &fn) {
-  const int nt = static_cast<int>(std::min<int64_t>(Threads(), n));
+  const int nt = static_cast<int>(std::min<int64_t>(KernelThreads(), n));
   std::atomic<int64_t> next{0};
   std::atomic<int> err{0};
   auto work = [&](int w) {
@@ -114,7 +103,7 @@ extern "C" int IxcAttnFwd(int nparam, void **params, int *ndims, int64_t **shape
   const float *v = static_cast<const float *>(params[2]), *mask = static_cast<const float *>(params[3]);
   float *out = static_cast<float *>(params[4]), *lse = static_cast<float *>(params[5]);
   const int64_t rows = d.G * d.L, chunk = std::min(rows, kRowChunk);
-  std::vector<std::vector<float>> scratch(Threads());
+  std::vector<std::vector<float>> scratch(KernelThreads());
   return ParallelTasks(d.B * d.KV, [&](int64_t task, int w) -> int {
       const int64_t b = task / d.KV, g = task % d.KV;
       std::vector<float> &s = scratch[w];
@@ -157,7 +146,7 @@ extern "C" int IxcAttnBwd(int nparam, void **params, int *ndims, int64_t **shape
   float *dq = static_cast<float *>(params[7]), *dk = static_cast<float *>(params[8]);
   float *dv = static_cast<float *>(params[9]);
   const int64_t rows = d.G * d.L, chunk = std::min(rows, kRowChunk);
-  std::vector<std::vector<float>> scratch(Threads());
+  std::vector<std::vector<float>> scratch(KernelThreads());
   return ParallelTasks(d.B * d.KV, [&](int64_t task, int w) -> int {
       const int64_t b = task / d.KV, g = task % d.KV;
       std::vector<float> &buf = scratch[w];

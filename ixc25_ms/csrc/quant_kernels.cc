@@ -4,6 +4,7 @@
 // contiguous row-major only; a nonzero return makes MindSpore raise.
 #include <immintrin.h>
 #include <pthread.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -17,6 +18,8 @@
 #include <vector>
 
 namespace {
+
+#include "kernel_threads.h"  // KernelThreads
 
 int64_t Numel(int nd, const int64_t *shape) {
   int64_t n = 1;
@@ -64,14 +67,7 @@ class Pool {
 
  private:
   Pool() {
-    const char *env = std::getenv("IXC25_KERNEL_THREADS");
-    int n = env ? std::atoi(env) : 0;
-    if (n <= 0) {
-      cpu_set_t set;
-      n = pthread_getaffinity_np(pthread_self(), sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
-      n = std::min(n, 8);
-    }
-    nthreads_ = std::max(1, n);
+    nthreads_ = KernelThreads();
     const char *spin = std::getenv("IXC25_KERNEL_SPIN");
     spin_ = spin ? std::max(0, std::atoi(spin)) : spin_;
     pthread_atfork(nullptr, nullptr, [] { Get().started_ = false; });  // the child's workers are gone
