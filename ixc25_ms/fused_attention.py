@@ -57,16 +57,30 @@ class FusedAttention:
     differentiable in q, k, v (the mask gets a zero gradient). fp32, contiguous inputs."""
 
     def __init__(self, path: str):
-        bwd = ops.Custom(f"{path}:IxcAttnBwd", out_shape=lambda q, k, v, m, o, l, do: (q, k, v),
-                         out_dtype=lambda q, k, v, m, o, l, do: (q, q, q), func_type="aot")
+        # shapes inferred in C++ (IxcAttn*InferShape): a dynamic-shape graph re-infers them at run time, which the
+        # Python out_shape cannot serve (MindSpore 2.10 fails with "The pointer[value] is null")
+        bwd = ops.Custom(f"{path}:IxcAttnBwd", out_shape=None, out_dtype=lambda q, k, v, m, o, l, do: (q, q, q),
+                         func_type="aot", reg_info=_reg_info("IxcAttnBwd", 7, 3))
         zeros_like = ops.ZerosLike()
 
         def bprop(q, k, v, mask, out, dout):
             dq, dk, dv = bwd(q, k, v, mask, out[0], out[1], dout[0])
             return dq, dk, dv, zeros_like(mask)
 
-        self.op = ops.Custom(f"{path}:IxcAttnFwd", out_shape=lambda q, k, v, m: (q, q[:3]),
-                             out_dtype=lambda q, k, v, m: (q, q), func_type="aot", bprop=bprop)
+        self.op = ops.Custom(f"{path}:IxcAttnFwd", out_shape=None, out_dtype=lambda q, k, v, m: (q, q),
+                             func_type="aot", bprop=bprop, reg_info=_reg_info("IxcAttnFwd", 4, 2))
+
+
+def _reg_info(name: str, n_in: int, n_out: int):
+    """fp32 in, fp32 out, `n_out` outputs: registered so MindSpore treats the op as multi-output."""
+    reg = ops.CustomRegOp(name)
+    for i in range(n_in):
+        reg = reg.input(i, f"x{i}")
+    for i in range(n_out):
+        reg = reg.output(i, f"y{i}")
+    from mindspore.ops import DataType
+    reg = reg.dtype_format(*([DataType.F32_Default] * (n_in + n_out)))
+    return reg.target("CPU").get_op_info()
 
 
 def fused_attention(dtype=ms.float32, requested: Optional[bool] = None) -> Optional[FusedAttention]:

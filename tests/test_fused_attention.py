@@ -68,6 +68,28 @@ def test_fused_attention_matches_float64(use_jit, b, h, kvh, l, d, masking):
     assert abs(float(loss.asnumpy()) - float((ref[0] * dout).sum())) <= 1e-4 * abs(float((ref[0] * dout).sum()))
 
 
+def test_fused_attention_in_a_dynamic_shape_graph():
+    """The trainer compiles with dynamic lengths (jit(dynamic=1)): from the third shape on MindSpore runs one
+    dynamic-shape graph, whose shapes the op infers in C++ (a Python out_shape failed there: "The pointer[value]
+    is null"). Every length, static or dynamic graph, matches float64."""
+    att = fused_attention(ms.float32, True)
+    grad = ms.jit(ms.value_and_grad(_Loss(att.op), (0, 1, 2)), dynamic=1)
+    for l in (24, 40, 56, 72):
+        rng = np.random.default_rng(l)
+        q = (rng.standard_normal((1, 4, l, 8)) / np.sqrt(8)).astype(np.float32)
+        k, v, dout = (rng.standard_normal(s).astype(np.float32) for s in ((1, 2, l, 8), (1, 2, l, 8), (1, 4, l, 8)))
+        am = np.ones((1, l), np.int64)
+        am[0, :3] = 0
+        mask = prefill_mask(am)
+        ref = _reference(*(x.astype(np.float64) for x in (q, k, v, mask, dout)))
+        loss, grads = grad(*(Tensor(x) for x in (q, k, v, mask, dout)))
+        for name, ours, r in zip(("dq", "dk", "dv"), grads, ref[1:]):
+            assert ours.shape == r.shape, f"L={l} {name}: shape {ours.shape}"
+            rel = np.linalg.norm(ours.asnumpy() - r) / np.linalg.norm(r)
+            assert rel <= 1e-5, f"L={l} {name}: relative Frobenius {rel:.2e}"
+        assert abs(float(loss.asnumpy()) - float((ref[0] * dout).sum())) <= 1e-4 * abs(float((ref[0] * dout).sum()))
+
+
 def test_fused_attention_off_switch(monkeypatch):
     monkeypatch.setenv("IXC25_CPU_KERNELS", "0")
     assert fused_attention(ms.float32) is None

@@ -186,3 +186,17 @@ extern "C" int IxcAttnBwd(int nparam, void **params, int *ndims, int64_t **shape
       return 0;
     });
 }
+
+// Shape inference in C++, which MindSpore needs for a Custom op inside a dynamic-shape graph (the Python out_shape
+// is only called while compiling; training compiles with dynamic lengths). -2 is an unknown rank.
+class AotExtra;
+extern "C" std::vector<std::vector<int64_t>> IxcAttnFwdInferShape(int *ndims, int64_t **shapes, AotExtra *) {
+  if (ndims[0] != 4 || shapes[0][0] == -2) return {{-2}, {-2}};
+  std::vector<int64_t> q(shapes[0], shapes[0] + 4);
+  return {q, {q[0], q[1], q[2]}};
+}
+
+extern "C" std::vector<std::vector<int64_t>> IxcAttnBwdInferShape(int *ndims, int64_t **shapes, AotExtra *) {
+  auto shape = [&](int i) { return std::vector<int64_t>(shapes[i], shapes[i] + ndims[i]); };
+  return {shape(0), shape(1), shape(2)};
+}
