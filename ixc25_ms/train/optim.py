@@ -186,8 +186,11 @@ class Optimizer:
 
 def global_norm(grads, active: Sequence[bool], scale: float = 1.0) -> float:
     """torch.nn.utils.clip_grad_norm_'s total L2 norm over the gradients in the graph (times `scale`)."""
-    sq = [float((g.astype(ms.float32) ** 2).sum().asnumpy()) for g, a in zip(grads, active) if a]
-    return math.sqrt(sum(sq)) * scale
+    sq = [(g.astype(ms.float32) ** 2).sum() for g, a in zip(grads, active) if a]
+    if not sq:
+        return 0.0
+    # one host sync for all tensors (one per tensor cost ~2 ms each: 0.23 s a step of the default model's 113)
+    return math.sqrt(float(ops.stack(sq).asnumpy().astype(np.float64).sum())) * scale
 
 
 def clip_coefficient(total_norm: float, max_norm: float) -> float:
