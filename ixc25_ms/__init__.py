@@ -18,8 +18,9 @@ def load(path, dtype="float32", allow_pickle=False, use_jit=False, adapter=None,
     adapter directory (ours from ixc25-finetune --use_lora, or one the official scripts saved) applied on top:
     its LoRA acts on every token, after the partial LoRA. quantize: "int8" (weight-only, one scale per output
     channel, for the LLM's base linears and output head; quantised while streaming), "fp16", or None (as
-    stored: float, or int8 for a checkpoint ixc25-convert --quantize int8 wrote). lazy_loras: the write/web
-    LoRAs are read from the checkpoint when infer_mode first asks for them (default: with quantize).
+    stored: float, or int8 for a checkpoint ixc25-convert --quantize int8 wrote). lazy_loras (default
+    True): the write/web LoRAs are read from the checkpoint when infer_mode first asks for them; False keeps
+    every tensor in memory (the trainer's choice: it saves them back).
     See notes/quantization.md."""
     from .model import load as _load
     model, tok = _load(path, dtype=dtype, allow_pickle=allow_pickle, use_jit=use_jit, quantize=quantize,

@@ -177,7 +177,7 @@ def load(path: str, dtype: str = "float32", allow_pickle: bool = False, use_jit:
     `path` holds config.json, tokenizer.model and weights (official layout: model.safetensors, sharded
     safetensors + index, or pytorch_model*.bin with allow_pickle=True; or our converted layout, also
     pre-quantised). quantize: None (as stored), "int8" or "fp16" (ixc25_ms.quantize); lazy_loras: the write/web
-    LoRAs read on first use (default: with a quantised mode)."""
+    LoRAs read on first use (default True; False: all in memory)."""
     from .quantize.load import load_weights
     from .tokenizer import InternLM2Tokenizer
     if not os.path.isdir(path):

@@ -10,7 +10,8 @@ from mindspore import Tensor
 
 from ..weights import CheckpointError
 from ..weights.layout import open_weights
-from ..weights.loader import check_keys, stream_into
+from ..dtypes import np_dtype
+from ..weights.loader import check_keys, set_parameter, stream_into
 from ..weights.sources import StateSource, WeightSource
 from ..weights.tags import widen
 from .int8 import pack_rows, quantize_int8, to_float16
@@ -73,8 +74,7 @@ def stream_prepared(model, src: WeightSource, path: str) -> dict:
             report["fp16_inexact"] += inexact
             report["fp16_values"] += h.size
         else:
-            arr = widen(raw, tag, np.float32)
-            _assign(p, arr if p.dtype == ms.float32 else arr.astype(np.float16))
+            set_parameter(p, widen(raw, tag, np_dtype(p.dtype)))  # fp32 as is; bf16 cast from fp32
         del raw
     return report
 
@@ -83,8 +83,9 @@ def load_weights(model, path, allow_pickle: bool = False, quantize: Optional[str
                  lazy_loras: Optional[bool] = None) -> dict:
     """Fill `model` from the checkpoint at `path` (or an in-memory {key: array} state dict). quantize None: as
     stored (float, or int8 for a pre-quantised checkpoint); "int8"/"fp16": quantised storage (prepare).
-    lazy_loras None: lazy under a quantised mode. Float, non-lazy loads from a path take the plain streaming
-    loader. Returns a small report (also `model.load_report`)."""
+    lazy_loras None or True: the write/web LoRAs stay on disk until an infer_mode asks for them (base mode never
+    reads them: ~0.5 GB fp32 at the mid config, 2.4 B parameters at 7B); False: every tensor in memory (training,
+    which saves them back). Float, non-lazy loads from a path take the plain streaming loader. Returns a small report (also `model.load_report`)."""
     t = time.perf_counter()
     if quantize not in (None,) + QUANT_MODES:
         raise ValueError(f"quantize must be one of {QUANT_MODES} or None, got {quantize!r}")
@@ -103,7 +104,7 @@ def load_weights(model, path, allow_pickle: bool = False, quantize: Optional[str
             raise CheckpointError(f"{path}: the checkpoint is pre-quantised {stored}; it loads as {stored} only "
                                   f"(quantize={quantize!r} asked)")
         mode = quantize or stored
-        lazy = (mode is not None) if lazy_loras is None else bool(lazy_loras)
+        lazy = True if lazy_loras is None else bool(lazy_loras)
         if mode is None and not lazy and not isinstance(src, StateSource):
             src.close()
             stream_into(model, path, allow_pickle)

@@ -41,7 +41,7 @@ class Trainer:
             log(f"ixc25-finetune: --{'bf16' if args.bf16 else 'fp16'}: the {ms.get_context('device_target')} "
                 f"backend computes in float32 here (mixed precision needs Ascend); the final weights are saved in "
                 f"{'bf16' if args.bf16 else 'fp16'}")
-        self.model, self.tok = load_model(args.model_name_or_path, dtype="float32")
+        self.model, self.tok = load_model(args.model_name_or_path, dtype="float32", lazy_loras=False)  # saved back whole
         check_pieces(self.tok)
         self.t = prepare(self.model, args, log).in_graph_only()
         if args.gradient_checkpointing:  # recompute: keep each layer's input, redo its forward in the backward

@@ -36,7 +36,7 @@ def check_keys(cell, shapes: Mapping[str, Tuple[int, ...]], source: str, ignore_
         raise CheckpointError(f"{source}: " + "; ".join(problems))
 
 
-def _set(p, arr: np.ndarray):
+def set_parameter(p, arr: np.ndarray):
     t = Tensor(arr.astype(np_dtype(p.dtype), copy=False))
     p.set_data(t if t.dtype == p.dtype else t.astype(p.dtype))  # bf16: fp32 on the host, cast
 
@@ -51,7 +51,7 @@ def assign_state_dict(cell, state: Dict[str, np.ndarray], source: str = "state d
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     check_keys(cell, {k: tuple(np.shape(v)) for k, v in state.items()}, source, ignore_prefixes, prefix)
     for k, p in cell.parameters_and_names():
-        _set(p, np.asarray(state[k]))
+        set_parameter(p, np.asarray(state[k]))
 
 
 def stream_into(cell, path: str, allow_pickle: bool = False) -> None:
@@ -70,6 +70,6 @@ def stream_into(cell, path: str, allow_pickle: bool = False) -> None:
             items = ((k, state.pop(k)) for k in keys)
         for k, arr in items:
             p = params[k]
-            _set(p, widen(arr, src.dtype_tag(k), np_dtype(p.dtype)))
+            set_parameter(p, widen(arr, src.dtype_tag(k), np_dtype(p.dtype)))
     finally:
         src.close()
