@@ -14,6 +14,7 @@ from ixc25_ms.quantize import (GEMV_MAX_ROWS, Int8Matmul, dequantize_int8, pack_
                                relative_error, to_float16, unpack_rows)
 from ixc25_ms.quantize.kernels import F16Matmul, cpu_quant_kernels
 from ixc25_ms.weights.safetensors import SafetensorsFile
+from ixc25_ms.weights.safetensors import SafetensorsFile
 from ixc25_ms.weights.tags import bf16_to_f32, f32_to_bf16
 from parity_tests.helpers import GOLDEN
 from parity_tests.tolerance import assert_close
@@ -244,7 +245,7 @@ def _lazy_params(model):
 
 @pytest.mark.parametrize("quantize", ["int8", None])
 def test_write_web_loras_load_on_first_use(golden, quantize):
-    model, _ = ixc25_ms.load(GOLDEN, quantize=quantize, lazy_loras=True)
+    model, _ = ixc25_ms.load(GOLDEN, quantize=quantize)  # lazy by default, float loads too
     assert _lazy_params(model) == [] and model.model.layers[0].attention.wqkv.lora_web_A is None
     _logits(model, golden)  # base mode loads nothing
     assert _lazy_params(model) == []
@@ -260,6 +261,16 @@ def test_write_web_loras_load_on_first_use(golden, quantize):
     assert len(names) == 2 * 5 * 6 and "model.layers.1.feed_forward.w3.lora_dpo_B.weight" in names
     if quantize:
         assert {p.dtype for k, p in model.parameters_and_names() if k in names} == {ms.float16}
+
+
+def test_every_tensor_in_memory_when_asked():
+    """lazy_loras=False (the trainer's load: it saves every tensor back) holds the write/web LoRAs from the start."""
+    model, _ = ixc25_ms.load(GOLDEN, lazy_loras=False)
+    assert model.lazy_loras is None and len(_lazy_params(model)) == 2 * 5 * 6
+    key = "model.layers.1.feed_forward.w3.lora_dpo_B.weight"
+    want = SafetensorsFile(os.path.join(GOLDEN, "model.safetensors")).read(key)
+    got = dict(model.parameters_and_names())[key].asnumpy()
+    np.testing.assert_array_equal(got, want)
 
 
 def test_memory_lean_path_equals_compiled(golden, monkeypatch):
