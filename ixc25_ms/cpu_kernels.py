@@ -139,6 +139,8 @@ class DecodeKernels:
         self.add_rms_norm = op("IxcAddRmsNorm", _first_twice, _first_twice)  # -> (x + r, norm(x + r) * w)
         self.rope_split = op("IxcRopeSplit", rope_shapes, lambda qkv, mq, mk: [qkv, qkv, qkv])
         self.swiglu = op("IxcSwiGLU", _first, _first)  # a, b -> silu(a) * b
+        # q (B*kvh, G, d), k/v caches (B*kvh, C, d), mask (B, 1, 1, C) -> (B*kvh, G, d): scores, softmax, sum
+        self.decode_attn = op("IxcDecodeAttn", _first, _first)
 
 
 def _first(x, *rest):

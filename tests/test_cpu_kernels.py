@@ -67,6 +67,30 @@ def test_swiglu_against_float64(kernels):
     np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-30)
 
 
+@pytest.mark.parametrize("b,kvh,g,d,c", [(2, 2, 3, 8, 37), (1, 8, 4, 128, 1300)], ids=["tiny", "7b-shapes"])
+def test_decode_attention_against_float64(b, kvh, g, d, c):
+    """One token's attention over the cache (scores, additive mask with invalid slots, softmax, weighted sum)
+    against float64 numpy; 7b-shapes: 8 KV heads of 4 queries, head_dim 128, a 1,300-slot cache."""
+    kernels = ck.DecodeKernels(ck.build_library(), kv_heads=kvh, groups=g)
+    rng = np.random.default_rng(3)
+    q = (rng.standard_normal((b * kvh, g, d)) / np.sqrt(d)).astype(np.float32)
+    k, v = (rng.standard_normal((b * kvh, c, d)).astype(np.float32) for _ in range(2))
+    valid = np.ones((b, c), np.int64)
+    valid[0, : c // 3] = 0  # left padding of the first row
+    valid[-1, -5:] = 0  # slots not written yet
+    from ixc25_ms.language.cache import decode_mask
+    mask = decode_mask(valid)
+    out = kernels.decode_attn(Tensor(q), Tensor(k), Tensor(v), Tensor(mask)).asnumpy()
+    s = np.einsum("bgd,bcd->bgc", q.astype(np.float64), k.astype(np.float64))
+    s = s + np.repeat(mask[:, 0, 0, :].astype(np.float64), kvh, 0)[:, None, :]
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref = np.einsum("bgc,bcd->bgd", p, v.astype(np.float64))
+    assert out.shape == ref.shape
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert rel <= 1e-6, f"relative Frobenius {rel:.2e}"
+
+
 def test_switch_env_and_dtype(monkeypatch):
     assert ms.get_context("device_target") == "CPU"
     monkeypatch.setenv("IXC25_CPU_KERNELS", "0")

@@ -1,9 +1,15 @@
 // Fused fp32 CPU kernels for one decode step, called by MindSpore Custom "aot" ops (see cpu_kernels.py).
 // Every kernel: int f(nparam, params, ndims, shapes, dtypes, stream, extra); inputs first, then outputs;
 // contiguous row-major float32 only (the Python side checks); a nonzero return makes MindSpore raise.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <vector>
+
+void IxcPoolRun(int nt, const std::function<void(int, int)> &fn);  // quant_kernels.cc's thread pool
+int IxcPoolThreads();
 
 namespace {
 
@@ -113,5 +119,58 @@ extern "C" int IxcSwiGLU(int nparam, void **params, int *ndims, int64_t **shapes
   const int64_t n = Numel(ndims[0], shapes[0]);
   if (Numel(ndims[1], shapes[1]) != n) return 2;
   for (int64_t i = 0; i < n; ++i) y[i] = a[i] / (1.f + Exp(-a[i])) * bb[i];
+  return 0;
+}
+
+// One query token's attention over the cache, per KV head: q (B*kvh, G, d) scaled and rotated, k/v caches
+// (B*kvh, C, d), additive mask (B, 1, 1, C) -> out (B*kvh, G, d). The scores of a head's G queries are made in
+// one pass over its keys and the output in one pass over its values (each cache row read once); softmax in
+// fp32 with the max subtracted, sums in double. Replaces BatchMatMul, Add, Softmax and BatchMatMul (4 launches).
+extern "C" int IxcDecodeAttn(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  if (nparam != 5 || !AllFloat32(nparam, dtypes) || ndims[0] != 3 || ndims[1] != 3 || ndims[3] != 4) return 1;
+  const float *q = static_cast<const float *>(params[0]), *kc = static_cast<const float *>(params[1]);
+  const float *vc = static_cast<const float *>(params[2]), *mask = static_cast<const float *>(params[3]);
+  float *out = static_cast<float *>(params[4]);
+  const int64_t bk = shapes[0][0], g = shapes[0][1], d = shapes[0][2], c = shapes[1][1], b = shapes[3][0];
+  if (shapes[1][0] != bk || shapes[1][2] != d || Numel(ndims[2], shapes[2]) != bk * c * d || b <= 0 ||
+      bk % b != 0 || shapes[3][3] != c || Numel(ndims[3], shapes[3]) != b * c)
+    return 2;
+  const int64_t kvh = bk / b;
+  auto head = [&](int64_t i, std::vector<float> &s) {
+    const float *qi = q + i * g * d, *k = kc + i * c * d, *v = vc + i * c * d, *m = mask + (i / kvh) * c;
+    s.resize(g * c);
+    for (int64_t j = 0; j < c; ++j) {  // s[a][j] = q_a . k_j + mask_j
+      const float *kr = k + j * d;
+      for (int64_t a = 0; a < g; ++a) {
+        const float *qa = qi + a * d;
+        float acc = 0.f;
+        for (int64_t e = 0; e < d; ++e) acc += qa[e] * kr[e];
+        s[a * c + j] = acc + m[j];
+      }
+    }
+    for (int64_t a = 0; a < g; ++a) {  // softmax of each query's row
+      float *row = s.data() + a * c;
+      const float mx = Max16(row, c);
+      for (int64_t j = 0; j < c; ++j) row[j] = Exp(row[j] - mx);
+      const float inv = static_cast<float>(1.0 / Sum16(row, c));
+      for (int64_t j = 0; j < c; ++j) row[j] *= inv;
+    }
+    float *o = out + i * g * d;
+    std::fill(o, o + g * d, 0.f);
+    for (int64_t j = 0; j < c; ++j) {  // out[a] = sum_j p[a][j] v_j
+      const float *vr = v + j * d;
+      for (int64_t a = 0; a < g; ++a) {
+        const float p = s[a * c + j];
+        float *oa = o + a * d;
+        for (int64_t e = 0; e < d; ++e) oa[e] += p * vr[e];
+      }
+    }
+  };
+  const int nt = static_cast<int>(std::min<int64_t>(bk, IxcPoolThreads()));
+  IxcPoolRun(nt, [&](int t, int n) {
+    std::vector<float> s;
+    for (int64_t i = t; i < bk; i += n) head(i, s);
+  });
   return 0;
 }

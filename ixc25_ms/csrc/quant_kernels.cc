@@ -262,6 +262,10 @@ void PackedLinear(const float *x, int64_t M, const int8_t *w, const float *scale
 
 }  // namespace
 
+// The pool for the other kernel sources of this library (decode_kernels.cc): fn(t, nt) for t in [0, nt).
+void IxcPoolRun(int nt, const std::function<void(int, int)> &fn) { Pool::Get().Run(nt, fn); }
+int IxcPoolThreads() { return Pool::Get().threads(); }
+
 // x (..., K) fp32, w (N, K) int8 packed (see PackedBlock), scale (N) fp32 -> y (..., N) fp32 = (x @ w^T) * scale
 extern "C" int IxcInt8LinearPacked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                    void *stream, void *extra) {

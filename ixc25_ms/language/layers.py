@@ -166,6 +166,9 @@ class Attention(nn.Cell):
         self.index_add(k_cache, write_pos, k.reshape(b * kvh, 1, d))
         self.index_add(v_cache, write_pos, v.reshape(b * kvh, 1, d))
         # the (B*kvh, C, d) Parameters are read as they are (a reshape of a Parameter is a copy on CPU)
+        if self.kernels is not None:  # one kernel for scores, mask, softmax and the weighted sum
+            out = self.kernels.decode_attn(q.reshape(b * kvh, g, d), k_cache, v_cache, attn_mask)
+            return self.wo(out.reshape(b, 1, self.heads * d), None, infer_mode)
         scores = self.bmm_qk(q.reshape(b * kvh, g, d), k_cache).reshape(b, kvh, g, cap)
         scores = scores.astype(ms.float32) + attn_mask  # (B, kvh, G, C) + (B, 1, 1, C)
         probs = ops.softmax(scores, -1).astype(v_cache.dtype).reshape(b * kvh, g, cap)
