@@ -22,10 +22,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = os.path.join(os.path.dirname(HERE), "ixc25_ms", "default_model")
 # The architecture: every IXC2.5 part at toy width. CLIP-style ViT at 560 px with 28-px patches (a 20x20 grid:
 # 100 merged tokens per view; 56-px patches, 25 tokens, trained worse: notes/default-model.md), the HD crops,
-# sub_GN/glb_GN layout, projector, InternLM2 with GQA and partial LoRA.
+# sub_GN/glb_GN layout, projector, InternLM2 with GQA and partial LoRA. The task tokenizer has 600 pieces: the
+# task's words are whole pieces ("The circle is red." is 5 tokens; with 320 pieces, mostly bytes, it was 12).
 CONFIG = {
     "architectures": ["InternLMXComposer2ForCausalLM"], "model_type": "internlm2",
-    "vocab_size": 320, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3,
+    "vocab_size": 600, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3,
     "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000,
     "rope_scaling": None, "max_position_embeddings": 4096, "bias": False, "tie_word_embeddings": False,
     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "max_length": 4096,
@@ -115,7 +116,9 @@ def corpus_lines():
     for shape in S.SHAPES:
         for colour in S.COLOURS:
             lines += [S.question(1, shape), S.question(2, shape), S.question(3, colour),
-                      f"The {shape} is {colour}.", f"The {colour} one is a {shape}.", f"two {colour} {shape}s"]
+                      f"The {shape} is {colour}.", f"The {colour} one is a {shape}."]
+            lines += [f"{S.NUMBERS[n].capitalize()} {colour} {shape}s and {S.NUMBERS[n]} {colour} {shape}s."
+                      for n in range(2, 5)]  # counts in words, sentence-initial and inside
         lines += [f"There are {n} {shape}s." for n in range(5)] + [f"There is 1 {shape}."]
     lines += [S.question(4, ""), "A red circle, an orange square and a green triangle."]
     turn = "[UNUSED_TOKEN_146]user\n{}[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n{}[UNUSED_TOKEN_145]\n"
