@@ -58,7 +58,7 @@ MARKERS = ["[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_130]"]
 MIN_VOCAB, MAX_VOCAB = 355, 1530  # measured with sentencepiece 0.2.3 for CORPUS
 
 
-def train_tiny_tokenizer(out_path, vocab_size=400, corpus=None):
+def train_tiny_tokenizer(out_path, vocab_size=400, corpus=None, pieces=()):
     """Train a BPE sentencepiece model with the official InternLM2 settings; write it to out_path.
 
     Same settings as the golden tiny tokenizer (and the real one): BPE, byte_fallback, split_digits,
@@ -67,6 +67,7 @@ def train_tiny_tokenizer(out_path, vocab_size=400, corpus=None):
     Deterministic (one thread, fixed corpus): equal arguments give byte-identical files.
     vocab_size must lie in [MIN_VOCAB, MAX_VOCAB] (the corpus' characters + 262 meta/byte pieces, and the
     number of merges the corpus allows). `corpus`: other training lines (the bounds are then the caller's).
+    `pieces`: more USER_DEFINED pieces after the markers (matched before BPE wherever they occur).
     Returns out_path.
     """
     if corpus is None and not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
@@ -89,7 +90,7 @@ def train_tiny_tokenizer(out_path, vocab_size=400, corpus=None):
             character_coverage=1.0,
             split_digits=True,
             byte_fallback=True,
-            user_defined_symbols=MARKERS,
+            user_defined_symbols=list(MARKERS) + list(pieces),
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             normalization_rule_name="identity",
             add_dummy_prefix=False,

@@ -226,3 +226,20 @@ def test_golden_tiny_response(tiny):
         case = json.load(f)
     assert tiny.decode(case["new_token_ids"], skip_special_tokens=True) == case["response"]
     assert "".join(_stream(tiny, case["new_token_ids"])) == case["response"]
+
+
+def test_assistant_header_split_as_the_label_mask_assumes(tok, tmp_path):
+    """The official label mask skips 6 fixed positions after a user turn: the official tokenizer's
+    `\\n [UNUSED_TOKEN_146] ass istant \\n`. A task tokenizer with 'assistant' as one piece would leave the first
+    word of every answer untrained (it happened: notes/default-model.md); ixc25-finetune warns, and
+    train_tiny_tokenizer(pieces=('ass', 'istant')) splits it as the official one does."""
+    from ixc25_ms.tiny import train_tiny_tokenizer
+    from ixc25_ms.train.data import assistant_header_warning
+    assert assistant_header_warning(tok) is None
+    corpus = ["[UNUSED_TOKEN_146]assistant\nThe circle is red.[UNUSED_TOKEN_145]\n"] * 50 + ["a red circle"] * 20
+    for pieces, want in (((), "the first 1 token(s) of every answer get no label"), (("ass", "istant"), None)):
+        d = tmp_path / f"t{len(pieces)}"
+        train_tiny_tokenizer(str(d / "tokenizer.model"), vocab_size=300, corpus=corpus, pieces=pieces)
+        t = InternLM2Tokenizer.from_pretrained(str(d))
+        got = assistant_header_warning(t)
+        assert (got is None) if want is None else (want in got), got

@@ -180,5 +180,18 @@ def check_pieces(tokenizer) -> None:
             raise DataError(f"the tokenizer has no piece {piece!r}; IXC2.5 training needs the official turn markers")
 
 
+def assistant_header_warning(tokenizer) -> Optional[str]:
+    """The official label mask (`mask_human_targets`) skips a fixed 6 positions after a user turn's end: the
+    end-of-turn id and `\\n [UNUSED_TOKEN_146] ass istant \\n` as the official tokenizer splits them. A tokenizer
+    that splits the header otherwise shifts every answer's labels: a warning (None when it splits as official)."""
+    n = len(tokenizer.encode("\n[UNUSED_TOKEN_146]assistant\n", add_special_tokens=False))
+    if n == 5:
+        return None
+    what = (f"the first {5 - n} token(s) of every answer get no label" if n < 5 else
+            f"the last {n - 5} token(s) of every assistant header are trained as answer text")
+    return (f"the tokenizer encodes the assistant header '\\n[UNUSED_TOKEN_146]assistant\\n' as {n} pieces, the "
+            f"official label mask counts 5 (the official tokenizer splits 'ass' + 'istant'): {what}")
+
+
 def optional_int(x: Optional[str]) -> Optional[int]:
     return None if x is None else int(x)

@@ -19,7 +19,7 @@ from .args import FinetuneArgs
 from .batch import Collator
 from .checkpointing import (checkpoints, publish_dir, read_optimizer, rotate, write_adapter, write_json,
                             write_official)
-from .data import DataError, check_pieces, describe, epoch_order, load_samples, official_draws
+from .data import DataError, assistant_header_warning, check_pieces, describe, epoch_order, load_samples, official_draws
 from .forward import TrainForward, forward_inputs, vit_is_frozen
 from .optim import Optimizer, clip_coefficient, global_norm, lr_lambda, warmup_steps
 from .prepare import parameter_counts, prepare, state_of
@@ -43,6 +43,9 @@ class Trainer:
                 f"{'bf16' if args.bf16 else 'fp16'}")
         self.model, self.tok = load_model(args.model_name_or_path, dtype="float32", lazy_loras=False)  # saved back whole
         check_pieces(self.tok)
+        header = assistant_header_warning(self.tok)
+        if header and rank == 0:
+            log(f"ixc25-finetune: warning: {header}")
         self.t = prepare(self.model, args, log).in_graph_only()
         if args.gradient_checkpointing:  # recompute: keep each layer's input, redo its forward in the backward
             from .prepare import use_recompute
