@@ -19,6 +19,7 @@ from typing import Optional
 
 import mindspore as ms
 from mindspore import ops
+from mindspore.ops import DataType
 
 from .cpu_kernels import KernelBuildError, _cache_dir, build_library, switch
 
@@ -78,7 +79,6 @@ def _reg_info(name: str, n_in: int, n_out: int):
         reg = reg.input(i, f"x{i}")
     for i in range(n_out):
         reg = reg.output(i, f"y{i}")
-    from mindspore.ops import DataType
     reg = reg.dtype_format(*([DataType.F32_Default] * (n_in + n_out)))
     return reg.target("CPU").get_op_info()
 
