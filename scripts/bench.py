@@ -10,9 +10,10 @@ share of the decode physical bound = measured memory bandwidth / bytes of LLM we
 After the rounds, one paired decode (`--paired-chunk K`): the contenders take turns every K steps, and each
 chunk's decode ratio against torch compares steps timed seconds apart.
 
-Quantised contenders (`ms-jit:int8`, `ms-pynative:fp16`, or `--quantize int8` for every MindSpore contender)
-load the same weights from a checkpoint directory with `ixc25_ms.load(quantize=...)` (built once and cached
-under --workdir); their decode bound counts their own bytes per token. `--preset 7b` runs the real 7B shape
+MindSpore contenders load the same weights from a checkpoint directory with `ixc25_ms.load(...)`, as a user
+does (built once and cached under --workdir; the write/web LoRAs stay on disk until a mode asks); quantised ones
+(`ms-jit:int8`, `ms-pynative:fp16`, or `--quantize int8` for every MindSpore contender) count their own bytes
+per token in their decode bound. `--preset 7b` runs the real 7B shape
 from a shape-faithful bf16 fake official checkpoint (~22 GB on disk, built once), int8 contenders only.
 """
 from __future__ import annotations
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
     from ixc25_ms.config import IXCConfig
     cfg = IXCConfig.from_dict(cfg_dict)
     ckpt = None
-    if any(q for _, q in parsed) or preset == "7b":
+    if any(b.startswith("ms") for b, _ in parsed) or preset == "7b":  # MindSpore contenders load it as a user would
         ckpt = cached_checkpoint(preset, cfg_dict, args.seed, args.workdir)
     dtype_bytes = 2 if args.dtype == "float16" else 4
     wbytes = {n: decode_weight_bytes(cfg, dtype_bytes, q) for n, (_, q) in zip(names, parsed)}
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
     procs = {}
     for n, (base, q) in zip(names, parsed):
         spec = dict(cfg=cfg_dict, threads=args.threads, dtype=args.dtype, seed=args.seed, new_tokens=new_tokens,
-                    text_tokens=args.text_tokens, image=[w, h], quantize=q, ckpt=ckpt if q or preset == "7b" else None)
+                    text_tokens=args.text_tokens, image=[w, h], quantize=q, ckpt=ckpt if base.startswith("ms") else None)
         procs[n] = _Proc(base, spec)
     ready = {n: p.read() for n, p in procs.items()}
     runs = {n: [] for n in names}

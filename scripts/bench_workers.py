@@ -27,7 +27,7 @@ class MSWorker:
     def __init__(self, tester, args, use_jit: bool):
         import mindspore as ms
         self.ms = ms
-        if getattr(args, "ckpt", None):  # quantised contenders (and the 7b preset): loaded as a user would
+        if getattr(args, "ckpt", None):  # from the cached checkpoint, as a user loads (write/web LoRAs lazy)
             import ixc25_ms
             self.model, _ = ixc25_ms.load(args.ckpt, dtype=args.dtype, use_jit=use_jit, quantize=args.quantize)
         else:
