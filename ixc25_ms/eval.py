@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the results (with every answer) here")
     ap.add_argument("--hd_num", type=int, default=None, help="HD crops cap (default: chat's)")
     ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N items")
+    ap.add_argument("--quantize", choices=("int8", "fp16"), default=None, help="weight-only quantised LLM "
+                    "(ixc25_ms.load(quantize=...)); with --reference the answers are compared with fp32 PyTorch")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--reference", action="store_true", help="also answer with our PyTorch reference (same weights, "
                     "fp32, greedy) and count identical answers")
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
         return 1
     if args.limit:
         items = items[:args.limit]
-    model, tok = ixc25_ms.load(args.model or ixc25_ms.DEFAULT_MODEL, use_jit=True)
+    model, tok = ixc25_ms.load(args.model or ixc25_ms.DEFAULT_MODEL, use_jit=True, quantize=args.quantize)
     reference = None
     if args.reference:
         from parity_tests.reference.chat import RefChat
