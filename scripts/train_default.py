@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="train_default", description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=os.path.join(os.getcwd(), "default_train"), help="working directory")
     ap.add_argument("--out", default=PACKAGE_DIR, help="where the fp16 model is written")
-    ap.add_argument("--pictures", type=int, default=1200, help="training pictures")
+    ap.add_argument("--pictures", type=int, default=4000, help="training pictures")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max_steps", type=int, default=0)
     ap.add_argument("--batch", type=int, default=1, help="pictures per micro-batch")
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     ap.add_argument("--llm_width", type=int, default=CONFIG["hidden_size"], help="InternLM2 width (heads of 32 "
                     "channels over 2 KV heads, MLP 3x)")
     ap.add_argument("--llm_layers", type=int, default=CONFIG["num_hidden_layers"])
-    ap.add_argument("--save_steps", type=int, default=500, help="checkpoint every N steps")
+    ap.add_argument("--save_steps", type=int, default=400, help="checkpoint every N steps")
     ap.add_argument("--keep", type=int, default=1, help="checkpoints kept (more: a training curve to evaluate)")
     ap.add_argument("--jit", action="store_true", help="compile the training step (mindspore.jit)")
     ap.add_argument("--seed", type=int, default=0)
