@@ -106,12 +106,44 @@ def test_answers_equal_our_pytorch_reference(model):
     assert total >= 18 and same >= total - 1, diff  # one near-tie of the greedy argmax is tolerated
 
 
-def test_text_only_turn(model):
-    """A text-only turn (no image: no partial LoRA, no image tokens) answers the chit-chat it was trained on
-    (shapes.CHITCHAT: "Thank you!" -> "You are welcome.")."""
+def test_text_only_turns_answered_word_for_word(model):
+    """Text-only turns (no image: no partial LoRA, no image tokens): every greeting of the training data
+    (shapes.CHITCHAT) gets its trained answer exactly, greedy — a check of the tokenizer, the chat prompt, every
+    LLM layer and the streaming decode that a broken piece, mask or layer fails."""
     m, tok = model
-    got, _ = m.chat(tok, "Thank you!", [], do_sample=False, max_new_tokens=24)
-    assert "welcome" in got.lower(), got
+    wrong = []
+    for q, a in S.CHITCHAT:
+        got, _ = m.chat(tok, q, [], do_sample=False, max_new_tokens=40)
+        if got != a:
+            wrong.append((q, a, got))
+    assert not wrong, wrong
+
+
+def test_names_colours_of_fresh_pictures(model):
+    """'What colour is the {shape}?' about fresh pictures (one chat turn each, no history): right well above
+    the 1-in-6 of guessing. Measured for the shipped model (2026-12-04): 21 of these 51 questions right, and 8
+    of 51 when each picture is replaced by a blank one; the bar is 30 %, so a broken tower, transform or layout
+    (answers at the blind rate) fails."""
+    from PIL import Image  # noqa: F401  (PIL draws the pictures)
+    m, tok = model
+    right, total, wrong = 0, 0, []
+    for seed in range(70_000_200, 70_000_260):
+        rng = np.random.default_rng(seed)
+        scene = S.random_scene(rng)
+        shapes = [s for s in S.SHAPES if scene.count(s) == 1]
+        if not shapes:
+            continue
+        path = os.path.join(os.environ.get("PYTEST_TMP", "/tmp"), f"ixc25-default-colour-{seed}.png")
+        S.render(scene, rng).save(path)
+        subject = shapes[int(rng.integers(len(shapes)))]
+        want = S.answer(scene, 1, subject)
+        got, _ = m.chat(tok, S.question(1, subject), [path], do_sample=False, max_new_tokens=16)
+        ok = S.is_correct(1, subject, want, got)
+        right, total = right + ok, total + 1
+        if not ok:
+            wrong.append((seed, want, got))
+    assert total >= 30
+    assert right >= 0.3 * total, f"{right} of {total}; wrong: {wrong[:8]}"
 
 
 def test_demo_answers_about_a_drawn_picture(tmp_path, capsys):
