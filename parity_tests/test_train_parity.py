@@ -80,7 +80,7 @@ def _flags(flags) -> dict:
 def ms_step(workdir, items, flags, use_jit=False, lora_b_seed=5, fused_attention=True):
     """Our side: the model loaded as ixc25-finetune loads it, the flags applied, one micro-batch's loss/grads.
     fused_attention: the fused CPU attention, as the trainer uses it (False: the portable ops)."""
-    model, tok = ixc25_ms.load(str(workdir / "model"))
+    model, tok = ixc25_ms.load(str(workdir / "model"), lazy_loras=False)  # every tensor, as the trainer loads
     args = FinetuneArgs(model_name_or_path=str(workdir / "model"), output_dir="unused", seed=0, **_flags(flags))
     t = prepare(model, args)
     assert use_fused_attention(model, None if fused_attention else False) == fused_attention
