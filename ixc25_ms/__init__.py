@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 DEFAULT_MODEL = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "default_model")
 
 
-def load(path, dtype="float32", allow_pickle=False, use_jit=False, adapter=None, quantize=None, lazy_loras=None):
+def load(path, dtype="float32", allow_pickle=False, use_jit=False, adapter=None, quantize=None, lazy_loras=True):
     """Load an official-layout (or converted) checkpoint directory -> (model, tokenizer).
 
     use_jit compiles the ViT, prefill and decode steps with mindspore.jit (graph mode). adapter: a PEFT LoRA

@@ -171,7 +171,7 @@ def read_weights(path: str, allow_pickle: bool = False):
 
 
 def load(path: str, dtype: str = "float32", allow_pickle: bool = False, use_jit: bool = False,
-         quantize: Optional[str] = None, lazy_loras: Optional[bool] = None):
+         quantize: Optional[str] = None, lazy_loras: bool = True):
     """Load a checkpoint directory -> (InternLMXComposer2ForCausalLM, InternLM2Tokenizer).
 
     `path` holds config.json, tokenizer.model and weights (official layout: model.safetensors, sharded

@@ -80,12 +80,13 @@ def stream_prepared(model, src: WeightSource, path: str) -> dict:
 
 
 def load_weights(model, path, allow_pickle: bool = False, quantize: Optional[str] = None,
-                 lazy_loras: Optional[bool] = None) -> dict:
+                 lazy_loras: bool = True) -> dict:
     """Fill `model` from the checkpoint at `path` (or an in-memory {key: array} state dict). quantize None: as
     stored (float, or int8 for a pre-quantised checkpoint); "int8"/"fp16": quantised storage (prepare).
-    lazy_loras None or True: the write/web LoRAs stay on disk until an infer_mode asks for them (base mode never
-    reads them: ~0.5 GB fp32 at the mid config, 2.4 B parameters at 7B); False: every tensor in memory (training,
-    which saves them back). Float, non-lazy loads from a path take the plain streaming loader. Returns a small report (also `model.load_report`)."""
+    lazy_loras True: the write/web LoRAs stay on disk until an infer_mode asks for them (base mode never reads
+    them: ~0.5 GB fp32 at the mid config, 2.4 B parameters at 7B); False: every tensor in memory (training, which
+    saves them back). Float, non-lazy loads from a path take the plain streaming loader. Returns a small report
+    (also `model.load_report`)."""
     t = time.perf_counter()
     if quantize not in (None,) + QUANT_MODES:
         raise ValueError(f"quantize must be one of {QUANT_MODES} or None, got {quantize!r}")
@@ -104,7 +105,7 @@ def load_weights(model, path, allow_pickle: bool = False, quantize: Optional[str
             raise CheckpointError(f"{path}: the checkpoint is pre-quantised {stored}; it loads as {stored} only "
                                   f"(quantize={quantize!r} asked)")
         mode = quantize or stored
-        lazy = True if lazy_loras is None else bool(lazy_loras)
+        lazy = bool(lazy_loras)
         if mode is None and not lazy and not isinstance(src, StateSource):
             src.close()
             stream_into(model, path, allow_pickle)
