@@ -24,14 +24,11 @@ class _Prompt:
 
 
 class MSWorker:
-    def __init__(self, tester, args, use_jit: bool):
+    def __init__(self, args, use_jit: bool):
+        import ixc25_ms
         import mindspore as ms
-        self.ms = ms
-        if getattr(args, "ckpt", None):  # from the cached checkpoint, as a user loads (write/web LoRAs lazy)
-            import ixc25_ms
-            self.model, _ = ixc25_ms.load(args.ckpt, dtype=args.dtype, use_jit=use_jit, quantize=args.quantize)
-        else:
-            self.model = tester.ms_model(dtype=args.dtype, use_jit=use_jit)
+        self.ms = ms  # the bench's cached checkpoint, loaded as a user loads it (write/web LoRAs lazy)
+        self.model, _ = ixc25_ms.load(args.ckpt, dtype=args.dtype, use_jit=use_jit, quantize=args.quantize)
 
     def start(self, pv, prompt, n_new):
         """ViT + prefill + first token; returns (timings, generator of (step seconds, id) per decode step)."""
@@ -151,7 +148,7 @@ def worker_main(name: str, spec: dict):
         ms.set_context(mode=ms.PYNATIVE_MODE)
         ms.device_context.cpu.op_tuning.threads_num(threads)
     tester = TinyModelTester(spec["cfg"], seed=spec["seed"], init="bench")  # the same weights in every worker
-    worker = TorchWorker(tester, args) if name == "torch-ref" else MSWorker(tester, args, name == "ms-jit")
+    worker = TorchWorker(tester, args) if name == "torch-ref" else MSWorker(args, name == "ms-jit")
     tester.release()
     import gc
     gc.collect()
