@@ -124,7 +124,6 @@ def test_names_colours_of_fresh_pictures(model):
     the 1-in-6 of guessing. Measured for the shipped model (2026-12-04): 21 of these 51 questions right, and 8
     of 51 when each picture is replaced by a blank one; the bar is 30 %, so a broken tower, transform or layout
     (answers at the blind rate) fails."""
-    from PIL import Image  # noqa: F401  (PIL draws the pictures)
     m, tok = model
     right, total, wrong = 0, 0, []
     for seed in range(70_000_200, 70_000_260):
