@@ -141,6 +141,15 @@ class DecodeKernels:
         self.swiglu = op("IxcSwiGLU", _first, _first)  # a, b -> silu(a) * b
         # q (B*kvh, G, d), k/v caches (B*kvh, C, d), mask (B, 1, 1, C) -> (B*kvh, G, d): scores, softmax, sum
         self.decode_attn = op("IxcDecodeAttn", _first, _first)
+        # a decode layer with int8 packed weights in three launches (language.layers.DecoderLayer.decode_int8):
+        # y, wqkv, scale, mq, mk -> q, k, v; q, k/v caches, mask, wo, scale, s, norm w, eps -> s', y';
+        # y, w1, s1, w3, s3, w2, s2, s, norm w, eps -> s', y'
+        self.qkv_int8 = op("IxcQkvInt8", lambda y, w, sc, mq, mk: rope_shapes(None, mq, None),
+                           lambda y, w, sc, mq, mk: [y, y, y])
+        self.attn_out_int8 = op("IxcAttnOutInt8", lambda q, kc, vc, m, w, sc, s, nw, e: [s, s],
+                                lambda q, kc, vc, m, w, sc, s, nw, e: [s, s])
+        self.ffn_int8 = op("IxcFfnInt8", lambda y, w1, s1, w3, s3, w2, s2, s, nw, e: [s, s],
+                           lambda y, w1, s1, w3, s3, w2, s2, s, nw, e: [s, s])
 
 
 def _first(x, *rest):

@@ -43,14 +43,18 @@ TRAIN_SCALE = 2 / 3
 
 
 EASY_SEED_OFFSET = 5_000_000  # easy picture j of the training set uses seed BASE + EASY_SEED_OFFSET + j
+CONTEXT_SEED_OFFSET = 7_000_000  # text-only context item j draws its scene from seed BASE + CONTEXT_SEED_OFFSET + j
 
 
 def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: float = 0.08, scale: float = 1.0,
-                  easy: int = 0, log=print) -> str:
+                  easy: int = 0, context: float = 0.0, describe_last: bool = False, log=print) -> str:
     """n pictures under root/images and root/data.json (official conversation format); picture i drawn from
     seed seed_base + i (stored at `scale` of its size); `turns` (low, high) questions per picture, or None for
     the questions of grounded_turns; `easy` extra small pictures (200-560 px, 1-2 objects: one crop, where a
-    shape fills more patches); `chitchat` of n extra text-only items. Returns the JSON path."""
+    shape fills more patches); `chitchat` of n extra text-only items; `context` of n extra text-only
+    items whose first user turn states a scene in words before the question (context_items); `describe_last`:
+    "Describe the image." moved to the end of its conversation, so no answer can be read off a description in
+    the history (the held-out set keeps the drawn order). Returns the JSON path."""
     from ixc25_ms import shapes as S
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     items = []
@@ -71,6 +75,8 @@ def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: flo
             qa = [(t, sub, S.question(t, sub), S.answer(scene, t, sub)) for t, sub in grounded_turns(scene, rng)]
         else:
             qa = S.conversation(scene, rng, int(rng.integers(turns[0], turns[1] + 1)))
+            if describe_last:  # stable: the other questions keep their drawn order
+                qa = sorted(qa, key=lambda x: x[0] == 4)
         conv = []
         for _, _, q, a in qa:
             conv += [{"from": "human", "value": q}, {"from": "bot", "value": a}]
@@ -84,10 +90,47 @@ def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: flo
             q, a = S.CHITCHAT[int(j)]
             conv += [{"from": "human", "value": q}, {"from": "bot", "value": a}]
         items.append({"id": f"chat-{k}", "conversations": conv})
+    items += context_items(int(round(context * n)), seed_base + CONTEXT_SEED_OFFSET)
     out = os.path.join(root, "data.json")
     with open(out, "w") as f:
         json.dump(items, f)
     return out
+
+
+def context_items(n: int, seed_base: int) -> list:
+    """n text-only conversations: the first user turn is a scene in words and a question ("A red circle and two
+    blue squares. What colour is the circle?"), then 1-3 more of the four questions; every answer is in the text.
+    They teach the language model, over ~40 tokens instead of ~1,000, to find the object a question names and
+    to copy its words into the answer — the skill a picture's answers need once the ViT has seen the objects
+    (teacher-forced, the shipped model of 2026-12-04 copied the question's subject only ~35 % of the time)."""
+    from ixc25_ms import shapes as S
+    items = []
+    for k in range(n):
+        rng = np.random.default_rng(seed_base + k)
+        scene = S.random_scene(rng)
+        qa = [x for x in S.conversation(scene, rng, int(rng.integers(2, 5))) if x[0] != 4]
+        conv = []
+        for j, (_, _, q, a) in enumerate(qa):
+            conv += [{"from": "human", "value": f"{S.describe(scene)} {q}" if j == 0 else q}, {"from": "bot", "value": a}]
+        if conv:
+            items.append({"id": f"context-{seed_base + k}", "conversations": conv})
+    return items
+
+
+def position_table(n_side: int, width: int) -> np.ndarray:
+    """(1 + n_side^2, width) CLIP position table started as a 2-D sine-cosine code (MAE's): the first half of the
+    channels codes the patch row, the second its column, each as sin/cos at geometric frequencies; the CLS row 0.
+    A table started at noise of std 0.02 is invisible next to patch embeddings of std ~1 behind the ViT's
+    pre-LayerNorm, so the ViT starts blind to where a patch is (trained on from here)."""
+    quarter = width // 4
+    freq = 1.0 / 10000 ** (np.arange(quarter) / quarter)
+    ys, xs = np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij")
+    def code(p):
+        a = p.reshape(-1, 1) * freq
+        return np.concatenate([np.sin(a), np.cos(a)], 1)
+    table = np.zeros((1 + n_side * n_side, width), np.float32)
+    table[1:, : 4 * quarter] = np.concatenate([code(ys), code(xs)], 1)
+    return table
 
 
 def grounded_turns(scene, rng) -> list:
@@ -125,7 +168,7 @@ def corpus_lines():
     return lines + [turn.format(q, a) for q, a in S.CHITCHAT] * 3
 
 
-def init_checkpoint(dst: str, seed: int) -> str:
+def init_checkpoint(dst: str, seed: int, vit_pos: str = "noise") -> str:
     """The untrained model: official layout, seeded init (normal 0.02, norms 1, biases and GN tokens 0, the
     write/web LoRAs 0 — unused in base mode), the task tokenizer."""
     from ixc25_ms.config import IXCConfig
@@ -140,6 +183,10 @@ def init_checkpoint(dst: str, seed: int) -> str:
         if k.endswith(("norm.weight", "layer_norm1.weight", "layer_norm2.weight", "layrnorm.weight",
                        "layernorm.weight")):
             a = np.ones(shape, np.float32)
+        elif k.endswith("position_embedding.weight") and vit_pos == "sincos":  # 2-D sine-cosine start
+            vc = CONFIG["vision_config"]
+            a = position_table(vc["image_size"] // vc["patch_size"], vc["hidden_size"])
+            assert a.shape == tuple(shape), (a.shape, shape)
         elif k.endswith("bias") or "GN" in k or ".lora_sft_" in k or ".lora_dpo_" in k or ".lora_web_" in k:
             a = np.zeros(shape, np.float32)
         else:
@@ -200,6 +247,12 @@ def main(argv=None) -> int:
     ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--hd_num", type=int, default=9)
+    ap.add_argument("--vit_pos", choices=("noise", "sincos"), default="noise", help="the ViT position table's "
+                    "start: normal(0, 0.02) as every other weight, or a 2-D sine-cosine code (position_table)")
+    ap.add_argument("--context", type=float, default=0.0, help="text-only items stating a scene in words, as a "
+                    "share of --pictures (context_items)")
+    ap.add_argument("--describe_last", type=int, default=0, help="1: 'Describe the image.' asked last in each "
+                    "training conversation (answers cannot be copied from a description in the history); 0: drawn order")
     ap.add_argument("--easy", type=int, default=0, help="extra small training pictures (200-560 px, 1-2 objects)")
     ap.add_argument("--questions", default="3-4", help="questions per training picture: LOW-HIGH, or 'all' (every "
                     "question whose answer no earlier turn gives away: grounded_turns)")
@@ -224,8 +277,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     os.makedirs(args.work, exist_ok=True)
     make_pictures(args.work, args.pictures, TRAIN_SEED_BASE + args.seed * 1_000_000, turns=turns,
-                  scale=TRAIN_SCALE, easy=args.easy)
-    init_checkpoint(os.path.join(args.work, "init"), args.seed)
+                  scale=TRAIN_SCALE, easy=args.easy, context=args.context, describe_last=bool(args.describe_last))
+    init_checkpoint(os.path.join(args.work, "init"), args.seed, args.vit_pos)
     t_data = time.perf_counter() - t0
     print(f"[default] data and initial checkpoint in {t_data:.0f} s", flush=True)
     from ixc25_ms.train.cli import main as finetune
@@ -241,6 +294,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.work, "run", "trainer_state.json")) as f:
         state = json.load(f)
     notes = {"seed": args.seed, "training pictures": args.pictures, "easy pictures": args.easy,
+             "text-only context items": int(round(args.context * args.pictures)),
              "optimizer steps": state["global_step"], "data + init seconds": round(t_data), "training seconds": round(t_train)}
     export(os.path.join(args.work, "run"), args.out, command, notes)
     print(f"[default] wrote {args.out} ({t_train:.0f} s of training)", flush=True)

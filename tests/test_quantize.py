@@ -14,7 +14,6 @@ from ixc25_ms.quantize import (GEMV_MAX_ROWS, Int8Matmul, dequantize_int8, pack_
                                relative_error, to_float16, unpack_rows)
 from ixc25_ms.quantize.kernels import F16Matmul, cpu_quant_kernels
 from ixc25_ms.weights.safetensors import SafetensorsFile
-from ixc25_ms.weights.safetensors import SafetensorsFile
 from ixc25_ms.weights.tags import bf16_to_f32, f32_to_bf16
 from parity_tests.helpers import GOLDEN
 from parity_tests.tolerance import assert_close
@@ -325,3 +324,69 @@ def test_memory_lean_model_stores_its_tower_fp16_and_partial_lora_int8(golden, m
                          max_new_tokens=gen["max_new_tokens"], do_sample=False,
                          repetition_penalty=gen["repetition_penalty"], eos_token_id=gen["eos_token_id"])
     assert ids[0].tolist() == CASE["new_token_ids"]
+
+
+_THREADS_SCRIPT = r"""
+import sys, numpy as np, mindspore as ms
+from mindspore import Tensor
+from ixc25_ms import cpu_kernels as ck
+from ixc25_ms.quantize import pack_rows, quantize_int8
+from ixc25_ms.quantize.kernels import cpu_quant_kernels
+rng = np.random.default_rng(7)
+q, s = quantize_int8(rng.standard_normal((1024, 512)).astype(np.float32))
+x = rng.standard_normal((2, 512)).astype(np.float32)
+y = cpu_quant_kernels(ms.float32, True).int8_linear_packed(Tensor(x), Tensor(pack_rows(q)), Tensor(s)).asnumpy()
+qa = rng.standard_normal((8, 4, 64)).astype(np.float32)
+k, v = (rng.standard_normal((8, 300, 64)).astype(np.float32) for _ in range(2))
+m = np.zeros((2, 1, 1, 300), np.float32)
+a = ck.DecodeKernels(ck.build_library(), kv_heads=4, groups=4).decode_attn(Tensor(qa), Tensor(k), Tensor(v), Tensor(m))
+np.savez(sys.argv[1], y=y, a=a.asnumpy())
+"""
+
+
+def test_decode_threads_knob_changes_no_result(tmp_path):
+    """IXC25_DECODE_THREADS (threads of the decode mat-vecs and attention) splits rows and heads, never a sum:
+    the results are bit-identical for 1 and 2 threads (each run in its own process: the pool reads it once)."""
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(_THREADS_SCRIPT)
+    out = {}
+    for n in ("1", "2"):
+        env = dict(os.environ, IXC25_DECODE_THREADS=n, IXC25_KERNEL_THREADS="2", GLOG_v="3")
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path / f"t{n}.npz")], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[n] = dict(np.load(tmp_path / f"t{n}.npz"))
+    for key in ("y", "a"):
+        assert np.isfinite(out["1"][key]).all() and np.abs(out["1"][key]).max() > 0
+        np.testing.assert_array_equal(out["1"][key], out["2"][key], err_msg=key)
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_fused_int8_decode_layers_equal_the_separate_kernels(use_jit):
+    """An int8 model decodes each layer in three fused kernels (DecoderLayer.decode_int8); the same steps through
+    the separate kernels (int8_block off) give bit-identical logits: same arithmetic, same order. Left-padded
+    batch of 2, 5 greedy steps."""
+    model, _ = ixc25_ms.load(GOLDEN, quantize="int8", use_jit=use_jit)
+    layers = model.model.layers
+    assert all(layer.int8_block for layer in layers), "the fused int8 decode path is not in use"
+    rng = np.random.default_rng(0)
+    emb = Tensor((rng.standard_normal((2, 7, model.cfg.hidden_size)) * 0.1).astype(np.float32))
+    am = np.ones((2, 7), np.int64)
+    am[1, :2] = 0
+    out = {}
+    for fused in (True, False):
+        for layer in layers:
+            layer.int8_block = fused
+        if use_jit:  # a fresh compiled step for each path (the flag is a constant of the graph)
+            model._decode_jit = ms.jit(model._decode_body)
+        _, _, cache = model.prefill(emb, np.zeros((2, 7), bool), am, "base", cap=16, last_only=True)
+        nxt, steps = np.array([[3], [5]]), []
+        for _ in range(5):
+            logits, _ = model.decode(nxt, cache)
+            steps.append(logits.asnumpy())
+            nxt = steps[-1][:, -1].argmax(-1)[:, None]
+        out[fused] = np.stack(steps)
+    assert np.abs(out[False]).max() > 0
+    np.testing.assert_array_equal(out[True], out[False])

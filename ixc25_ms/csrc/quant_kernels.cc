@@ -43,6 +43,9 @@ class Pool {
   }
 
   int threads() const { return nthreads_; }
+  // threads of the memory-bound decode kernels (mat-vecs of <= 8 rows, decode attention): IXC25_DECODE_THREADS,
+  // else threads(); fewer than threads() leaves MindSpore's own runtime threads a core (notes/quantization.md)
+  int decode_threads() const { return decode_threads_; }
 
   // fn(t, nt) for t in [0, nt), nt <= threads(); the caller runs t = 0
   void Run(int nt, const std::function<void(int, int)> &fn) {
@@ -68,6 +71,8 @@ class Pool {
  private:
   Pool() {
     nthreads_ = KernelThreads();
+    const char *dec = std::getenv("IXC25_DECODE_THREADS");
+    decode_threads_ = dec && std::atoi(dec) > 0 ? std::min(std::atoi(dec), nthreads_) : nthreads_;
     const char *spin = std::getenv("IXC25_KERNEL_SPIN");
     spin_ = spin ? std::max(0, std::atoi(spin)) : spin_;
     pthread_atfork(nullptr, nullptr, [] { Get().started_ = false; });  // the child's workers are gone
@@ -102,6 +107,7 @@ class Pool {
   }
 
   int nthreads_ = 1;
+  int decode_threads_ = 1;
   int spin_ = 2000;  // pause iterations a worker spins before it sleeps (IXC25_KERNEL_SPIN)
   bool started_ = false;
   std::mutex run_mutex_, sleep_mutex_;
@@ -182,12 +188,13 @@ void RowsBlock(const float *x, int64_t m0, int64_t mb, const W *w, const float *
 }
 
 constexpr int kRowBlock = 4;  // rows of x per pass over the weights
+constexpr int64_t kDecodeRows = 8;  // up to this many rows of x a mat-vec is memory-bound (decode_threads)
 
 template <typename W>
 void Linear(const float *x, int64_t M, const W *w, const float *scale, int64_t K, int64_t N, float *y) {
   Pool &pool = Pool::Get();
   // small outputs are not worth a second thread (the wake-up costs more than the rows)
-  const int nt = N * K < (1 << 16) ? 1 : pool.threads();
+  const int nt = N * K < (1 << 16) ? 1 : M <= kDecodeRows ? pool.decode_threads() : pool.threads();
   pool.Run(nt, [&](int t, int n) {
     int64_t o0, o1;
     Part(N, t, n, 16, &o0, &o1);
@@ -238,7 +245,7 @@ void PackedBlock(const float *x, int mb, const int8_t *wb, const float *scale, i
 
 void PackedLinear(const float *x, int64_t M, const int8_t *w, const float *scale, int64_t K, int64_t N, float *y) {
   Pool &pool = Pool::Get();
-  const int nt = N * K < (1 << 16) ? 1 : pool.threads();
+  const int nt = N * K < (1 << 16) ? 1 : M <= kDecodeRows ? pool.decode_threads() : pool.threads();
   pool.Run(nt, [&](int t, int n) {
     int64_t b0, b1;
     Part(N / kPackRows, t, n, 1, &b0, &b1);
@@ -265,6 +272,12 @@ void PackedLinear(const float *x, int64_t M, const int8_t *w, const float *scale
 // The pool for the other kernel sources of this library (decode_kernels.cc): fn(t, nt) for t in [0, nt).
 void IxcPoolRun(int nt, const std::function<void(int, int)> &fn) { Pool::Get().Run(nt, fn); }
 int IxcPoolThreads() { return Pool::Get().threads(); }
+int IxcPoolDecodeThreads() { return Pool::Get().decode_threads(); }
+// y (M, N) = (x (M, K) @ w^T) * scale for a weight in the packed layout: the int8 decode blocks of
+// decode_kernels.cc call it between their other steps
+void IxcPackedLinear(const float *x, int64_t M, const int8_t *w, const float *scale, int64_t K, int64_t N, float *y) {
+  PackedLinear(x, M, w, scale, K, N, y);
+}
 
 // x (..., K) fp32, w (N, K) int8 packed (see PackedBlock), scale (N) fp32 -> y (..., N) fp32 = (x @ w^T) * scale
 extern "C" int IxcInt8LinearPacked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,

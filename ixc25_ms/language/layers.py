@@ -207,6 +207,22 @@ class DecoderLayer(nn.Cell):
         self.feed_forward = FeedForward(cfg, dtype)
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        # True when its five linears are int8 in the CPU mat-vec's packed layout with no bias or LoRA: a base-mode
+        # decode step then runs it as three fused kernels (decode_int8); set by ixc25_ms.quantize.prepare
+        self.int8_block = False
+
+    def decode_int8(self, s, y, mq, mk, attn_mask, k_cache, v_cache, write_pos, next_norm):
+        """Base-mode decode of an int8_block layer on the fused CPU kernels: residual s and its norm y (B,1,H)
+        -> (s', y') with y' normed by `next_norm`; the new key/value added into the caches in place as in
+        Attention.decode. Equal to the separate kernels' path (the same arithmetic in the same order)."""
+        att, ff, kern = self.attention, self.feed_forward, self.attention.kernels
+        q, k, v = kern.qkv_int8(y, att.wqkv.weight, att.wqkv.weight_scale, mq, mk)  # (B*kvh, G|1|1, d)
+        att.index_add(k_cache, write_pos, k)
+        att.index_add(v_cache, write_pos, v)
+        s, y = kern.attn_out_int8(q, k_cache, v_cache, attn_mask, att.wo.weight, att.wo.weight_scale, s,
+                                  self.ffn_norm.weight, self.ffn_norm.eps_t)
+        return kern.ffn_int8(y, ff.w1.weight, ff.w1.weight_scale, ff.w3.weight, ff.w3.weight_scale, ff.w2.weight,
+                             ff.w2.weight_scale, s, next_norm.weight, next_norm.eps_t)
 
     def construct(self, x, im_mask, cos, sin, attn_mask, infer_mode):
         x = x + self.attention(self.attention_norm(x), im_mask, cos, sin, attn_mask, infer_mode)

@@ -90,6 +90,10 @@ class InternLM2Model(nn.Cell):
             first = self.layers[0].attention_norm
             s, y = h, self.kernels.rms_norm(h, first.weight, first.eps_t)
             for i, layer in enumerate(self.layers):
+                if layer.int8_block and infer_mode == "base":  # three fused kernels for the whole layer
+                    nxt = self.layers[i + 1].attention_norm if i + 1 < n else self.norm
+                    s, y = layer.decode_int8(s, y, mq, mk, attn_mask, k_caches[i], v_caches[i], write_pos, nxt)
+                    continue
                 a = layer.attention.decode(y, mq, mk, attn_mask, k_caches[i], v_caches[i], write_pos, infer_mode)
                 s, y = self.kernels.add_rms_norm(s, a, layer.ffn_norm.weight, layer.ffn_norm.eps_t)
                 f = layer.feed_forward(y, None, infer_mode)

@@ -118,6 +118,12 @@ def prepare(model, mode=None, lazy_loras: bool = True) -> None:
                         model.packed_int8.add(f"{name}.{bname}.weight")
                 else:
                     to_fp16(branch, kernels)
+        for layer in model.model.layers:  # the fused int8 decode blocks (DecoderLayer.decode_int8)
+            cells = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w1, layer.feed_forward.w3,
+                     layer.feed_forward.w2)
+            layer.int8_block = bool(mode == "int8" and model.cpu_kernels and all(
+                c.weight_matmul is not None and getattr(c.weight_matmul, "packed", False) and c.bias is None
+                and c.lora_A is None for c in cells))
         emb = model.model.tok_embeddings
         if emb.compute_dtype != ms.float16:
             emb.weight = Parameter(initializer("zeros", tuple(emb.weight.shape), ms.float16), name="weight",
