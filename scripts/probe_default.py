@@ -1,0 +1,81 @@
+"""Linear probe of a model's sight: can a ridge classifier read an object's colour and shape off the image embeddings?
+
+Draws one-object pictures (seeds 90,000,000 + i, a range no training uses), encodes each through the model's ViT,
+HD transform and projector (`model.encode_img`: the (N, hidden) tokens the language model receives), pools the
+tokens (mean, max and min over N, so 3 x hidden numbers a picture), fits a ridge classifier on the first
+pictures and scores the rest. High probe accuracy with low chat accuracy says the language model does not read
+what the tower shows; probe accuracy near chance says the tower does not show it (notes/default-model.md).
+Pooling loses layout, so the shape probe is a floor: a spatial probe could read more.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Dict, Tuple
+
+import numpy as np
+
+PROBE_SEED_BASE = 90_000_000
+
+
+def pooled_features(model, n: int, sides: Tuple[int, int] = (200, 560), hd_num: int = 24):
+    """(n, 3H) pooled embeddings of n one-object pictures, their colour ids (shapes.COLOURS order), shape ids."""
+    from ixc25_ms import shapes as S
+    X, colour, shape = [], [], []
+    for i in range(n):
+        rng = np.random.default_rng(PROBE_SEED_BASE + i)
+        scene = S.random_scene(rng, 1, sides)
+        e = model.encode_img(S.render(scene, rng), hd_num).asnumpy()[0]  # (N, H)
+        X.append(np.concatenate([e.mean(0), e.max(0), e.min(0)]))
+        colour.append(list(S.COLOURS).index(scene.objects[0].colour))
+        shape.append(S.SHAPES.index(scene.objects[0].shape))
+    return np.asarray(X, np.float64), np.asarray(colour), np.asarray(shape)
+
+
+def ridge_accuracy(X: np.ndarray, y: np.ndarray, classes: int, n_train: int, lam: float = 10.0) -> float:
+    """Fit a one-vs-all ridge classifier (standardised features + bias) on the first n_train rows; the accuracy
+    of its argmax on the rest."""
+    if not 0 < n_train < len(X):
+        raise ValueError(f"n_train must be between 1 and {len(X) - 1}, got {n_train}")
+    mu, sd = X[:n_train].mean(0), X[:n_train].std(0) + 1e-6
+    Z = np.concatenate([(X - mu) / sd, np.ones((len(X), 1))], 1)
+    A = Z[:n_train]
+    W = np.linalg.solve(A.T @ A + lam * np.eye(A.shape[1]), A.T @ np.eye(classes)[y[:n_train]])
+    return float((np.argmax(Z[n_train:] @ W, 1) == y[n_train:]).mean())
+
+
+def probe(model, n: int = 400, train_share: float = 0.75, sides=(200, 560), lam: float = 10.0) -> Dict[str, float]:
+    """Held-out probe accuracy for colour (chance 1/6) and shape (chance 1/3)."""
+    from ixc25_ms import shapes as S
+    X, colour, shape = pooled_features(model, n, sides)
+    k = int(round(train_share * n))
+    return {"pictures": n, "train": k, "colour": ridge_accuracy(X, colour, len(S.COLOURS), k, lam),
+            "shape": ridge_accuracy(X, shape, len(S.SHAPES), k, lam)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="probe_default", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", action="append", default=[], help="checkpoint directory (repeatable; default: "
+                    "the embedded default model)")
+    ap.add_argument("--pictures", type=int, default=400, help="one-object pictures drawn (3/4 fit, 1/4 scored)")
+    ap.add_argument("--full", action="store_true", help="pictures of 200-1200 px a side (default 200-560: one crop)")
+    ap.add_argument("--lam", type=float, default=10.0, help="ridge penalty")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    import ixc25_ms
+    rows = {}
+    print("| model | colour (chance 17 %) | shape (chance 33 %) |\n|---|---|---|")
+    for d in args.model or [ixc25_ms.DEFAULT_MODEL]:
+        model, _ = ixc25_ms.load(d, use_jit=True)
+        r = probe(model, args.pictures, sides=(200, 1200) if args.full else (200, 560), lam=args.lam)
+        rows[d] = r
+        print(f"| {d} | {100 * r['colour']:.1f} % | {100 * r['shape']:.1f} % |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
