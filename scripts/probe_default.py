@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Dict, Tuple
 
@@ -71,9 +72,11 @@ def main(argv=None) -> int:
         r = probe(model, args.pictures, sides=(200, 1200) if args.full else (200, 560), lam=args.lam)
         rows[d] = r
         print(f"| {d} | {100 * r['colour']:.1f} % | {100 * r['shape']:.1f} % |", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.json:  # written whole or not at all
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(rows, f, indent=1)
+        os.replace(tmp, args.json)
     return 0
 
 
