@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <vector>
 
 void IxcPoolRun(int nt, const std::function<void(int, int)> &fn);  // quant_kernels.cc's thread pool
@@ -21,9 +22,13 @@ int64_t Numel(int nd, const int64_t *shape) {
   return n;
 }
 
-bool AllFloat32(int nparam, const char **dtypes) {
+// every parameter float32, except those at int8_at, which are int8 (the packed weights)
+bool DtypesAre(int nparam, const char **dtypes, std::initializer_list<int> int8_at = {}) {
   for (int i = 0; i < nparam; ++i) {
-    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return false;
+    const bool int8 = std::find(int8_at.begin(), int8_at.end(), i) != int8_at.end();
+    const bool ok = int8 ? std::strcmp(dtypes[i], "int8") == 0
+                         : std::strcmp(dtypes[i], "float32") == 0 || std::strcmp(dtypes[i], "float") == 0;
+    if (!ok) return false;
   }
   return true;
 }
@@ -37,6 +42,11 @@ inline void NormRow(const float *s, const float *w, float eps, int64_t h, float 
 }
 
 #include "vec_math.h"  // Exp
+
+// y = silu(a) * b = a * sigmoid(a) * b over n values (y may be b)
+inline void SwiGLURows(const float *a, const float *b, int64_t n, float *y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = a[i] / (1.f + Exp(-a[i])) * b[i];
+}
 
 // out (n) = in (d) @ m (d, n): rows of m are contiguous, so the inner loop vectorises
 inline void RowTimesMatrix(const float *in, const float *m, int64_t d, int64_t n, float *out) {
@@ -76,7 +86,7 @@ inline void AddNormRows(const float *x, const float *r, const float *w, float ep
 // x (..., H), w (H), eps (1) -> y (..., H)
 extern "C" int IxcRmsNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
-  if (nparam != 4 || !AllFloat32(nparam, dtypes)) return 1;
+  if (nparam != 4 || !DtypesAre(nparam, dtypes)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *w = static_cast<const float *>(params[1]);
   const float eps = *static_cast<const float *>(params[2]);
@@ -91,7 +101,7 @@ extern "C" int IxcRmsNorm(int nparam, void **params, int *ndims, int64_t **shape
 // x, r (..., H), w (H), eps (1) -> s = x + r, y = rms_norm(s) * w   (the residual add and the next norm)
 extern "C" int IxcAddRmsNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
-  if (nparam != 6 || !AllFloat32(nparam, dtypes)) return 1;
+  if (nparam != 6 || !DtypesAre(nparam, dtypes)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *res = static_cast<const float *>(params[1]);
   const float *w = static_cast<const float *>(params[2]);
@@ -110,7 +120,7 @@ extern "C" int IxcAddRmsNorm(int nparam, void **params, int *ndims, int64_t **sh
 // the split, RoPE and the softmax scale (folded into mq) in one pass
 extern "C" int IxcRopeSplit(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                             void *stream, void *extra) {
-  if (nparam != 6 || !AllFloat32(nparam, dtypes) || ndims[1] != 3 || ndims[3] != 3) return 1;
+  if (nparam != 6 || !DtypesAre(nparam, dtypes) || ndims[1] != 3 || ndims[3] != 3) return 1;
   const float *qkv = static_cast<const float *>(params[0]);
   const float *mq = static_cast<const float *>(params[1]);
   const float *mk = static_cast<const float *>(params[2]);
@@ -127,13 +137,13 @@ extern "C" int IxcRopeSplit(int nparam, void **params, int *ndims, int64_t **sha
 // a, b (..., I) -> silu(a) * b = a * sigmoid(a) * b
 extern "C" int IxcSwiGLU(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                          void *stream, void *extra) {
-  if (nparam != 3 || !AllFloat32(nparam, dtypes)) return 1;
+  if (nparam != 3 || !DtypesAre(nparam, dtypes)) return 1;
   const float *a = static_cast<const float *>(params[0]);
   const float *bb = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
   const int64_t n = Numel(ndims[0], shapes[0]);
   if (Numel(ndims[1], shapes[1]) != n) return 2;
-  for (int64_t i = 0; i < n; ++i) y[i] = a[i] / (1.f + Exp(-a[i])) * bb[i];
+  SwiGLURows(a, bb, n, y);
   return 0;
 }
 
@@ -186,7 +196,7 @@ void DecodeAttnCore(const float *q, const float *kc, const float *vc, const floa
 // fp32 with the max subtracted, sums in double. Replaces BatchMatMul, Add, Softmax and BatchMatMul (4 launches).
 extern "C" int IxcDecodeAttn(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
-  if (nparam != 5 || !AllFloat32(nparam, dtypes) || ndims[0] != 3 || ndims[1] != 3 || ndims[3] != 4) return 1;
+  if (nparam != 5 || !DtypesAre(nparam, dtypes) || ndims[0] != 3 || ndims[1] != 3 || ndims[3] != 4) return 1;
   const float *q = static_cast<const float *>(params[0]), *kc = static_cast<const float *>(params[1]);
   const float *vc = static_cast<const float *>(params[2]), *mask = static_cast<const float *>(params[3]);
   float *out = static_cast<float *>(params[4]);
@@ -201,18 +211,11 @@ extern "C" int IxcDecodeAttn(int nparam, void **params, int *ndims, int64_t **sh
 // ------------------------------------------------------------------------------------------ int8 decode blocks
 // A decode layer with int8 weights in the packed layout in three launches instead of ten (with the two cache
 // writes between them, MindSpore's in-place IndexAdd): the same arithmetic as the separate kernels, in order.
-namespace {
-bool Is32(const char *t) { return std::strcmp(t, "float32") == 0 || std::strcmp(t, "float") == 0; }
-bool Is8(const char *t) { return std::strcmp(t, "int8") == 0; }
-}  // namespace
-
 // y (B, 1, H) normed, wqkv int8 packed (N, H), scale (N), mq/mk (B, d, d) -> q (B*kvh, G, d), k, v (B*kvh, 1, d):
 // the wqkv mat-vec, then IxcRopeSplit
 extern "C" int IxcQkvInt8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
-  if (nparam != 8 || !Is32(dtypes[0]) || !Is8(dtypes[1]) || !Is32(dtypes[2]) || !Is32(dtypes[3]) ||
-      !Is32(dtypes[4]) || ndims[1] != 2 || ndims[3] != 3 || ndims[5] != 3)
-    return 1;
+  if (nparam != 8 || !DtypesAre(nparam, dtypes, {1}) || ndims[1] != 2 || ndims[3] != 3 || ndims[5] != 3) return 1;
   const int64_t n = shapes[1][0], hdim = shapes[1][1], b = shapes[3][0], d = shapes[3][2];
   const int64_t g = shapes[5][1], kvh = shapes[5][0] / b;
   if (Numel(ndims[0], shapes[0]) != b * hdim || n != kvh * (g + 2) * d || Numel(ndims[2], shapes[2]) != n) return 2;
@@ -230,9 +233,7 @@ extern "C" int IxcQkvInt8(int nparam, void **params, int *ndims, int64_t **shape
 // IxcDecodeAttn, the wo mat-vec, then IxcAddRmsNorm
 extern "C" int IxcAttnOutInt8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
-  if (nparam != 11 || !Is8(dtypes[4])) return 1;
-  for (int i = 0; i < 11; ++i)
-    if (i != 4 && !Is32(dtypes[i])) return 1;
+  if (nparam != 11 || !DtypesAre(nparam, dtypes, {4})) return 1;
   if (ndims[0] != 3 || ndims[1] != 3 || ndims[3] != 4 || ndims[4] != 2) return 1;
   const int64_t bk = shapes[0][0], g = shapes[0][1], d = shapes[0][2], c = shapes[1][1], b = shapes[3][0];
   const int64_t hdim = shapes[4][0], kin = shapes[4][1];
@@ -258,9 +259,7 @@ extern "C" int IxcAttnOutInt8(int nparam, void **params, int *ndims, int64_t **s
 // three mat-vecs, IxcSwiGLU and IxcAddRmsNorm
 extern "C" int IxcFfnInt8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
-  if (nparam != 12 || !Is8(dtypes[1]) || !Is8(dtypes[3]) || !Is8(dtypes[5])) return 1;
-  for (int i : {0, 2, 4, 6, 7, 8, 9, 10, 11})
-    if (!Is32(dtypes[i])) return 1;
+  if (nparam != 12 || !DtypesAre(nparam, dtypes, {1, 3, 5})) return 1;
   if (ndims[1] != 2 || ndims[3] != 2 || ndims[5] != 2) return 1;
   const int64_t inter = shapes[1][0], hdim = shapes[1][1], b = Numel(ndims[0], shapes[0]) / hdim;
   if (b * hdim != Numel(ndims[0], shapes[0]) || shapes[3][0] != inter || shapes[3][1] != hdim ||
@@ -274,7 +273,7 @@ extern "C" int IxcFfnInt8(int nparam, void **params, int *ndims, int64_t **shape
                   a.data());
   IxcPackedLinear(y, b, static_cast<const int8_t *>(params[3]), static_cast<const float *>(params[4]), hdim, inter,
                   gate.data());
-  for (int64_t i = 0; i < b * inter; ++i) gate[i] = a[i] / (1.f + Exp(-a[i])) * gate[i];
+  SwiGLURows(a.data(), gate.data(), b * inter, gate.data());
   IxcPackedLinear(gate.data(), b, static_cast<const int8_t *>(params[5]), static_cast<const float *>(params[6]), inter,
                   hdim, f.data());
   AddNormRows(static_cast<const float *>(params[7]), f.data(), static_cast<const float *>(params[8]),

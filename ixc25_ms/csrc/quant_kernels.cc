@@ -190,11 +190,16 @@ void RowsBlock(const float *x, int64_t m0, int64_t mb, const W *w, const float *
 constexpr int kRowBlock = 4;  // rows of x per pass over the weights
 constexpr int64_t kDecodeRows = 8;  // up to this many rows of x a mat-vec is memory-bound (decode_threads)
 
+// threads for an (M, K) x (N, K)^T product: one for small weights (the wake-up costs more than the rows),
+// decode_threads() for memory-bound mat-vecs of <= kDecodeRows rows, else all
+int LinearThreads(const Pool &pool, int64_t M, int64_t K, int64_t N) {
+  return N * K < (1 << 16) ? 1 : M <= kDecodeRows ? pool.decode_threads() : pool.threads();
+}
+
 template <typename W>
 void Linear(const float *x, int64_t M, const W *w, const float *scale, int64_t K, int64_t N, float *y) {
   Pool &pool = Pool::Get();
-  // small outputs are not worth a second thread (the wake-up costs more than the rows)
-  const int nt = N * K < (1 << 16) ? 1 : M <= kDecodeRows ? pool.decode_threads() : pool.threads();
+  const int nt = LinearThreads(pool, M, K, N);
   pool.Run(nt, [&](int t, int n) {
     int64_t o0, o1;
     Part(N, t, n, 16, &o0, &o1);
@@ -245,7 +250,7 @@ void PackedBlock(const float *x, int mb, const int8_t *wb, const float *scale, i
 
 void PackedLinear(const float *x, int64_t M, const int8_t *w, const float *scale, int64_t K, int64_t N, float *y) {
   Pool &pool = Pool::Get();
-  const int nt = N * K < (1 << 16) ? 1 : M <= kDecodeRows ? pool.decode_threads() : pool.threads();
+  const int nt = LinearThreads(pool, M, K, N);
   pool.Run(nt, [&](int t, int n) {
     int64_t b0, b1;
     Part(N / kPackRows, t, n, 1, &b0, &b1);
