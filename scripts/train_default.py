@@ -168,30 +168,37 @@ def corpus_lines():
     return lines + [turn.format(q, a) for q, a in S.CHITCHAT] * 3
 
 
-def init_checkpoint(dst: str, seed: int, vit_pos: str = "noise") -> str:
-    """The untrained model: official layout, seeded init (normal 0.02, norms 1, biases and GN tokens 0, the
-    write/web LoRAs 0 — unused in base mode), the task tokenizer."""
+def init_state(seed: int, vit_pos: str = "noise", config: dict = None) -> dict:
+    """The untrained weights of `config` (default CONFIG), official key names -> float32 arrays, in expected_parameters order from one
+    seeded generator: normal 0.02, norms 1, biases and GN tokens 0, the write/web LoRAs 0 (unused in base mode)."""
     from ixc25_ms.config import IXCConfig
-    from ixc25_ms.tiny import train_tiny_tokenizer
-    from ixc25_ms.weights.safetensors import write_safetensors
     from ixc25_ms.weights.spec import expected_parameters
-    os.makedirs(dst, exist_ok=True)
-    cfg = IXCConfig.from_dict(CONFIG)
+    config = config or CONFIG
     rng = np.random.default_rng(seed)
-    tensors = {}
-    for k, shape in expected_parameters(cfg).items():
+    out = {}
+    for k, shape in expected_parameters(IXCConfig.from_dict(config)).items():
         if k.endswith(("norm.weight", "layer_norm1.weight", "layer_norm2.weight", "layrnorm.weight",
                        "layernorm.weight")):
             a = np.ones(shape, np.float32)
         elif k.endswith("position_embedding.weight") and vit_pos == "sincos":  # 2-D sine-cosine start
-            vc = CONFIG["vision_config"]
+            vc = config["vision_config"]
             a = position_table(vc["image_size"] // vc["patch_size"], vc["hidden_size"])
             assert a.shape == tuple(shape), (a.shape, shape)
         elif k.endswith("bias") or "GN" in k or ".lora_sft_" in k or ".lora_dpo_" in k or ".lora_web_" in k:
             a = np.zeros(shape, np.float32)
         else:
             a = (rng.standard_normal(shape) * 0.02).astype(np.float32)
-        tensors[k] = ("F32", a)
+        out[k] = a
+    return out
+
+
+def init_checkpoint(dst: str, seed: int, vit_pos: str = "noise") -> str:
+    """The untrained model: official layout, seeded init (normal 0.02, norms 1, biases and GN tokens 0, the
+    write/web LoRAs 0 — unused in base mode), the task tokenizer."""
+    from ixc25_ms.tiny import train_tiny_tokenizer
+    from ixc25_ms.weights.safetensors import write_safetensors
+    os.makedirs(dst, exist_ok=True)
+    tensors = {k: ("F32", a) for k, a in init_state(seed, vit_pos).items()}
     write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(CONFIG, f, indent=1)
