@@ -122,6 +122,15 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     return im
 
 
+def one_object_picture(seed: int, sides: Tuple[int, int] = (200, 560)) -> Tuple[Image.Image, int, int]:
+    """A one-object picture drawn from `seed` (canvas sides in `sides`), its colour index (COLOURS order) and its
+    shape index (SHAPES order): the probes' pictures."""
+    rng = np.random.default_rng(seed)
+    scene = random_scene(rng, 1, sides)
+    o = scene.objects[0]
+    return render(scene, rng), list(COLOURS).index(o.colour), SHAPES.index(o.shape)
+
+
 # ------------------------------------------------------------------------------------------ questions and answers
 def _with_article(words: str) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words

@@ -25,12 +25,11 @@ def pooled_features(model, n: int, sides: Tuple[int, int] = (200, 560), hd_num: 
     from ixc25_ms import shapes as S
     X, colour, shape = [], [], []
     for i in range(n):
-        rng = np.random.default_rng(PROBE_SEED_BASE + i)
-        scene = S.random_scene(rng, 1, sides)
-        e = model.encode_img(S.render(scene, rng), hd_num).asnumpy()[0]  # (N, H)
+        im, c, s = S.one_object_picture(PROBE_SEED_BASE + i, sides)
+        e = model.encode_img(im, hd_num).asnumpy()[0]  # (N, H)
         X.append(np.concatenate([e.mean(0), e.max(0), e.min(0)]))
-        colour.append(list(S.COLOURS).index(scene.objects[0].colour))
-        shape.append(S.SHAPES.index(scene.objects[0].shape))
+        colour.append(c)
+        shape.append(s)
     return np.asarray(X, np.float64), np.asarray(colour), np.asarray(shape)
 
 

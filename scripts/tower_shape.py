@@ -20,8 +20,9 @@ import time
 
 import numpy as np
 
+from scripts import train_default as T
+
 TRAIN_SEED, TEST_SEED = 90_500_000, 91_500_000
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def pictures(n: int, seed0: int, side: int, task: str):
@@ -30,16 +31,13 @@ def pictures(n: int, seed0: int, side: int, task: str):
     from ixc25_ms import shapes as S
     xs, ys = [], []
     for i in range(n):
-        rng = np.random.default_rng(seed0 + i)
-        scene = S.random_scene(rng, 1, (200, 560))
-        im = S.render(scene, rng)
+        im, colour, shape = S.one_object_picture(seed0 + i)
         s = side / max(im.size)
         im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), resample=3)
         canvas = Image.new("RGB", (side, side), (255, 255, 255))
         canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
-        o = scene.objects[0]
         xs.append(np.asarray(canvas, np.uint8))
-        ys.append(S.SHAPES.index(o.shape) if task == "shape" else list(S.COLOURS).index(o.colour))
+        ys.append(shape if task == "shape" else colour)
     return np.stack(xs), np.asarray(ys)
 
 
@@ -49,9 +47,6 @@ def run(steps: int = 500, batch: int = 16, lr: float = 1e-3, n_train: int = 4000
     """Train and score; returns [{step, pictures, loss, accuracy, seconds}] at every `every` steps and the last."""
     import torch
     import torch.nn.functional as F
-    sys.path.insert(0, HERE)
-    sys.path.insert(0, os.path.dirname(HERE))
-    import train_default as T
     from parity_tests.reference.vision import VisionReference, normalize_rgb
     config = json.loads(json.dumps(T.CONFIG))  # a copy: the recipe's CONFIG stays as it is
     vc = config["vision_config"]

@@ -183,9 +183,7 @@ def test_tower_diagnostic_learns_a_planted_colour_signal():
     classification head: at a toy size it learns colour, which is nearly linear in the pixels, well above chance
     (1/6) within 150 steps; a broken loop, head or label stays at chance. The recipe's CONFIG is left as it was."""
     import copy
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    import train_default as T
+    from scripts import train_default as T
     from scripts.tower_shape import run
     before = copy.deepcopy(T.CONFIG)
     rows = run(steps=150, batch=8, n_train=200, n_test=60, vit_width=32, vit_layers=1, side=112, patch=28,
