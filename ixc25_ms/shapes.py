@@ -55,9 +55,11 @@ class Scene:
         return [o for o in self.objects if o.colour == colour]
 
 
-def random_scene(rng: np.random.Generator, n: Optional[int] = None, sides: Tuple[int, int] = (200, 1200)) -> Scene:
+def random_scene(rng: np.random.Generator, n: Optional[int] = None, sides: Tuple[int, int] = (200, 1200),
+                 radius: Optional[Tuple[float, float]] = None) -> Scene:
     """1-4 objects (or n) on a canvas of 200-1200 px a side (or `sides`) with an aspect ratio up to 3:1 either
-    way; sizes and positions varied, objects apart from each other."""
+    way; sizes and positions varied, objects apart from each other. `radius`: (low, high) of an object's
+    circumradius as a share of the shorter side (default: 0.08-0.32 for one object, 0.07-0.22 for several)."""
     while True:
         w = int(rng.integers(sides[0], sides[1] + 1))
         h = int(np.clip(w / math.exp(rng.uniform(-math.log(3), math.log(3))), sides[0], sides[1]))
@@ -69,12 +71,13 @@ def random_scene(rng: np.random.Generator, n: Optional[int] = None, sides: Tuple
     for _ in range(200):
         if len(scene.objects) == n:
             break
-        r = short * rng.uniform(0.07, 0.22) if n > 1 else short * rng.uniform(0.08, 0.32)
+        lo, hi = radius or ((0.07, 0.22) if n > 1 else (0.08, 0.32))
+        r = short * rng.uniform(lo, hi)
         cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
         if all(math.hypot(cx - o.cx, cy - o.cy) > r + o.size + 0.04 * short for o in scene.objects):
             scene.objects.append(Obj(SHAPES[int(rng.integers(3))], list(COLOURS)[int(rng.integers(6))], cx, cy, r))
     if len(scene.objects) < n:  # crowded: start over with a new canvas
-        return random_scene(rng, n, sides)
+        return random_scene(rng, n, sides, radius)
     for o in scene.objects:
         o.angle = float(rng.uniform(0, 360)) if o.shape != "circle" else 0.0
         if rng.random() < 0.3:
@@ -122,11 +125,12 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     return im
 
 
-def one_object_picture(seed: int, sides: Tuple[int, int] = (200, 560)) -> Tuple[Image.Image, int, int]:
-    """A one-object picture drawn from `seed` (canvas sides in `sides`), its colour index (COLOURS order) and its
-    shape index (SHAPES order): the probes' pictures."""
+def one_object_picture(seed: int, sides: Tuple[int, int] = (200, 560),
+                       radius: Optional[Tuple[float, float]] = None) -> Tuple[Image.Image, int, int]:
+    """A one-object picture drawn from `seed` (canvas sides in `sides`, object radius as random_scene's), its
+    colour index (COLOURS order) and its shape index (SHAPES order): the probes' pictures."""
     rng = np.random.default_rng(seed)
-    scene = random_scene(rng, 1, sides)
+    scene = random_scene(rng, 1, sides, radius)
     o = scene.objects[0]
     return render(scene, rng), list(COLOURS).index(o.colour), SHAPES.index(o.shape)
 

@@ -25,13 +25,13 @@ from scripts import train_default as T
 TRAIN_SEED, TEST_SEED = 90_500_000, 91_500_000
 
 
-def pictures(n: int, seed0: int, side: int, task: str):
+def pictures(n: int, seed0: int, side: int, task: str, radius=None):
     """(n, side, side, 3) uint8 one-object pictures and their labels (shape or colour index)."""
     from PIL import Image
     from ixc25_ms import shapes as S
     xs, ys = [], []
     for i in range(n):
-        im, colour, shape = S.one_object_picture(seed0 + i)
+        im, colour, shape = S.one_object_picture(seed0 + i, radius=radius)
         s = side / max(im.size)
         im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), resample=3)
         canvas = Image.new("RGB", (side, side), (255, 255, 255))
@@ -43,8 +43,12 @@ def pictures(n: int, seed0: int, side: int, task: str):
 
 def run(steps: int = 500, batch: int = 16, lr: float = 1e-3, n_train: int = 4000, n_test: int = 300,
         vit_width: int = 64, vit_layers: int = 3, side: int = 560, patch: int = 28, task: str = "shape",
-        every: int = 100, seed: int = 0, log=print) -> list:
-    """Train and score; returns [{step, pictures, loss, accuracy, seconds}] at every `every` steps and the last."""
+        every: int = 100, seed: int = 0, pool: str = "max", query_std: float = 0.02,
+        vit_pos: str = "noise", radius=None, log=print) -> list:
+    """Train and score; returns [{step, pictures, loss, accuracy, seconds}] at every `every` steps and the last.
+    `pool`: how patch features become one vector: max, mean, or attn (one learned query, softmax over patches,
+    started near uniform as a language model's attention starts: what the LM path has to learn from); `query_std`:
+    the attn query's initial std (0.02: near uniform; ~1 and above: peaked on some patches from the start)."""
     import torch
     import torch.nn.functional as F
     from parity_tests.reference.vision import VisionReference, normalize_rgb
@@ -53,21 +57,29 @@ def run(steps: int = 500, batch: int = 16, lr: float = 1e-3, n_train: int = 4000
     vc.update(hidden_size=vit_width, intermediate_size=4 * vit_width, num_attention_heads=max(1, vit_width // 32),
               num_hidden_layers=vit_layers, image_size=side, patch_size=patch)
     torch.manual_seed(seed)
-    state = {k: v for k, v in T.init_state(seed, config=config).items() if k.startswith("vit.")}
+    state = {k: v for k, v in T.init_state(seed, vit_pos, config=config).items() if k.startswith("vit.")}
     ref = VisionReference(state, vc)
     params = [t.requires_grad_() for t in ref.w.values()]
     classes = 3 if task == "shape" else 6
     head = torch.nn.Linear(vit_width, classes)
-    opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
+    query = torch.nn.Linear(vit_width, 1, bias=False)  # attn pooling: score_p = w . f_p
+    torch.nn.init.normal_(query.weight, std=query_std)
+    opt = torch.optim.AdamW(params + list(head.parameters()) + list(query.parameters()), lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     t0 = time.perf_counter()
-    xtr, ytr = pictures(n_train, TRAIN_SEED, side, task)
+    xtr, ytr = pictures(n_train, TRAIN_SEED, side, task, radius)  # held out: the task's own sizes
     xte, yte = pictures(n_test, TEST_SEED, side, task)
     log(f"[tower_shape] {n_train} + {n_test} pictures in {time.perf_counter() - t0:.0f} s; tower {vit_width} x "
         f"{vit_layers}, {patch}-px patches at {side} px; task {task} (chance {1 / classes:.2f})")
 
     def logits(x):
         views = torch.cat([normalize_rgb(im) for im in x])
-        return head(ref.tower(views).max(1).values)  # (B, grid², C) -> max over patches -> (B, classes)
+        f = ref.tower(views)  # (B, grid², C)
+        if pool == "max":
+            return head(f.max(1).values)
+        if pool == "mean":
+            return head(f.mean(1))
+        a = torch.softmax(query(f) / math.sqrt(vit_width), 1)  # (B, grid², 1)
+        return head((a * f).sum(1))
 
     def accuracy():
         with torch.no_grad():
@@ -101,13 +113,20 @@ def main(argv=None) -> int:
     ap.add_argument("--vit_layers", type=int, default=3)
     ap.add_argument("--patch", type=int, default=28)
     ap.add_argument("--task", choices=("shape", "colour"), default="shape")
+    ap.add_argument("--pool", choices=("max", "mean", "attn"), default="max")
+    ap.add_argument("--query_std", type=float, default=0.02, help="attn pooling: the query's initial std")
+    ap.add_argument("--vit_pos", choices=("noise", "sincos"), default="noise", help="the position table's start")
+    ap.add_argument("--radius", default="", help="training objects' radius LO-HI as a share of the shorter side "
+                    "(default: the task's 0.08-0.32); the held-out pictures keep the task's sizes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
     rows = run(args.steps, args.batch, args.lr, args.pictures, vit_width=args.vit_width, vit_layers=args.vit_layers,
-               patch=args.patch, task=args.task)
+               patch=args.patch, task=args.task, pool=args.pool,
+               query_std=args.query_std, vit_pos=args.vit_pos,
+               radius=tuple(float(x) for x in args.radius.split("-")) if args.radius else None)
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump(rows, f, indent=1)

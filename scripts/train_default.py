@@ -47,14 +47,17 @@ CONTEXT_SEED_OFFSET = 7_000_000  # text-only context item j draws its scene from
 
 
 def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: float = 0.08, scale: float = 1.0,
-                  easy: int = 0, context: float = 0.0, describe_last: bool = False, log=print) -> str:
+                  easy: int = 0, context: float = 0.0, describe_last: bool = False, easy_objects=(1, 2),
+                  easy_kinds=None, log=print) -> str:
     """n pictures under root/images and root/data.json (official conversation format); picture i drawn from
     seed seed_base + i (stored at `scale` of its size); `turns` (low, high) questions per picture, or None for
     the questions of grounded_turns; `easy` extra small pictures (200-560 px, 1-2 objects: one crop, where a
     shape fills more patches); `chitchat` of n extra text-only items; `context` of n extra text-only
     items whose first user turn states a scene in words before the question (context_items); `describe_last`:
     "Describe the image." moved to the end of its conversation, so no answer can be read off a description in
-    the history (the held-out set keeps the drawn order). Returns the JSON path."""
+    the history (the held-out set keeps the drawn order); `easy_objects` (low, high) objects in an easy picture;
+    `easy_kinds`: only these question kinds on easy pictures (a curriculum: (3,) asks only "What shape is the
+    {colour} one?"). Returns the JSON path."""
     from ixc25_ms import shapes as S
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     items = []
@@ -62,7 +65,8 @@ def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: flo
     for i in range(n + easy):
         seed = seed_base + i if i < n else seed_base + EASY_SEED_OFFSET + i - n
         rng = np.random.default_rng(seed)
-        scene = S.random_scene(rng) if i < n else S.random_scene(rng, int(rng.integers(1, 3)), (200, 560))
+        scene = S.random_scene(rng) if i < n else S.random_scene(
+            rng, int(rng.integers(easy_objects[0], easy_objects[1] + 1)), (200, 560))
         path = os.path.join("images", f"{seed}.png")
         full = os.path.join(root, path)
         im = S.render(scene, rng)
@@ -71,7 +75,11 @@ def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: flo
                 im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
                                resample=3)  # bicubic, antialiased
             im.save(full, compress_level=1)
-        if turns is None:  # every question the picture allows whose answer no earlier turn gives away
+        if i >= n and easy_kinds:  # the curriculum's kinds only, in a random order
+            valid = [x for x in S.valid_questions(scene) if x[0] in easy_kinds]
+            pick = rng.permutation(len(valid))[: int(rng.integers(turns[0], turns[1] + 1)) if turns else len(valid)]
+            qa = [(valid[j][0], valid[j][1], S.question(*valid[j]), S.answer(scene, *valid[j])) for j in pick]
+        elif turns is None:  # every question the picture allows whose answer no earlier turn gives away
             qa = [(t, sub, S.question(t, sub), S.answer(scene, t, sub)) for t, sub in grounded_turns(scene, rng)]
         else:
             qa = S.conversation(scene, rng, int(rng.integers(turns[0], turns[1] + 1)))
@@ -168,9 +176,11 @@ def corpus_lines():
     return lines + [turn.format(q, a) for q, a in S.CHITCHAT] * 3
 
 
-def init_state(seed: int, vit_pos: str = "noise", config: dict = None) -> dict:
+def init_state(seed: int, vit_pos: str = "noise", config: dict = None, qk_std: float = 0.02) -> dict:
     """The untrained weights of `config` (default CONFIG), official key names -> float32 arrays, in expected_parameters order from one
-    seeded generator: normal 0.02, norms 1, biases and GN tokens 0, the write/web LoRAs 0 (unused in base mode)."""
+    seeded generator: normal 0.02, norms 1, biases and GN tokens 0, the write/web LoRAs 0 (unused in base mode).
+    `qk_std`: the std of the language model's query and key rows of `wqkv` (the same draws, rescaled): at 0.02 and
+    width 128 every attention starts uniform (logits ~0.05); ~0.15 starts it peaked on some positions."""
     from ixc25_ms.config import IXCConfig
     from ixc25_ms.weights.spec import expected_parameters
     config = config or CONFIG
@@ -188,17 +198,23 @@ def init_state(seed: int, vit_pos: str = "noise", config: dict = None) -> dict:
             a = np.zeros(shape, np.float32)
         else:
             a = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        if qk_std != 0.02 and k.startswith("model.layers.") and k.endswith("attention.wqkv.weight"):
+            # rows per KV group: [q x G, k, v] heads of head_dim (ixc25_ms/language/layers.py)
+            kvh = config["num_key_value_heads"]
+            g = a.reshape(kvh, -1, config["hidden_size"] // config["num_attention_heads"], a.shape[-1])
+            g[:, :-1] *= qk_std / 0.02
+            a = g.reshape(a.shape)
         out[k] = a
     return out
 
 
-def init_checkpoint(dst: str, seed: int, vit_pos: str = "noise") -> str:
+def init_checkpoint(dst: str, seed: int, vit_pos: str = "noise", qk_std: float = 0.02) -> str:
     """The untrained model: official layout, seeded init (normal 0.02, norms 1, biases and GN tokens 0, the
     write/web LoRAs 0 — unused in base mode), the task tokenizer."""
     from ixc25_ms.tiny import train_tiny_tokenizer
     from ixc25_ms.weights.safetensors import write_safetensors
     os.makedirs(dst, exist_ok=True)
-    tensors = {k: ("F32", a) for k, a in init_state(seed, vit_pos).items()}
+    tensors = {k: ("F32", a) for k, a in init_state(seed, vit_pos, qk_std=qk_std).items()}
     write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(CONFIG, f, indent=1)
@@ -256,11 +272,16 @@ def main(argv=None) -> int:
     ap.add_argument("--hd_num", type=int, default=9)
     ap.add_argument("--vit_pos", choices=("noise", "sincos"), default="noise", help="the ViT position table's "
                     "start: normal(0, 0.02) as every other weight, or a 2-D sine-cosine code (position_table)")
+    ap.add_argument("--qk_std", type=float, default=0.02, help="initial std of the language model's query and key "
+                    "weights (init_state)")
     ap.add_argument("--context", type=float, default=0.0, help="text-only items stating a scene in words, as a "
                     "share of --pictures (context_items)")
     ap.add_argument("--describe_last", type=int, default=0, help="1: 'Describe the image.' asked last in each "
                     "training conversation (answers cannot be copied from a description in the history); 0: drawn order")
     ap.add_argument("--easy", type=int, default=0, help="extra small training pictures (200-560 px, 1-2 objects)")
+    ap.add_argument("--easy_objects", default="1-2", help="objects in an easy picture: LOW-HIGH")
+    ap.add_argument("--easy_kinds", default="", help="question kinds asked of easy pictures, e.g. '3' (a shape "
+                    "curriculum) or '1,3'; empty: all four")
     ap.add_argument("--questions", default="3-4", help="questions per training picture: LOW-HIGH, or 'all' (every "
                     "question whose answer no earlier turn gives away: grounded_turns)")
     ap.add_argument("--vit_width", type=int, default=CONFIG["vision_config"]["hidden_size"], help="ViT width "
@@ -284,8 +305,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     os.makedirs(args.work, exist_ok=True)
     make_pictures(args.work, args.pictures, TRAIN_SEED_BASE + args.seed * 1_000_000, turns=turns,
-                  scale=TRAIN_SCALE, easy=args.easy, context=args.context, describe_last=bool(args.describe_last))
-    init_checkpoint(os.path.join(args.work, "init"), args.seed, args.vit_pos)
+                  scale=TRAIN_SCALE, easy=args.easy, context=args.context, describe_last=bool(args.describe_last),
+                  easy_objects=tuple(int(x) for x in args.easy_objects.split("-")),
+                  easy_kinds=tuple(int(x) for x in args.easy_kinds.split(",")) if args.easy_kinds else None)
+    init_checkpoint(os.path.join(args.work, "init"), args.seed, args.vit_pos, args.qk_std)
     t_data = time.perf_counter() - t0
     print(f"[default] data and initial checkpoint in {t_data:.0f} s", flush=True)
     from ixc25_ms.train.cli import main as finetune

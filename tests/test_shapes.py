@@ -74,3 +74,29 @@ def test_training_turns_never_give_an_answer_away():
 def test_seed_ranges_of_training_and_evaluation_are_disjoint():
     seeds = T.TRAIN_SEED_BASE + 4 * 1_000_000 + T.EASY_SEED_OFFSET + 1_000_000  # seed 4, a million easy pictures
     assert seeds <= T.EVAL_SEED_BASE
+
+
+def test_curriculum_pictures_ask_only_the_chosen_kinds(tmp_path):
+    """make_pictures with easy_objects=(1, 1) and easy_kinds=(3,): every easy picture holds one object and its
+    one question is "What shape is the {colour} one?" with that object's colour, answered with its shape; the
+    stored image is the size its scene says. Without the options a picture gets 1-2 objects and mixed kinds."""
+    import json
+    import os
+    from PIL import Image
+    p = T.make_pictures(str(tmp_path / "c"), 0, 40_000_000, turns=(1, 1), chitchat=0.0, easy=12,
+                        easy_objects=(1, 1), easy_kinds=(3,), log=None)
+    items = json.load(open(p))
+    assert len(items) == 12
+    for it in items:
+        seed = int(it["id"].split("-")[1])
+        rng = np.random.default_rng(seed)
+        scene = S.random_scene(rng, int(rng.integers(1, 2)), (200, 560))
+        assert len(scene.objects) == 1
+        (q, a) = [c["value"] for c in it["conversations"]]
+        o = scene.objects[0]
+        assert q == S.question(3, o.colour) and a == S.answer(scene, 3, o.colour) and o.shape in a
+        assert Image.open(os.path.join(os.path.dirname(p), it["image"])).size == (scene.width, scene.height)
+    mixed = json.load(open(T.make_pictures(str(tmp_path / "m"), 0, 40_000_000, turns=(2, 2), chitchat=0.0,
+                                           easy=30, log=None)))
+    kinds = {S.question_type(c["value"])[0] for it in mixed for c in it["conversations"][::2]}
+    assert len(kinds) >= 3
