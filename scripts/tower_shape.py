@@ -41,12 +41,40 @@ def pictures(n: int, seed0: int, side: int, task: str, radius=None):
     return np.stack(xs), np.asarray(ys)
 
 
+def object_share(x, patch: int):
+    """(B, grid²) share of each patch's pixels that belong to an object: saturated or dark pixels (the drawn
+    colours and outlines), where the light grey background and the white margin are neither."""
+    import torch
+    a = x.astype(np.int16)
+    obj = ((a.max(-1) - a.min(-1)) > 60) | (a.min(-1) < 120)  # (B, H, W)
+    b, h, w = obj.shape
+    share = obj.reshape(b, h // patch, patch, w // patch, patch).mean((2, 4)).reshape(b, -1)
+    return torch.from_numpy(share.astype(np.float32))
+
+
+def pooled(f, pool: str, query=None, x=None, patch: int = 28):
+    """(B, grid², C) patch features -> (B, C): max, mean, objmean (the mean over the patches the object covers in
+    the pictures x: an oracle of where to look) or attn (softmax over patches of query(f) / sqrt(C))."""
+    import torch
+    if pool == "max":
+        return f.max(1).values
+    if pool == "mean":
+        return f.mean(1)
+    if pool == "objmean":
+        a = object_share(x, patch).unsqueeze(-1)  # (B, grid², 1)
+        return (a * f).sum(1) / a.sum(1).clamp_min(1e-6)
+    if pool == "attn":
+        a = torch.softmax(query(f) / math.sqrt(f.shape[-1]), 1)  # (B, grid², 1)
+        return (a * f).sum(1)
+    raise ValueError(f"pool must be max, mean, objmean or attn, got {pool!r}")
+
+
 def run(steps: int = 500, batch: int = 16, lr: float = 1e-3, n_train: int = 4000, n_test: int = 300,
         vit_width: int = 64, vit_layers: int = 3, side: int = 560, patch: int = 28, task: str = "shape",
         every: int = 100, seed: int = 0, pool: str = "max", query_std: float = 0.02,
         vit_pos: str = "noise", radius=None, log=print) -> list:
     """Train and score; returns [{step, pictures, loss, accuracy, seconds}] at every `every` steps and the last.
-    `pool`: how patch features become one vector: max, mean, or attn (one learned query, softmax over patches,
+    `pool`: how patch features become one vector: max, mean, objmean (mean over the object's patches), or attn (one learned query, softmax over patches,
     started near uniform as a language model's attention starts: what the LM path has to learn from); `query_std`:
     the attn query's initial std (0.02: near uniform; ~1 and above: peaked on some patches from the start)."""
     import torch
@@ -73,13 +101,7 @@ def run(steps: int = 500, batch: int = 16, lr: float = 1e-3, n_train: int = 4000
 
     def logits(x):
         views = torch.cat([normalize_rgb(im) for im in x])
-        f = ref.tower(views)  # (B, grid², C)
-        if pool == "max":
-            return head(f.max(1).values)
-        if pool == "mean":
-            return head(f.mean(1))
-        a = torch.softmax(query(f) / math.sqrt(vit_width), 1)  # (B, grid², 1)
-        return head((a * f).sum(1))
+        return head(pooled(ref.tower(views), pool, query, x, patch))
 
     def accuracy():
         with torch.no_grad():
@@ -113,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vit_layers", type=int, default=3)
     ap.add_argument("--patch", type=int, default=28)
     ap.add_argument("--task", choices=("shape", "colour"), default="shape")
-    ap.add_argument("--pool", choices=("max", "mean", "attn"), default="max")
+    ap.add_argument("--pool", choices=("max", "mean", "attn", "objmean"), default="max")
     ap.add_argument("--query_std", type=float, default=0.02, help="attn pooling: the query's initial std")
     ap.add_argument("--vit_pos", choices=("noise", "sincos"), default="noise", help="the position table's start")
     ap.add_argument("--radius", default="", help="training objects' radius LO-HI as a share of the shorter side "
