@@ -176,11 +176,9 @@ def corpus_lines():
     return lines + [turn.format(q, a) for q, a in S.CHITCHAT] * 3
 
 
-def init_state(seed: int, vit_pos: str = "noise", config: dict = None, qk_std: float = 0.02) -> dict:
+def init_state(seed: int, vit_pos: str = "noise", config: dict = None) -> dict:
     """The untrained weights of `config` (default CONFIG), official key names -> float32 arrays, in expected_parameters order from one
-    seeded generator: normal 0.02, norms 1, biases and GN tokens 0, the write/web LoRAs 0 (unused in base mode).
-    `qk_std`: the std of the language model's query and key rows of `wqkv` (the same draws, rescaled): at 0.02 and
-    width 128 every attention starts uniform (logits ~0.05); ~0.15 starts it peaked on some positions."""
+    seeded generator: normal 0.02, norms 1, biases and GN tokens 0, the write/web LoRAs 0 (unused in base mode)."""
     from ixc25_ms.config import IXCConfig
     from ixc25_ms.weights.spec import expected_parameters
     config = config or CONFIG
@@ -198,23 +196,17 @@ def init_state(seed: int, vit_pos: str = "noise", config: dict = None, qk_std: f
             a = np.zeros(shape, np.float32)
         else:
             a = (rng.standard_normal(shape) * 0.02).astype(np.float32)
-        if qk_std != 0.02 and k.startswith("model.layers.") and k.endswith("attention.wqkv.weight"):
-            # rows per KV group: [q x G, k, v] heads of head_dim (ixc25_ms/language/layers.py)
-            kvh = config["num_key_value_heads"]
-            g = a.reshape(kvh, -1, config["hidden_size"] // config["num_attention_heads"], a.shape[-1])
-            g[:, :-1] *= qk_std / 0.02
-            a = g.reshape(a.shape)
         out[k] = a
     return out
 
 
-def init_checkpoint(dst: str, seed: int, vit_pos: str = "noise", qk_std: float = 0.02) -> str:
+def init_checkpoint(dst: str, seed: int, vit_pos: str = "noise") -> str:
     """The untrained model: official layout, seeded init (normal 0.02, norms 1, biases and GN tokens 0, the
     write/web LoRAs 0 — unused in base mode), the task tokenizer."""
     from ixc25_ms.tiny import train_tiny_tokenizer
     from ixc25_ms.weights.safetensors import write_safetensors
     os.makedirs(dst, exist_ok=True)
-    tensors = {k: ("F32", a) for k, a in init_state(seed, vit_pos, qk_std=qk_std).items()}
+    tensors = {k: ("F32", a) for k, a in init_state(seed, vit_pos).items()}
     write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(CONFIG, f, indent=1)
@@ -259,6 +251,28 @@ def export(run_dir: str, dst: str, command: str, notes: dict) -> None:
         f.write("\nsha256:\n```\n" + "".join(f"{v}  {k}\n" for k, v in sums.items()) + "```\n")
 
 
+def span(text: str) -> tuple:
+    """'LOW-HIGH' (or one number) -> (low, high), 1 <= low <= high: the argparse type of the count flags."""
+    try:
+        lo, hi = (int(x) for x in (text.split("-") if "-" in text else (text, text)))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW-HIGH (e.g. 1-2), got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH, got {text!r}")
+    return lo, hi
+
+
+def kinds(text: str) -> tuple:
+    """'1,3' -> (1, 3): question kinds 1-4 (shapes.QUESTIONS); '' -> () (all four)."""
+    try:
+        out = tuple(int(x) for x in text.split(",")) if text else ()
+    except ValueError:
+        out = (0,)
+    if any(k not in (1, 2, 3, 4) for k in out):
+        raise argparse.ArgumentTypeError(f"expected question kinds 1-4 separated by commas, got {text!r}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="train_default", description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=os.path.join(os.getcwd(), "default_train"), help="working directory")
@@ -272,17 +286,15 @@ def main(argv=None) -> int:
     ap.add_argument("--hd_num", type=int, default=9)
     ap.add_argument("--vit_pos", choices=("noise", "sincos"), default="noise", help="the ViT position table's "
                     "start: normal(0, 0.02) as every other weight, or a 2-D sine-cosine code (position_table)")
-    ap.add_argument("--qk_std", type=float, default=0.02, help="initial std of the language model's query and key "
-                    "weights (init_state)")
     ap.add_argument("--context", type=float, default=0.0, help="text-only items stating a scene in words, as a "
                     "share of --pictures (context_items)")
     ap.add_argument("--describe_last", type=int, default=0, help="1: 'Describe the image.' asked last in each "
                     "training conversation (answers cannot be copied from a description in the history); 0: drawn order")
     ap.add_argument("--easy", type=int, default=0, help="extra small training pictures (200-560 px, 1-2 objects)")
-    ap.add_argument("--easy_objects", default="1-2", help="objects in an easy picture: LOW-HIGH")
-    ap.add_argument("--easy_kinds", default="", help="question kinds asked of easy pictures, e.g. '3' (a shape "
+    ap.add_argument("--easy_objects", type=span, default=(1, 2), help="objects in an easy picture: LOW-HIGH")
+    ap.add_argument("--easy_kinds", type=kinds, default=(), help="question kinds asked of easy pictures, e.g. '3' (a shape "
                     "curriculum) or '1,3'; empty: all four")
-    ap.add_argument("--questions", default="3-4", help="questions per training picture: LOW-HIGH, or 'all' (every "
+    ap.add_argument("--questions", type=lambda t: None if t == "all" else span(t), default=(3, 4), help="questions per training picture: LOW-HIGH, or 'all' (every "
                     "question whose answer no earlier turn gives away: grounded_turns)")
     ap.add_argument("--vit_width", type=int, default=CONFIG["vision_config"]["hidden_size"], help="ViT width "
                     "(heads of 32 channels, MLP 4x)")
@@ -300,15 +312,14 @@ def main(argv=None) -> int:
                                    num_attention_heads=max(1, args.vit_width // 32), num_hidden_layers=args.vit_layers)
     CONFIG.update(hidden_size=args.llm_width, intermediate_size=3 * args.llm_width,
                   num_attention_heads=max(2, args.llm_width // 32), num_hidden_layers=args.llm_layers)
-    turns = None if args.questions == "all" else tuple(int(x) for x in args.questions.split("-"))
+    turns = args.questions
     command = "python scripts/train_default.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     t0 = time.perf_counter()
     os.makedirs(args.work, exist_ok=True)
     make_pictures(args.work, args.pictures, TRAIN_SEED_BASE + args.seed * 1_000_000, turns=turns,
                   scale=TRAIN_SCALE, easy=args.easy, context=args.context, describe_last=bool(args.describe_last),
-                  easy_objects=tuple(int(x) for x in args.easy_objects.split("-")),
-                  easy_kinds=tuple(int(x) for x in args.easy_kinds.split(",")) if args.easy_kinds else None)
-    init_checkpoint(os.path.join(args.work, "init"), args.seed, args.vit_pos, args.qk_std)
+                  easy_objects=args.easy_objects, easy_kinds=args.easy_kinds or None)
+    init_checkpoint(os.path.join(args.work, "init"), args.seed, args.vit_pos)
     t_data = time.perf_counter() - t0
     print(f"[default] data and initial checkpoint in {t_data:.0f} s", flush=True)
     from ixc25_ms.train.cli import main as finetune

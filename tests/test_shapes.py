@@ -100,3 +100,16 @@ def test_curriculum_pictures_ask_only_the_chosen_kinds(tmp_path):
                                            easy=30, log=None)))
     kinds = {S.question_type(c["value"])[0] for it in mixed for c in it["conversations"][::2]}
     assert len(kinds) >= 3
+
+
+def test_count_flags_refuse_bad_input_in_one_line(capsys):
+    """train_default's --questions/--easy_objects/--easy_kinds: read as spans and kinds; bad values end the run
+    at argument parsing with the flag and the value named, before any picture is drawn."""
+    import pytest
+    assert T.span("1-2") == (1, 2) and T.span("3") == (3, 3) and T.kinds("") == () and T.kinds("1,3") == (1, 3)
+    for argv, flag in ((["--easy_objects", "2-1"], "--easy_objects"), (["--easy_kinds", "5"], "--easy_kinds"),
+                       (["--questions", "3-x"], "--questions")):
+        with pytest.raises(SystemExit):
+            T.main(argv + ["--work", "/nonexistent/never-made"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert flag in err and repr(argv[1]) in err, err
