@@ -238,4 +238,9 @@ def conversation(scene: Scene, rng: np.random.Generator, turns: int) -> List[Tup
         opts = [x for x in by_type[t] if x not in picked]
         if opts:
             picked.append(opts[int(rng.integers(len(opts)))])
-    return [(t, s, question(t, s), answer(scene, t, s)) for t, s in picked]
+    return asked(scene, picked)
+
+
+def asked(scene: Scene, pairs) -> List[Tuple[int, str, str, str]]:
+    """(type, subject) pairs -> (type, subject, question, reference answer) turns about the scene."""
+    return [(t, s, question(t, s), answer(scene, t, s)) for t, s in pairs]

@@ -74,9 +74,10 @@ def run(steps: int = 500, batch: int = 16, lr: float = 1e-3, n_train: int = 4000
         every: int = 100, seed: int = 0, pool: str = "max", query_std: float = 0.02,
         vit_pos: str = "noise", radius=None, log=print) -> list:
     """Train and score; returns [{step, pictures, loss, accuracy, seconds}] at every `every` steps and the last.
-    `pool`: how patch features become one vector: max, mean, objmean (mean over the object's patches), or attn (one learned query, softmax over patches,
-    started near uniform as a language model's attention starts: what the LM path has to learn from); `query_std`:
-    the attn query's initial std (0.02: near uniform; ~1 and above: peaked on some patches from the start)."""
+    `pool`: how patch features become one vector (pooled): max, mean, objmean (the mean over the object's
+    patches) or attn (one learned query, softmax over patches, started near uniform as a language model's
+    attention starts); `query_std`: the attn query's initial std (0.02: near uniform; ~1 and above: peaked on
+    some patches from the start); `radius`: the training objects' radius range (shapes.random_scene)."""
     import torch
     import torch.nn.functional as F
     from parity_tests.reference.vision import VisionReference, normalize_rgb
@@ -90,9 +91,12 @@ def run(steps: int = 500, batch: int = 16, lr: float = 1e-3, n_train: int = 4000
     params = [t.requires_grad_() for t in ref.w.values()]
     classes = 3 if task == "shape" else 6
     head = torch.nn.Linear(vit_width, classes)
-    query = torch.nn.Linear(vit_width, 1, bias=False)  # attn pooling: score_p = w . f_p
-    torch.nn.init.normal_(query.weight, std=query_std)
-    opt = torch.optim.AdamW(params + list(head.parameters()) + list(query.parameters()), lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
+    query = None
+    if pool == "attn":  # score_p = w . f_p
+        query = torch.nn.Linear(vit_width, 1, bias=False)
+        torch.nn.init.normal_(query.weight, std=query_std)
+        params += list(query.parameters())
+    opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     t0 = time.perf_counter()
     xtr, ytr = pictures(n_train, TRAIN_SEED, side, task, radius)  # held out: the task's own sizes
     xte, yte = pictures(n_test, TEST_SEED, side, task)
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pool", choices=("max", "mean", "attn", "objmean"), default="max")
     ap.add_argument("--query_std", type=float, default=0.02, help="attn pooling: the query's initial std")
     ap.add_argument("--vit_pos", choices=("noise", "sincos"), default="noise", help="the position table's start")
-    ap.add_argument("--radius", default="", help="training objects' radius LO-HI as a share of the shorter side "
+    ap.add_argument("--radius", type=lambda t: T.span(t, float, 0.0), help="training objects' radius LO-HI as a share of the shorter side "
                     "(default: the task's 0.08-0.32); the held-out pictures keep the task's sizes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the rows here")
@@ -148,7 +152,7 @@ def main(argv=None) -> int:
     rows = run(args.steps, args.batch, args.lr, args.pictures, vit_width=args.vit_width, vit_layers=args.vit_layers,
                patch=args.patch, task=args.task, pool=args.pool,
                query_std=args.query_std, vit_pos=args.vit_pos,
-               radius=tuple(float(x) for x in args.radius.split("-")) if args.radius else None)
+               radius=args.radius)
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump(rows, f, indent=1)

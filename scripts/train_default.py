@@ -78,9 +78,9 @@ def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: flo
         if i >= n and easy_kinds:  # the curriculum's kinds only, in a random order
             valid = [x for x in S.valid_questions(scene) if x[0] in easy_kinds]
             pick = rng.permutation(len(valid))[: int(rng.integers(turns[0], turns[1] + 1)) if turns else len(valid)]
-            qa = [(valid[j][0], valid[j][1], S.question(*valid[j]), S.answer(scene, *valid[j])) for j in pick]
+            qa = S.asked(scene, [valid[j] for j in pick])
         elif turns is None:  # every question the picture allows whose answer no earlier turn gives away
-            qa = [(t, sub, S.question(t, sub), S.answer(scene, t, sub)) for t, sub in grounded_turns(scene, rng)]
+            qa = S.asked(scene, grounded_turns(scene, rng))
         else:
             qa = S.conversation(scene, rng, int(rng.integers(turns[0], turns[1] + 1)))
             if describe_last:  # stable: the other questions keep their drawn order
@@ -251,14 +251,15 @@ def export(run_dir: str, dst: str, command: str, notes: dict) -> None:
         f.write("\nsha256:\n```\n" + "".join(f"{v}  {k}\n" for k, v in sums.items()) + "```\n")
 
 
-def span(text: str) -> tuple:
-    """'LOW-HIGH' (or one number) -> (low, high), 1 <= low <= high: the argparse type of the count flags."""
+def span(text: str, cast=int, least=1) -> tuple:
+    """'LOW-HIGH' (or one number) -> (low, high), least <= low <= high, each read by `cast`: the argparse type
+    of the count flags (and, with float and 0, of share ranges)."""
     try:
-        lo, hi = (int(x) for x in (text.split("-") if "-" in text else (text, text)))
+        lo, hi = (cast(x) for x in (text.split("-") if "-" in text else (text, text)))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LOW-HIGH (e.g. 1-2), got {text!r}") from None
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH, got {text!r}")
+    if not least <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected {least} <= LOW <= HIGH, got {text!r}")
     return lo, hi
 
 
@@ -312,11 +313,10 @@ def main(argv=None) -> int:
                                    num_attention_heads=max(1, args.vit_width // 32), num_hidden_layers=args.vit_layers)
     CONFIG.update(hidden_size=args.llm_width, intermediate_size=3 * args.llm_width,
                   num_attention_heads=max(2, args.llm_width // 32), num_hidden_layers=args.llm_layers)
-    turns = args.questions
     command = "python scripts/train_default.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     t0 = time.perf_counter()
     os.makedirs(args.work, exist_ok=True)
-    make_pictures(args.work, args.pictures, TRAIN_SEED_BASE + args.seed * 1_000_000, turns=turns,
+    make_pictures(args.work, args.pictures, TRAIN_SEED_BASE + args.seed * 1_000_000, turns=args.questions,
                   scale=TRAIN_SCALE, easy=args.easy, context=args.context, describe_last=bool(args.describe_last),
                   easy_objects=args.easy_objects, easy_kinds=args.easy_kinds or None)
     init_checkpoint(os.path.join(args.work, "init"), args.seed, args.vit_pos)

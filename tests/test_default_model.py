@@ -196,7 +196,7 @@ def test_tower_diagnostic_learns_a_planted_colour_signal():
 def test_tower_diagnostic_object_share_marks_the_drawn_object():
     """scripts/tower_shape.object_share (the objmean pooling's oracle of where the object is): a patch wholly
     inside a drawn block counts 1, half inside 0.5, the light background and the white margin 0 — on a picture
-    drawn here, and on a real one-object picture its share lies where its colour does."""
+    drawn here; on real one-object pictures some patches count and fewer than half."""
     from scripts.tower_shape import object_share, pictures
     x = np.full((1, 112, 112, 3), 255, np.uint8)
     x[0, :56, :56] = (242, 240, 232)  # the task's light background

@@ -3,7 +3,6 @@
 // contiguous row-major float32 only (the Python side checks); a nonzero return makes MindSpore raise.
 #include <algorithm>
 #include <cmath>
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <functional>
