@@ -200,13 +200,22 @@ def init_state(seed: int, vit_pos: str = "noise", config: dict = None) -> dict:
     return out
 
 
-def init_checkpoint(dst: str, seed: int, vit_pos: str = "noise") -> str:
+def init_checkpoint(dst: str, seed: int, vit_pos: str = "noise", tower: str = "") -> str:
     """The untrained model: official layout, seeded init (normal 0.02, norms 1, biases and GN tokens 0, the
-    write/web LoRAs 0 — unused in base mode), the task tokenizer."""
+    write/web LoRAs 0 — unused in base mode), the task tokenizer; `tower`: a checkpoint whose vit.* tensors
+    replace the initial ones (a tower trained before, as IXC2.5 starts from a trained CLIP)."""
     from ixc25_ms.tiny import train_tiny_tokenizer
+    from ixc25_ms.weights.layout import load_state_dict
     from ixc25_ms.weights.safetensors import write_safetensors
     os.makedirs(dst, exist_ok=True)
-    tensors = {k: ("F32", a) for k, a in init_state(seed, vit_pos).items()}
+    state = init_state(seed, vit_pos)
+    if tower:
+        for k, a in load_state_dict(tower).items():
+            if k.startswith("vit.") and k in state:
+                if a.shape != state[k].shape:
+                    raise SystemExit(f"{tower}: {k} has shape {a.shape}, the model needs {state[k].shape}")
+                state[k] = a
+    tensors = {k: ("F32", a) for k, a in state.items()}
     write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(CONFIG, f, indent=1)
@@ -220,7 +229,7 @@ def init_checkpoint(dst: str, seed: int, vit_pos: str = "noise") -> str:
 
 def finetune_flags(args) -> list:
     return ["--data_path", "data.json", "--output_dir", os.path.join(args.work, "run"), "--overwrite_output_dir",
-            "--fix_vit", "False", "--fix_sampler", "False", "--use_lora", "False", "--hd_num", str(args.hd_num),
+            "--fix_vit", str(bool(args.fix_vit)), "--fix_sampler", "False", "--use_lora", "False", "--hd_num", str(args.hd_num),
             "--max_length", "4096", "--batch_size", "1", "--per_device_train_batch_size", str(args.batch),
             "--gradient_accumulation_steps", str(args.accum), "--num_train_epochs", str(args.epochs),
             "--learning_rate", str(args.lr), "--weight_decay", "0.05", "--adam_beta2", "0.98", "--warmup_steps", "100",
@@ -305,6 +314,9 @@ def main(argv=None) -> int:
     ap.add_argument("--llm_layers", type=int, default=CONFIG["num_hidden_layers"])
     ap.add_argument("--save_steps", type=int, default=400, help="checkpoint every N steps")
     ap.add_argument("--keep", type=int, default=1, help="checkpoints kept (more: a training curve to evaluate)")
+    ap.add_argument("--init_tower", default="", help="start the ViT from this checkpoint's vit.* tensors "
+                    "(e.g. scripts/tower_shape.py --save_tower)")
+    ap.add_argument("--fix_vit", type=int, default=0, help="1: the ViT is not trained (ixc25-finetune --fix_vit True)")
     ap.add_argument("--jit", action="store_true", help="compile the training step (mindspore.jit)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=0, help="score this many held-out pictures after training")
@@ -319,7 +331,7 @@ def main(argv=None) -> int:
     make_pictures(args.work, args.pictures, TRAIN_SEED_BASE + args.seed * 1_000_000, turns=args.questions,
                   scale=TRAIN_SCALE, easy=args.easy, context=args.context, describe_last=bool(args.describe_last),
                   easy_objects=args.easy_objects, easy_kinds=args.easy_kinds or None)
-    init_checkpoint(os.path.join(args.work, "init"), args.seed, args.vit_pos)
+    init_checkpoint(os.path.join(args.work, "init"), args.seed, args.vit_pos, args.init_tower)
     t_data = time.perf_counter() - t0
     print(f"[default] data and initial checkpoint in {t_data:.0f} s", flush=True)
     from ixc25_ms.train.cli import main as finetune

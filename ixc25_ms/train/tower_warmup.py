@@ -1,0 +1,222 @@
+"""Tower warm-up: trains a checkpoint's CLIP vision tower alone on tagged pictures (max-pooled classification).
+
+IXC2.5 fine-tunes from a ViT that arrives trained (CLIP). A tower started from random weights and trained only
+through the language-model loss learns no shape on the default model's drawn pictures: the language model reads
+image tokens by attention, an average, and the averaged gradient teaches no local detector. Trained alone with
+its patch features max-pooled per channel and one linear head, the same tower learns shape; an attention read
+learns it off the frozen tower afterwards (notes/default-model.md). This is that first stage:
+
+    python -m ixc25_ms.train.tower_warmup --model INIT --data tags.json --output_dir WARM --steps 500
+
+tags.json: [{"image": "images/1.png", "tags": ["triangle"]}, ...] (paths relative to the JSON file). One tag
+per picture: softmax cross-entropy over the tags seen; several: a binary cross-entropy per tag. Each picture is
+scaled so its longer side is the tower's crop side and centred on white. AdamW (weight decay 0.05, betas
+0.9/0.98), linear warmup then cosine; batches drawn from (seed, step), so a run killed and started again with
+the same arguments resumes from its last save (`OUT.resume.safetensors`) and ends with the same weights. The
+output is the input checkpoint (every file) with the vit.* tensors replaced, written under a temporary name
+and renamed at the end; the head is dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from typing import List, Tuple
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+from PIL import Image
+
+from ..config import IXCConfig
+from ..processing import CLIP_MEAN, CLIP_STD
+from ..vision.clip import CLIPVisionTower
+from ..weights.layout import load_state_dict
+from ..weights.safetensors import write_safetensors
+from .optim import Optimizer, lr_lambda
+
+PREFIX = "vit."  # the tower's tensors in an IXC2.5 checkpoint: vit.vision_tower.vision_model....
+
+
+class TagDataError(ValueError):
+    """Bad tag data: the message names the file, the item and the field."""
+
+
+def read_tags(path: str) -> Tuple[List[str], List[List[str]], List[str]]:
+    """(image paths, tags per picture, the sorted tag vocabulary) of a tags.json."""
+    try:
+        with open(path) as f:
+            items = json.load(f)
+    except OSError as e:
+        raise TagDataError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError as e:
+        raise TagDataError(f"{path}: not JSON ({e})") from None
+    if not isinstance(items, list) or not items:
+        raise TagDataError(f"{path}: expected a non-empty list of {{'image', 'tags'}} items")
+    root, images, tags = os.path.dirname(os.path.abspath(path)), [], []
+    for i, it in enumerate(items):
+        where = f"{path}: item {i}"
+        if not isinstance(it, dict) or not isinstance(it.get("image"), str):
+            raise TagDataError(f"{where}: field 'image' must be a path")
+        t = it.get("tags")
+        if not isinstance(t, list) or not t or not all(isinstance(x, str) and x for x in t):
+            raise TagDataError(f"{where}: field 'tags' must be a non-empty list of strings")
+        full = os.path.join(root, it["image"])
+        if not os.path.isfile(full):
+            raise TagDataError(f"{where}: field 'image': no file {it['image']!r}")
+        images.append(full)
+        tags.append(t)
+    return images, tags, sorted({x for t in tags for x in t})
+
+
+def square_view(path: str, side: int) -> np.ndarray:
+    """(side, side, 3) uint8: the picture scaled (bicubic) so its longer side is `side`, centred on white."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        s = side / max(im.size)
+        im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), resample=Image.BICUBIC)
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
+    return np.asarray(canvas, np.uint8)
+
+
+def pixels(views: np.ndarray) -> np.ndarray:
+    """(B, R, R, 3) uint8 -> (B, 3, R, R) float32: /255 then CLIP mean/std (processing.to_pixel_values)."""
+    x = (views.astype(np.float32) / np.float32(255.0) - CLIP_MEAN) / CLIP_STD
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+class WarmupNet(nn.Cell):
+    """Tower -> per-channel max over patches -> linear head -> loss. (B,3,R,R) pixels and (B, n_tags) float
+    targets (one-hot for single-tag data) -> the mean loss: softmax CE when `single`, else BCE per tag."""
+
+    def __init__(self, vision_cfg, n_tags: int, single: bool, seed: int = 0):
+        super().__init__()
+        self.tower = CLIPVisionTower(vision_cfg)
+        c = vision_cfg.hidden_size
+        rng = np.random.default_rng(seed)
+        self.head_w = ms.Parameter(Tensor((rng.standard_normal((n_tags, c)) * 0.02).astype(np.float32)),
+                                   name="head.weight")
+        self.head_b = ms.Parameter(Tensor(np.zeros(n_tags, np.float32)), name="head.bias")
+        self.single = single
+
+    def logits(self, px):
+        f = self.tower(px).max(axis=1)  # (B, C)
+        return ops.matmul(f, self.head_w.T) + self.head_b
+
+    def construct(self, px, target):
+        z = self.logits(px)
+        if self.single:
+            return -(target * ops.log_softmax(z, -1)).sum(-1).mean()
+        return ops.binary_cross_entropy_with_logits(z, target, ops.ones_like(z), ops.ones_like(z))
+
+
+def targets(tags: List[List[str]], vocab: List[str]) -> np.ndarray:
+    out = np.zeros((len(tags), len(vocab)), np.float32)
+    index = {t: i for i, t in enumerate(vocab)}
+    for r, t in enumerate(tags):
+        out[r, [index[x] for x in t]] = 1.0
+    return out
+
+
+def batch_indices(n: int, batch: int, seed: int, step: int) -> np.ndarray:
+    """The pictures of step `step` (1-based): drawn from (seed, step) alone, so a resumed run draws the same."""
+    return np.random.default_rng([seed, step]).integers(0, n, batch)
+
+
+def _write_checkpoint(src: str, dst: str, tower_state: dict) -> None:
+    """src's files copied to dst with the vit.* tensors replaced; written to dst.tmp, renamed at the end."""
+    tmp = dst.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json", "optimizer*",
+                                                            "trainer_state.json"))
+    state = load_state_dict(src)
+    state.update(tower_state)
+    write_safetensors(os.path.join(tmp, "model.safetensors"), {k: ("F32", v) for k, v in state.items()})
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+
+
+def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int = 16, lr: float = 1e-3,
+            warmup: int = 50, weight_decay: float = 0.05, seed: int = 0, save_steps: int = 100,
+            use_jit: bool = True, log=print) -> List[dict]:
+    """Train `model`'s tower on `data` (tags.json) and write `output_dir`; returns the logged rows
+    ({step, loss, seconds} every 50 steps and the last)."""
+    images, tags, vocab = read_tags(data)
+    with open(os.path.join(model, "config.json")) as f:
+        cfg = IXCConfig.from_dict(json.load(f), where=os.path.join(model, "config.json")).vision
+    single = all(len(t) == 1 for t in tags)
+    y = targets(tags, vocab)
+    net = WarmupNet(cfg, len(vocab), single, seed)
+    tower = {PREFIX + p.name[len("tower."):]: p for p in net.tower.get_parameters()}  # tower.vision_tower... -> vit.vision_tower...
+    state = load_state_dict(model)
+    for k, p in tower.items():
+        if k not in state:
+            raise SystemExit(f"{model}: no tensor {k} (is it an IXC2.5 checkpoint with this vision_config?)")
+        p.set_data(Tensor(state[k]))
+    used = [k for k in tower if ".post_layernorm." not in k]  # held for the checkpoint, unused (as in chat)
+    params = [tower[k] for k in used] + [net.head_w, net.head_b]
+    names = used + ["head.weight", "head.bias"]
+    opt = Optimizer(params, names, "adamw_torch", weight_decay, (0.9, 0.98))
+    resume, start, rows = output_dir.rstrip("/") + ".resume.safetensors", 0, []
+    if os.path.exists(resume):
+        saved = load_state_dict(resume)
+        for n, p in zip(names, params):
+            p.set_data(Tensor(saved[n]))
+        opt.load_state_arrays({k[4:]: v for k, v in saved.items() if k.startswith("opt.")})
+        start = int(saved["opt.steps"][0])
+        log(f"[tower_warmup] resuming at step {start} from {resume}")
+    grad = ms.value_and_grad(net, None, params)
+    step_fn = ms.jit(grad) if use_jit else grad
+    log(f"[tower_warmup] {len(images)} pictures, {len(vocab)} tags ({'one' if single else 'several'} a picture), "
+        f"tower {cfg.hidden_size} x {cfg.num_hidden_layers}; {steps} steps of {batch}")
+    t0 = time.perf_counter()
+    for step in range(start + 1, steps + 1):
+        idx = batch_indices(len(images), batch, seed, step)
+        px = pixels(np.stack([square_view(images[i], cfg.image_size) for i in idx]))
+        loss, grads = step_fn(Tensor(px), Tensor(y[idx]))
+        opt.step(grads, lr * lr_lambda("cosine", step - 1, warmup, steps), [True] * len(params))
+        if step % 50 == 0 or step == steps:
+            rows.append({"step": step, "loss": round(float(loss.asnumpy()), 4),
+                         "seconds": round(time.perf_counter() - t0)})
+            log(f"[tower_warmup] {json.dumps(rows[-1])}")
+        if step % save_steps == 0 and step < steps:
+            saved = {n: ("F32", p.asnumpy()) for n, p in zip(names, params)}
+            saved.update({"opt." + k: ("F32" if v.dtype != np.int64 else "I64", v) for k, v in
+                          opt.state_arrays().items()})
+            write_safetensors(resume + ".tmp", saved)
+            os.replace(resume + ".tmp", resume)
+    _write_checkpoint(model, output_dir, {k: p.asnumpy() for k, p in tower.items()})
+    if os.path.exists(resume):
+        os.remove(resume)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="ixc25-tower-warmup", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="IXC2.5 checkpoint directory (official layout)")
+    ap.add_argument("--data", required=True, help="tags.json: [{'image': path, 'tags': [tag, ...]}, ...]")
+    ap.add_argument("--output_dir", required=True)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--weight_decay", type=float, default=0.05)
+    ap.add_argument("--save_steps", type=int, default=100, help="resume point every N steps")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no_jit", action="store_true", help="run the step eagerly (PyNative)")
+    a = ap.parse_args(argv)
+    try:
+        warm_up(a.model, a.data, a.output_dir, a.steps, a.batch, a.lr, a.warmup, a.weight_decay, a.seed,
+                a.save_steps, not a.no_jit)
+    except TagDataError as e:
+        print(f"ixc25-tower-warmup: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The tower warm-up stage (ixc25_ms.train.tower_warmup): loss and gradients equal to our PyTorch reference, a
+killed run resumes to the same weights, only the tower changes, bad tag data stops in one line."""
+import json
+import os
+import subprocess
+import sys
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ixc25_ms import shapes as S
+from ixc25_ms.config import IXCConfig
+from ixc25_ms.train import tower_warmup as W
+from ixc25_ms.weights.layout import load_state_dict
+from ixc25_ms.weights.safetensors import write_safetensors
+from parity_tests.reference.vision import VisionReference, normalize_rgb
+from parity_tests.tolerance import assert_close
+from scripts import train_default as T
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIDE = 112  # a 4x4 grid of 28-px patches
+
+
+def tiny_config() -> dict:
+    cfg = json.loads(json.dumps(T.CONFIG))
+    cfg.update(hidden_size=64, intermediate_size=192, num_hidden_layers=1, num_attention_heads=2)
+    cfg["vision_config"].update(hidden_size=32, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2,
+                                image_size=SIDE)
+    return cfg
+
+
+def tower_state(cfg: dict, seed: int = 3) -> dict:
+    """The recipe's initialisation with weights scaled up so activations and gradients are O(1)."""
+    st = T.init_state(seed, config=cfg)
+    rng = np.random.default_rng(seed)
+    return {k: (v * 10 if v.ndim > 1 else v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+            for k, v in st.items() if k.startswith("vit.")}
+
+
+def pictures(tmp_path, n: int, tags_of) -> str:
+    """n drawn one-object pictures and their tags.json under tmp_path; tags_of(colour, shape) -> tags."""
+    os.makedirs(tmp_path / "images", exist_ok=True)
+    items = []
+    for i in range(n):
+        im, colour, shape = S.one_object_picture(70_500_000 + i)
+        im.save(tmp_path / "images" / f"{i}.png")
+        items.append({"image": f"images/{i}.png", "tags": tags_of(list(S.COLOURS)[colour], S.SHAPES[shape])})
+    with open(tmp_path / "tags.json", "w") as f:
+        json.dump(items, f)
+    return str(tmp_path / "tags.json")
+
+
+def checkpoint(tmp_path, cfg: dict) -> str:
+    d = tmp_path / "init"
+    os.makedirs(d, exist_ok=True)
+    state = T.init_state(0, config=cfg)
+    write_safetensors(str(d / "model.safetensors"), {k: ("F32", v) for k, v in state.items()})
+    with open(d / "config.json", "w") as f:
+        json.dump(cfg, f)
+    return str(d)
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["one-tag-softmax", "several-tags-bce"])
+def test_loss_and_gradients_equal_the_pytorch_reference(tmp_path, single):
+    cfg = tiny_config()
+    vc = IXCConfig.from_dict(cfg).vision
+    data = pictures(tmp_path, 3, (lambda c, s: [s]) if single else (lambda c, s: [s, c, f"{c} {s}"]))
+    images, tags, vocab = W.read_tags(data)
+    y = W.targets(tags, vocab)
+    views = np.stack([W.square_view(p, SIDE) for p in images])
+    state = tower_state(cfg)
+    net = W.WarmupNet(vc, len(vocab), single, seed=5)
+    params = {W.PREFIX + p.name[len("tower."):]: p for p in net.tower.get_parameters()}
+    for k, p in params.items():
+        p.set_data(ms.Tensor(state[k]))
+    params = {k: p for k, p in params.items() if ".post_layernorm." not in k}  # unused, as in chat
+    net.head_w.set_data(ms.Tensor(net.head_w.asnumpy() * 50))  # a head that matters
+    names = list(params) + ["head.weight", "head.bias"]
+    loss, grads = ms.value_and_grad(net, None, list(params.values()) + [net.head_w, net.head_b])(
+        ms.Tensor(W.pixels(views)), ms.Tensor(y))
+
+    ref = VisionReference(state, cfg["vision_config"])
+    w = {k: t.requires_grad_() for k, t in ref.w.items()}
+    hw = torch.from_numpy(net.head_w.asnumpy()).requires_grad_()
+    hb = torch.zeros(len(vocab), requires_grad=True)
+    x = torch.cat([normalize_rgb(v) for v in views])
+    assert_close(W.pixels(views), x, name="pixels")
+    z = ref.tower(x).max(1).values @ hw.T + hb
+    t = torch.from_numpy(y)
+    ref_loss = F.cross_entropy(z, t.argmax(1)) if single else F.binary_cross_entropy_with_logits(z, t)
+    ref_loss.backward()
+    assert_close(loss, ref_loss.detach(), name="loss")
+    ref_grads = {**{k: w[k].grad for k in params}, "head.weight": hw.grad, "head.bias": hb.grad}
+    top = max(float(g.abs().max()) for g in ref_grads.values())
+    for n, g in zip(names, grads):
+        if n.endswith("class_embedding"):  # the CLS row is dropped before the max: reaches it only through attention
+            assert float(np.abs(g.asnumpy()).max()) > 0
+        if float(ref_grads[n].abs().max()) < 1e-3 * top:  # sums that cancel (a key bias: exactly 0 but rounding)
+            np.testing.assert_allclose(g.asnumpy(), ref_grads[n].numpy(), rtol=0, atol=1e-6 * top, err_msg=n)
+        else:
+            assert_close(g, ref_grads[n], name=n)
+
+
+def test_killed_run_resumes_to_the_same_weights_and_only_the_tower_changes(tmp_path, monkeypatch):
+    cfg = tiny_config()
+    data = pictures(tmp_path, 8, lambda c, s: [s])
+    init = checkpoint(tmp_path, cfg)
+    kw = dict(steps=4, batch=2, lr=1e-3, warmup=1, save_steps=2, use_jit=False, log=lambda *_: None)
+    W.warm_up(init, data, str(tmp_path / "straight"), **kw)
+
+    draw = W.batch_indices
+
+    def killed_at_3(n, batch, seed, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return draw(n, batch, seed, step)
+
+    monkeypatch.setattr(W, "batch_indices", killed_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        W.warm_up(init, data, str(tmp_path / "resumed"), **kw)
+    assert os.path.exists(str(tmp_path / "resumed") + ".resume.safetensors")
+    assert not os.path.exists(tmp_path / "resumed")
+    monkeypatch.setattr(W, "batch_indices", draw)
+    lines = []
+    W.warm_up(init, data, str(tmp_path / "resumed"), **{**kw, "log": lines.append})
+    assert any("resuming at step 2" in x for x in lines)
+    assert not os.path.exists(str(tmp_path / "resumed") + ".resume.safetensors")
+
+    a, b, s0 = (load_state_dict(str(tmp_path / d)) for d in ("straight", "resumed", "init"))
+    assert sorted(a) == sorted(s0)
+    moved = [k for k in s0 if not np.array_equal(a[k], s0[k])]
+    assert moved and all(k.startswith("vit.") for k in moved)
+    assert len(moved) >= 0.9 * sum(k.startswith("vit.") for k in s0)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_the_warmed_tower_learns_colour(tmp_path):
+    """Trains at toy size: the max-pooled head must tell six colours apart on its training pictures."""
+    cfg = tiny_config()
+    data = pictures(tmp_path, 24, lambda c, s: [c])
+    init = checkpoint(tmp_path, cfg)
+    rows = W.warm_up(init, data, str(tmp_path / "warm"), steps=100, batch=8, lr=3e-3, warmup=5, save_steps=1000,
+                     use_jit=True, log=lambda *_: None)
+    first = W.warm_up(init, data, str(tmp_path / "one"), steps=1, batch=8, lr=0.0, warmup=0, save_steps=1000,
+                      use_jit=True, log=lambda *_: None)[0]["loss"]
+    assert rows[-1]["loss"] < 0.3 * first and rows[-2]["loss"] < 0.6 * first, (first, rows)
+
+
+@pytest.mark.parametrize("items, field", [
+    ("not json", "not JSON"),
+    ([{"image": "images/0.png"}], "item 0: field 'tags'"),
+    ([{"image": "images/0.png", "tags": ["circle"]}, {"image": "nowhere.png", "tags": ["square"]}],
+     "item 1: field 'image': no file"),
+    ([{"image": 3, "tags": ["circle"]}], "item 0: field 'image'"),
+])
+def test_bad_tag_data_stops_in_one_line(tmp_path, items, field):
+    pictures(tmp_path, 1, lambda c, s: [s])
+    bad = tmp_path / "bad.json"
+    bad.write_text(items if isinstance(items, str) else json.dumps(items))
+    with pytest.raises(W.TagDataError, match=field):
+        W.read_tags(str(bad))
+    r = subprocess.run([sys.executable, "-m", "ixc25_ms.train.tower_warmup", "--model", str(tmp_path), "--data",
+                        str(bad), "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and str(bad) in r.stderr and field in r.stderr, r.stderr
