@@ -44,6 +44,26 @@ TRAIN_SCALE = 2 / 3
 
 EASY_SEED_OFFSET = 5_000_000  # easy picture j of the training set uses seed BASE + EASY_SEED_OFFSET + j
 CONTEXT_SEED_OFFSET = 7_000_000  # text-only context item j draws its scene from seed BASE + CONTEXT_SEED_OFFSET + j
+TOWER_SEED_OFFSET = 8_000_000  # tower warm-up picture j uses seed BASE + TOWER_SEED_OFFSET + j
+
+
+def tower_pictures(root: str, n: int, seed_base: int) -> str:
+    """n one-object pictures (200-560 px, shapes.one_object_picture from seed seed_base + j) under root/images and
+    root/tags.json tagging each with its shape: the tower warm-up's data (ixc25_ms.train.tower_warmup)."""
+    from ixc25_ms import shapes as S
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    items = []
+    for j in range(n):
+        path = os.path.join("images", f"{seed_base + j}.png")
+        im, _, shape = S.one_object_picture(seed_base + j)
+        if not os.path.exists(os.path.join(root, path)):
+            im.save(os.path.join(root, path), compress_level=1)
+        items.append({"image": path, "tags": [S.SHAPES[shape]]})
+    out = os.path.join(root, "tags.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump(items, f)
+    os.replace(out + ".tmp", out)
+    return out
 
 
 def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: float = 0.08, scale: float = 1.0,
@@ -254,7 +274,8 @@ def export(run_dir: str, dst: str, command: str, notes: dict) -> None:
             for f in ("config.json", "tokenizer.model", "model.safetensors")}
     with open(os.path.join(dst, "PROVENANCE.md"), "w") as f:
         f.write("# The embedded default model\n\nMade by `" + command + "` (scripts/train_default.py: drawn pictures, "
-                "a task tokenizer, then ixc25-finetune from random initialisation).\n\n")
+                "a task tokenizer, then ixc25-finetune from random initialisation, the ViT first trained alone by "
+                "ixc25_ms.train.tower_warmup when the command has --tower_warmup).\n\n")
         for k, v in notes.items():
             f.write(f"- {k}: {v}\n")
         f.write("\nsha256:\n```\n" + "".join(f"{v}  {k}\n" for k, v in sums.items()) + "```\n")
@@ -314,6 +335,9 @@ def main(argv=None) -> int:
     ap.add_argument("--llm_layers", type=int, default=CONFIG["num_hidden_layers"])
     ap.add_argument("--save_steps", type=int, default=400, help="checkpoint every N steps")
     ap.add_argument("--keep", type=int, default=1, help="checkpoints kept (more: a training curve to evaluate)")
+    ap.add_argument("--tower_warmup", type=int, default=0, help="first train the ViT alone this many steps of "
+                    "16 on --tower_pictures one-object pictures tagged with their shape (ixc25_ms.train.tower_warmup)")
+    ap.add_argument("--tower_pictures", type=int, default=4000)
     ap.add_argument("--init_tower", default="", help="start the ViT from this checkpoint's vit.* tensors "
                     "(e.g. scripts/tower_shape.py --save_tower)")
     ap.add_argument("--fix_vit", type=int, default=0, help="1: the ViT is not trained (ixc25-finetune --fix_vit True)")
@@ -332,13 +356,23 @@ def main(argv=None) -> int:
                   scale=TRAIN_SCALE, easy=args.easy, context=args.context, describe_last=bool(args.describe_last),
                   easy_objects=args.easy_objects, easy_kinds=args.easy_kinds or None)
     init_checkpoint(os.path.join(args.work, "init"), args.seed, args.vit_pos, args.init_tower)
+    start = "init"
+    if args.tower_warmup:
+        from ixc25_ms.train.tower_warmup import warm_up
+        tags = tower_pictures(os.path.join(args.work, "tower"), args.tower_pictures,
+                              TRAIN_SEED_BASE + args.seed * 1_000_000 + TOWER_SEED_OFFSET)
+        start = "init_warm"
+        if not os.path.exists(os.path.join(args.work, start)):  # a finished warm-up is not redone on a rerun
+            warm_up(os.path.join(args.work, "init"), tags, os.path.join(args.work, start), steps=args.tower_warmup,
+                    batch=16, lr=1e-3, warmup=50, seed=args.seed, use_jit=args.jit)
     t_data = time.perf_counter() - t0
-    print(f"[default] data and initial checkpoint in {t_data:.0f} s", flush=True)
+    print(f"[default] data, initial checkpoint{' and tower warm-up' * bool(args.tower_warmup)} in {t_data:.0f} s",
+          flush=True)
     from ixc25_ms.train.cli import main as finetune
     cwd = os.getcwd()
     os.chdir(args.work)
     try:
-        rc = finetune(["--model_name_or_path", "init"] + finetune_flags(args))
+        rc = finetune(["--model_name_or_path", start] + finetune_flags(args))
     finally:
         os.chdir(cwd)
     if rc:
@@ -347,8 +381,9 @@ def main(argv=None) -> int:
     with open(os.path.join(args.work, "run", "trainer_state.json")) as f:
         state = json.load(f)
     notes = {"seed": args.seed, "training pictures": args.pictures, "easy pictures": args.easy,
+             "tower warm-up steps": args.tower_warmup,
              "text-only context items": int(round(args.context * args.pictures)),
-             "optimizer steps": state["global_step"], "data + init seconds": round(t_data), "training seconds": round(t_train)}
+             "optimizer steps": state["global_step"], "data + init (+ tower warm-up) seconds": round(t_data), "training seconds": round(t_train)}
     export(os.path.join(args.work, "run"), args.out, command, notes)
     print(f"[default] wrote {args.out} ({t_train:.0f} s of training)", flush=True)
     if args.eval:

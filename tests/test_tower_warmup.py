@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ixc25_ms import shapes as S
 from ixc25_ms.config import IXCConfig
@@ -167,3 +168,15 @@ def test_bad_tag_data_stops_in_one_line(tmp_path, items, field):
                         str(bad), "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and str(bad) in r.stderr and field in r.stderr, r.stderr
+
+
+def test_recipe_tower_pictures_are_tagged_with_their_drawn_shape(tmp_path):
+    """train_default's warm-up data: each picture's tag is the shape drawn from its seed, readable by read_tags."""
+    tags_json = T.tower_pictures(str(tmp_path), 6, 70_600_000)
+    images, tags, vocab = W.read_tags(tags_json)
+    assert len(images) == 6 and set(vocab) <= set(S.SHAPES)
+    for j, (path, t) in enumerate(zip(images, tags)):
+        im, _, shape = S.one_object_picture(70_600_000 + j)
+        assert t == [S.SHAPES[shape]]
+        with Image.open(path) as saved:
+            assert saved.size == im.size and np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(im))
