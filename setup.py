@@ -32,6 +32,7 @@ setup(
             "ixc25-bench=scripts.bench:main",
             "ixc25-finetune=ixc25_ms.train.cli:main",
             "ixc25-merge=ixc25_ms.train.merge:main",
+            "ixc25-tower-warmup=ixc25_ms.train.tower_warmup:main",
             "ixc25-eval=ixc25_ms.eval:main",
         ]
     },

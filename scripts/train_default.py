@@ -361,10 +361,11 @@ def main(argv=None) -> int:
         from ixc25_ms.train.tower_warmup import warm_up
         tags = tower_pictures(os.path.join(args.work, "tower"), args.tower_pictures,
                               TRAIN_SEED_BASE + args.seed * 1_000_000 + TOWER_SEED_OFFSET)
+        held = tower_pictures(os.path.join(args.work, "tower_heldout"), 300, EVAL_SEED_BASE + TOWER_SEED_OFFSET)
         start = "init_warm"
         if not os.path.exists(os.path.join(args.work, start)):  # a finished warm-up is not redone on a rerun
             warm_up(os.path.join(args.work, "init"), tags, os.path.join(args.work, start), steps=args.tower_warmup,
-                    batch=16, lr=1e-3, warmup=50, seed=args.seed, use_jit=args.jit)
+                    batch=16, lr=1e-3, warmup=50, seed=args.seed, use_jit=args.jit, eval_data=held)
     t_data = time.perf_counter() - t0
     print(f"[default] data, initial checkpoint{' and tower warm-up' * bool(args.tower_warmup)} in {t_data:.0f} s",
           flush=True)

@@ -145,10 +145,11 @@ def test_the_warmed_tower_learns_colour(tmp_path):
     data = pictures(tmp_path, 24, lambda c, s: [c])
     init = checkpoint(tmp_path, cfg)
     rows = W.warm_up(init, data, str(tmp_path / "warm"), steps=100, batch=8, lr=3e-3, warmup=5, save_steps=1000,
-                     use_jit=True, log=lambda *_: None)
+                     use_jit=True, eval_data=data, log=lambda *_: None)
     first = W.warm_up(init, data, str(tmp_path / "one"), steps=1, batch=8, lr=0.0, warmup=0, save_steps=1000,
                       use_jit=True, log=lambda *_: None)[0]["loss"]
     assert rows[-1]["loss"] < 0.3 * first and rows[-2]["loss"] < 0.6 * first, (first, rows)
+    assert rows[-1]["accuracy"] >= 0.9, rows  # its training pictures, six colours: chance 1/6
 
 
 @pytest.mark.parametrize("items, field", [

@@ -140,11 +140,25 @@ def _write_checkpoint(src: str, dst: str, tower_state: dict) -> None:
     os.replace(tmp, dst)
 
 
+def accuracy(net: WarmupNet, data: str, vocab: List[str], side: int, batch: int = 16) -> float:
+    """Share of `data`'s pictures whose tags the head gets exactly: the top tag (one a picture) or every tag with
+    a positive logit and no other (several); tags outside the training vocabulary count as wrong."""
+    images, tags, _ = read_tags(data)
+    right = 0
+    for a in range(0, len(images), batch):
+        px = pixels(np.stack([square_view(p, side) for p in images[a:a + batch]]))
+        z = net.logits(Tensor(px)).asnumpy()
+        for row, t in zip(z, tags[a:a + batch]):
+            got = {vocab[int(row.argmax())]} if net.single else {vocab[i] for i in np.flatnonzero(row > 0)}
+            right += got == set(t)
+    return right / len(images)
+
+
 def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int = 16, lr: float = 1e-3,
             warmup: int = 50, weight_decay: float = 0.05, seed: int = 0, save_steps: int = 100,
-            use_jit: bool = True, log=print) -> List[dict]:
+            use_jit: bool = True, eval_data: str = "", log=print) -> List[dict]:
     """Train `model`'s tower on `data` (tags.json) and write `output_dir`; returns the logged rows
-    ({step, loss, seconds} every 50 steps and the last)."""
+    ({step, loss, seconds} every 50 steps and the last; with `eval_data`, the last has the held-out accuracy)."""
     images, tags, vocab = read_tags(data)
     with open(os.path.join(model, "config.json")) as f:
         cfg = IXCConfig.from_dict(json.load(f), where=os.path.join(model, "config.json")).vision
@@ -189,6 +203,9 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
                           opt.state_arrays().items()})
             write_safetensors(resume + ".tmp", saved)
             os.replace(resume + ".tmp", resume)
+    if eval_data:
+        rows[-1]["accuracy"] = round(accuracy(net, eval_data, vocab, cfg.image_size), 4)
+        log(f"[tower_warmup] held-out {eval_data}: {rows[-1]['accuracy']:.1%} right")
     _write_checkpoint(model, output_dir, {k: p.asnumpy() for k, p in tower.items()})
     if os.path.exists(resume):
         os.remove(resume)
@@ -206,12 +223,13 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--weight_decay", type=float, default=0.05)
     ap.add_argument("--save_steps", type=int, default=100, help="resume point every N steps")
+    ap.add_argument("--eval_data", default="", help="held-out tags.json scored at the end")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no_jit", action="store_true", help="run the step eagerly (PyNative)")
     a = ap.parse_args(argv)
     try:
         warm_up(a.model, a.data, a.output_dir, a.steps, a.batch, a.lr, a.warmup, a.weight_decay, a.seed,
-                a.save_steps, not a.no_jit)
+                a.save_steps, not a.no_jit, a.eval_data)
     except TagDataError as e:
         print(f"ixc25-tower-warmup: {e}", file=sys.stderr)
         return 2
