@@ -8,6 +8,9 @@ pre-LayerNorm, encoder layers, features without post_layernorm), max-pools its p
 linear head, with AdamW (weight decay 0.05, betas 0.9/0.98), 50 warmup steps and a cosine schedule, on
 one-object pictures (shapes.random_scene, 200-560 px, seeds 90,500,000 + i; held-out 91,500,000 + i) scaled so
 the longer side is the crop side and centred on a white square. It prints the held-out accuracy as it goes.
+`--pool` swaps the max for other reads (pooled; `dense`: every patch classified), `--probe` ridge-probes the
+trained features by mean, object mean and max, `--then_attn N` freezes the tower and trains a language-model-like
+attention read of it (read_frozen), `--save_tower` writes it for `train_default.py --init_tower`.
 """
 from __future__ import annotations
 
