@@ -30,16 +30,12 @@ TRAIN_SEED, TEST_SEED = 90_500_000, 91_500_000
 
 def pictures(n: int, seed0: int, side: int, task: str, radius=None):
     """(n, side, side, 3) uint8 one-object pictures and their labels (shape or colour index)."""
-    from PIL import Image
     from ixc25_ms import shapes as S
+    from ixc25_ms.train.tower_warmup import square_view
     xs, ys = [], []
     for i in range(n):
         im, colour, shape = S.one_object_picture(seed0 + i, radius=radius)
-        s = side / max(im.size)
-        im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), resample=3)
-        canvas = Image.new("RGB", (side, side), (255, 255, 255))
-        canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
-        xs.append(np.asarray(canvas, np.uint8))
+        xs.append(square_view(im, side))
         ys.append(shape if task == "shape" else colour)
     return np.stack(xs), np.asarray(ys)
 

@@ -72,9 +72,10 @@ def read_tags(path: str) -> Tuple[List[str], List[List[str]], List[str]]:
     return images, tags, sorted({x for t in tags for x in t})
 
 
-def square_view(path: str, side: int) -> np.ndarray:
-    """(side, side, 3) uint8: the picture scaled (bicubic) so its longer side is `side`, centred on white."""
-    with Image.open(path) as im:
+def square_view(picture, side: int) -> np.ndarray:
+    """(side, side, 3) uint8: the picture (a path or a PIL image) scaled (bicubic) so its longer side is `side`,
+    centred on white."""
+    with (Image.open(picture) if isinstance(picture, str) else picture.copy()) as im:
         im = im.convert("RGB")
         s = side / max(im.size)
         im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), resample=Image.BICUBIC)
