@@ -125,14 +125,40 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     return im
 
 
-def one_object_picture(seed: int, sides: Tuple[int, int] = (200, 560),
-                       radius: Optional[Tuple[float, float]] = None) -> Tuple[Image.Image, int, int]:
-    """A one-object picture drawn from `seed` (canvas sides in `sides`, object radius as random_scene's), its
-    colour index (COLOURS order) and its shape index (SHAPES order): the probes' pictures."""
+def region_map(scene: Scene, values: Sequence[int]) -> Image.Image:
+    """An 'L' image of the scene's size where object i's pixels (fill and outline, drawn in render's order, so a
+    later object covers an earlier one) hold values[i] and the background 0: where each object lies."""
+    im = Image.new("L", (scene.width, scene.height), 0)
+    draw = ImageDraw.Draw(im)
+    for o, v in zip(scene.objects, values):
+        line = v if o.outline is not None else None
+        if o.shape == "circle":
+            draw.ellipse((o.cx - o.size, o.cy - o.size, o.cx + o.size, o.cy + o.size), fill=v, outline=line,
+                         width=o.width)
+        else:
+            pts = _polygon(o)
+            draw.polygon(pts, fill=v)
+            if line is not None:
+                draw.line(pts + [pts[0]], fill=v, width=o.width, joint="curve")
+    return im
+
+
+def one_object_scene(seed: int, sides: Tuple[int, int] = (200, 560),
+                     radius: Optional[Tuple[float, float]] = None) -> Tuple[Scene, Image.Image]:
+    """A one-object scene drawn from `seed` (canvas sides in `sides`, object radius as random_scene's) and its
+    picture."""
     rng = np.random.default_rng(seed)
     scene = random_scene(rng, 1, sides, radius)
+    return scene, render(scene, rng)
+
+
+def one_object_picture(seed: int, sides: Tuple[int, int] = (200, 560),
+                       radius: Optional[Tuple[float, float]] = None) -> Tuple[Image.Image, int, int]:
+    """A one-object picture drawn from `seed` (one_object_scene), its colour index (COLOURS order) and its shape
+    index (SHAPES order): the probes' pictures."""
+    scene, im = one_object_scene(seed, sides, radius)
     o = scene.objects[0]
-    return render(scene, rng), list(COLOURS).index(o.colour), SHAPES.index(o.shape)
+    return im, list(COLOURS).index(o.colour), SHAPES.index(o.shape)
 
 
 # ------------------------------------------------------------------------------------------ questions and answers

@@ -47,18 +47,34 @@ CONTEXT_SEED_OFFSET = 7_000_000  # text-only context item j draws its scene from
 TOWER_SEED_OFFSET = 8_000_000  # tower warm-up picture j uses seed BASE + TOWER_SEED_OFFSET + j
 
 
-def tower_pictures(root: str, n: int, seed_base: int) -> str:
-    """n one-object pictures (200-560 px, shapes.one_object_picture from seed seed_base + j) under root/images and
-    root/tags.json tagging each with its shape: the tower warm-up's data (ixc25_ms.train.tower_warmup)."""
+def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape") -> str:
+    """n pictures for the tower warm-up (ixc25_ms.train.tower_warmup) under root/images and root/tags.json, picture
+    j drawn from seed seed_base + j, with a mask of where each tag lies (root/masks: value k marks the item's k-th
+    tag, 0 the background). tags "shape": one object (200-560 px, shapes.one_object_scene) tagged with its shape;
+    "pair": the same pictures tagged "colour shape" (one of 18, so the tower keeps colour beside shape); "pairs":
+    1-4 objects (shapes.random_scene, 200-1200 px) tagged with every "colour shape" pair they show."""
     from ixc25_ms import shapes as S
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    if tags not in ("shape", "pair", "pairs"):
+        raise ValueError(f"tower tags must be 'shape', 'pair' or 'pairs', got {tags!r}")
+    for sub in ("images", "masks"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
     items = []
     for j in range(n):
-        path = os.path.join("images", f"{seed_base + j}.png")
-        im, _, shape = S.one_object_picture(seed_base + j)
-        if not os.path.exists(os.path.join(root, path)):
+        path, mask = os.path.join("images", f"{seed_base + j}.png"), os.path.join("masks", f"{seed_base + j}.png")
+        if tags in ("shape", "pair"):
+            scene, im = S.one_object_scene(seed_base + j)
+            o = scene.objects[0]
+            names = [o.shape if tags == "shape" else f"{o.colour} {o.shape}"]
+        else:
+            rng = np.random.default_rng(seed_base + j)
+            scene = S.random_scene(rng)
+            im = S.render(scene, rng)
+            names = sorted({f"{o.colour} {o.shape}" for o in scene.objects})
+        if not os.path.exists(os.path.join(root, mask)):
             im.save(os.path.join(root, path), compress_level=1)
-        items.append({"image": path, "tags": [S.SHAPES[shape]]})
+            values = [1 + names.index(x.shape if tags == "shape" else f"{x.colour} {x.shape}") for x in scene.objects]
+            S.region_map(scene, values).save(os.path.join(root, mask))
+        items.append({"image": path, "tags": names, "mask": mask})
     out = os.path.join(root, "tags.json")
     with open(out + ".tmp", "w") as f:
         json.dump(items, f)
@@ -336,8 +352,13 @@ def main(argv=None) -> int:
     ap.add_argument("--save_steps", type=int, default=400, help="checkpoint every N steps")
     ap.add_argument("--keep", type=int, default=1, help="checkpoints kept (more: a training curve to evaluate)")
     ap.add_argument("--tower_warmup", type=int, default=0, help="first train the ViT alone this many steps of "
-                    "16 on --tower_pictures one-object pictures tagged with their shape (ixc25_ms.train.tower_warmup)")
+                    "16 on --tower_pictures pictures tagged as --tower_tags says (ixc25_ms.train.tower_warmup)")
+    ap.add_argument("--tower_dense", type=int, default=0, help="after --tower_warmup, this many steps of 16 with "
+                    "a per-patch loss added (tower_warmup --dense 1, lr 5e-4): shape spread over the object's patches")
     ap.add_argument("--tower_pictures", type=int, default=4000)
+    ap.add_argument("--tower_tags", choices=("shape", "pair", "pairs"), default="shape", help="the warm-up's pictures "
+                    "and tags: one object tagged with its shape or its colour-shape pair, or 1-4 objects tagged with "
+                    "their colour-shape pairs (tower_pictures)")
     ap.add_argument("--init_tower", default="", help="start the ViT from this checkpoint's vit.* tensors "
                     "(e.g. scripts/tower_shape.py --save_tower)")
     ap.add_argument("--fix_vit", type=int, default=0, help="1: the ViT is not trained (ixc25-finetune --fix_vit True)")
@@ -345,6 +366,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=0, help="score this many held-out pictures after training")
     args = ap.parse_args(argv)
+    if args.tower_dense and not args.tower_warmup:
+        ap.error("--tower_dense continues a --tower_warmup: give both")
     CONFIG["vision_config"].update(hidden_size=args.vit_width, intermediate_size=4 * args.vit_width,
                                    num_attention_heads=max(1, args.vit_width // 32), num_hidden_layers=args.vit_layers)
     CONFIG.update(hidden_size=args.llm_width, intermediate_size=3 * args.llm_width,
@@ -360,12 +383,19 @@ def main(argv=None) -> int:
     if args.tower_warmup:
         from ixc25_ms.train.tower_warmup import warm_up
         tags = tower_pictures(os.path.join(args.work, "tower"), args.tower_pictures,
-                              TRAIN_SEED_BASE + args.seed * 1_000_000 + TOWER_SEED_OFFSET)
-        held = tower_pictures(os.path.join(args.work, "tower_heldout"), 300, EVAL_SEED_BASE + TOWER_SEED_OFFSET)
+                              TRAIN_SEED_BASE + args.seed * 1_000_000 + TOWER_SEED_OFFSET, args.tower_tags)
+        held = tower_pictures(os.path.join(args.work, "tower_heldout"), 300, EVAL_SEED_BASE + TOWER_SEED_OFFSET,
+                              args.tower_tags)
         start = "init_warm"
         if not os.path.exists(os.path.join(args.work, start)):  # a finished warm-up is not redone on a rerun
             warm_up(os.path.join(args.work, "init"), tags, os.path.join(args.work, start), steps=args.tower_warmup,
                     batch=16, lr=1e-3, warmup=50, seed=args.seed, use_jit=args.jit, eval_data=held)
+        if args.tower_dense:  # then the max and the per-patch loss together, at half the rate
+            start = "init_dense"
+            if not os.path.exists(os.path.join(args.work, start)):
+                warm_up(os.path.join(args.work, "init_warm"), tags, os.path.join(args.work, start),
+                        steps=args.tower_dense, batch=16, lr=5e-4, warmup=30, seed=args.seed + 1, use_jit=args.jit,
+                        eval_data=held, dense=1.0)
     t_data = time.perf_counter() - t0
     print(f"[default] data, initial checkpoint{' and tower warm-up' * bool(args.tower_warmup)} in {t_data:.0f} s",
           flush=True)
@@ -382,7 +412,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.work, "run", "trainer_state.json")) as f:
         state = json.load(f)
     notes = {"seed": args.seed, "training pictures": args.pictures, "easy pictures": args.easy,
-             "tower warm-up steps": args.tower_warmup,
+             "tower warm-up steps": args.tower_warmup, "tower per-patch steps": args.tower_dense,
              "text-only context items": int(round(args.context * args.pictures)),
              "optimizer steps": state["global_step"], "data + init (+ tower warm-up) seconds": round(t_data), "training seconds": round(t_train)}
     export(os.path.join(args.work, "run"), args.out, command, notes)

@@ -42,13 +42,17 @@ def tower_state(cfg: dict, seed: int = 3) -> dict:
 
 
 def pictures(tmp_path, n: int, tags_of) -> str:
-    """n drawn one-object pictures and their tags.json under tmp_path; tags_of(colour, shape) -> tags."""
+    """n drawn one-object pictures, their masks (the object: 1, its first tag) and their tags.json under tmp_path;
+    tags_of(colour, shape) -> tags."""
     os.makedirs(tmp_path / "images", exist_ok=True)
+    os.makedirs(tmp_path / "masks", exist_ok=True)
     items = []
     for i in range(n):
-        im, colour, shape = S.one_object_picture(70_500_000 + i)
+        scene, im = S.one_object_scene(70_500_000 + i)
         im.save(tmp_path / "images" / f"{i}.png")
-        items.append({"image": f"images/{i}.png", "tags": tags_of(list(S.COLOURS)[colour], S.SHAPES[shape])})
+        S.region_map(scene, [1]).save(tmp_path / "masks" / f"{i}.png")
+        o = scene.objects[0]
+        items.append({"image": f"images/{i}.png", "tags": tags_of(o.colour, o.shape), "mask": f"masks/{i}.png"})
     with open(tmp_path / "tags.json", "w") as f:
         json.dump(items, f)
     return str(tmp_path / "tags.json")
@@ -64,24 +68,29 @@ def checkpoint(tmp_path, cfg: dict) -> str:
     return str(d)
 
 
-@pytest.mark.parametrize("single", [True, False], ids=["one-tag-softmax", "several-tags-bce"])
-def test_loss_and_gradients_equal_the_pytorch_reference(tmp_path, single):
+@pytest.mark.parametrize("single,dense", [(True, 0.0), (False, 0.0), (True, 0.7)],
+                         ids=["one-tag-softmax", "several-tags-bce", "one-tag-plus-per-patch"])
+def test_loss_and_gradients_equal_the_pytorch_reference(tmp_path, single, dense):
     cfg = tiny_config()
     vc = IXCConfig.from_dict(cfg).vision
-    data = pictures(tmp_path, 3, (lambda c, s: [s]) if single else (lambda c, s: [s, c, f"{c} {s}"]))
-    images, tags, vocab = W.read_tags(data)
+    n = 6 if dense else 3  # at 112 px only pictures 4 and 5 have an object over half a patch
+    data = pictures(tmp_path, n, (lambda c, s: [s]) if single else (lambda c, s: [s, c, f"{c} {s}"]))
+    images, tags, vocab, masks = W.read_tags(data)
     y = W.targets(tags, vocab)
     views = np.stack([W.square_view(p, SIDE) for p in images])
+    labels = W.patch_labels(masks, tags, vocab, SIDE, 28)
     state = tower_state(cfg)
-    net = W.WarmupNet(vc, len(vocab), single, seed=5)
+    net = W.WarmupNet(vc, len(vocab), single, seed=5, dense=dense)
     params = {W.PREFIX + p.name[len("tower."):]: p for p in net.tower.get_parameters()}
     for k, p in params.items():
         p.set_data(ms.Tensor(state[k]))
     params = {k: p for k, p in params.items() if ".post_layernorm." not in k}  # unused, as in chat
     net.head_w.set_data(ms.Tensor(net.head_w.asnumpy() * 50))  # a head that matters
-    names = list(params) + ["head.weight", "head.bias"]
-    loss, grads = ms.value_and_grad(net, None, list(params.values()) + [net.head_w, net.head_b])(
-        ms.Tensor(W.pixels(views)), ms.Tensor(y))
+    if dense:
+        net.dense_w.set_data(ms.Tensor(net.dense_w.asnumpy() * 50))
+    names = list(params) + [p.name for p in net.heads()]
+    loss, grads = ms.value_and_grad(net, None, list(params.values()) + net.heads())(
+        ms.Tensor(W.pixels(views)), ms.Tensor(y), ms.Tensor(labels))
 
     ref = VisionReference(state, cfg["vision_config"])
     w = {k: t.requires_grad_() for k, t in ref.w.items()}
@@ -89,12 +98,24 @@ def test_loss_and_gradients_equal_the_pytorch_reference(tmp_path, single):
     hb = torch.zeros(len(vocab), requires_grad=True)
     x = torch.cat([normalize_rgb(v) for v in views])
     assert_close(W.pixels(views), x, name="pixels")
-    z = ref.tower(x).max(1).values @ hw.T + hb
+    f = ref.tower(x)
+    z = f.max(1).values @ hw.T + hb
     t = torch.from_numpy(y)
     ref_loss = F.cross_entropy(z, t.argmax(1)) if single else F.binary_cross_entropy_with_logits(z, t)
+    ref_grads = {}
+    if dense:  # every patch: its object's tag where the object covers over half of it, else the background class
+        lab = torch.from_numpy(labels.astype(np.int64))
+        assert (lab < len(vocab)).any() and (lab == len(vocab)).any()
+        dw = torch.from_numpy(net.dense_w.asnumpy()).requires_grad_()
+        db = torch.zeros(len(vocab) + 1, requires_grad=True)
+        per = F.cross_entropy((f @ dw.T + db).flatten(0, 1), lab.flatten(), reduction="none")
+        on = (lab.flatten() < len(vocab)).float()
+        ref_loss = ref_loss + dense * (0.5 * (per * on).sum() / on.sum() + 0.5 * (per * (1 - on)).sum() / (1 - on).sum())
+        ref_grads = {"dense.weight": dw, "dense.bias": db}
     ref_loss.backward()
     assert_close(loss, ref_loss.detach(), name="loss")
-    ref_grads = {**{k: w[k].grad for k in params}, "head.weight": hw.grad, "head.bias": hb.grad}
+    ref_grads = {**{k: w[k].grad for k in params}, "head.weight": hw.grad, "head.bias": hb.grad,
+                 **{k: v.grad for k, v in ref_grads.items()}}
     top = max(float(g.abs().max()) for g in ref_grads.values())
     for n, g in zip(names, grads):
         if n.endswith("class_embedding"):  # the CLS row is dropped before the max: reaches it only through attention
@@ -158,6 +179,7 @@ def test_the_warmed_tower_learns_colour(tmp_path):
     ([{"image": "images/0.png", "tags": ["circle"]}, {"image": "nowhere.png", "tags": ["square"]}],
      "item 1: field 'image': no file"),
     ([{"image": 3, "tags": ["circle"]}], "item 0: field 'image'"),
+    ([{"image": "images/0.png", "tags": ["circle"], "mask": "nowhere.png"}], "item 0: field 'mask': no file"),
 ])
 def test_bad_tag_data_stops_in_one_line(tmp_path, items, field):
     pictures(tmp_path, 1, lambda c, s: [s])
@@ -171,13 +193,70 @@ def test_bad_tag_data_stops_in_one_line(tmp_path, items, field):
     assert r.stderr.strip().count("\n") == 0 and str(bad) in r.stderr and field in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("case, field", [
+    ("small", "item 1: field 'mask': 10x10, the image is"),
+    ("value", "item 1: field 'mask': value 3, the item has 1 tags"),
+    ("none", "item 1: field 'mask' is needed"),
+])
+def test_bad_masks_stop_in_one_line(tmp_path, case, field):
+    """A mask of another size, one naming a tag the item lacks, or none under --dense: one line naming the item."""
+    data = pictures(tmp_path, 2, lambda c, s: [s])
+    items = json.loads(open(data).read())
+    if case == "small":
+        Image.new("L", (10, 10), 0).save(tmp_path / "masks" / "small.png")
+        items[1]["mask"] = "masks/small.png"
+    elif case == "value":
+        m = np.asarray(Image.open(tmp_path / "masks" / "1.png")).copy()
+        m[m > 0] = 3
+        Image.fromarray(m).save(tmp_path / "masks" / "1.png")
+    else:
+        del items[1]["mask"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(items))
+    init = checkpoint(tmp_path, tiny_config())
+    r = subprocess.run([sys.executable, "-m", "ixc25_ms.train.tower_warmup", "--model", init, "--data", str(bad),
+                        "--output_dir", str(tmp_path / "out"), "--dense", "1", "--no_jit"], capture_output=True,
+                       text=True, cwd=REPO)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and str(bad) in r.stderr and field in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_recipe_tower_pictures_are_tagged_with_their_drawn_shape(tmp_path):
     """train_default's warm-up data: each picture's tag is the shape drawn from its seed, readable by read_tags."""
     tags_json = T.tower_pictures(str(tmp_path), 6, 70_600_000)
-    images, tags, vocab = W.read_tags(tags_json)
+    images, tags, vocab, masks = W.read_tags(tags_json)
     assert len(images) == 6 and set(vocab) <= set(S.SHAPES)
+    pair = W.read_tags(T.tower_pictures(str(tmp_path / "pair"), 6, 70_600_000, "pair"))
     for j, (path, t) in enumerate(zip(images, tags)):
-        im, _, shape = S.one_object_picture(70_600_000 + j)
-        assert t == [S.SHAPES[shape]]
+        im, colour, shape = S.one_object_picture(70_600_000 + j)
+        assert t == [S.SHAPES[shape]] and pair[1][j] == [f"{list(S.COLOURS)[colour]} {S.SHAPES[shape]}"]
+        assert np.array_equal(np.asarray(Image.open(masks[j])), np.asarray(Image.open(pair[3][j])))
         with Image.open(path) as saved:
             assert saved.size == im.size and np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(im))
+
+
+def test_recipe_pair_tags_name_every_drawn_object(tmp_path):
+    """--tower_tags pairs: 1-4 objects a picture, tagged with exactly the (colour, shape) pairs drawn from its seed
+    (a repeated pair once), and the pixels are that scene's rendering."""
+    tags_json = T.tower_pictures(str(tmp_path), 8, 70_700_000, "pairs")
+    images, tags, vocab, masks = W.read_tags(tags_json)
+    assert set(vocab) <= {f"{c} {s}" for c in S.COLOURS for s in S.SHAPES}
+    sizes = set()
+    for j, (path, t) in enumerate(zip(images, tags)):
+        rng = np.random.default_rng(70_700_000 + j)
+        scene = S.random_scene(rng)
+        im = S.render(scene, rng)
+        assert sorted(t) == sorted({f"{o.colour} {o.shape}" for o in scene.objects}) and len(t) == len(set(t))
+        sizes.add(len(scene.objects))
+        with Image.open(path) as saved:
+            assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(im))
+        top = scene.objects[-1]  # drawn last, so nothing covers its centre
+        m = np.asarray(Image.open(masks[j]))
+        assert m.shape == (scene.height, scene.width) and m.max() <= len(t)
+        assert m[int(top.cy), int(top.cx)] == 1 + t.index(f"{top.colour} {top.shape}")
+    labels = W.patch_labels(masks, tags, vocab, 560, 28)
+    assert labels.shape == (8, 400) and (labels < len(vocab)).sum() > 8 and (labels == len(vocab)).sum() > 8 * 200
+    assert len(sizes) > 1  # several object counts among 8 pictures
+    with pytest.raises(ValueError, match="tower tags"):
+        T.tower_pictures(str(tmp_path / "x"), 1, 0, "colour")

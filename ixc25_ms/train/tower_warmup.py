@@ -9,7 +9,11 @@ learns it off the frozen tower afterwards (notes/default-model.md). This is that
     python -m ixc25_ms.train.tower_warmup --model INIT --data tags.json --output_dir WARM --steps 500
 
 tags.json: [{"image": "images/1.png", "tags": ["triangle"]}, ...] (paths relative to the JSON file). One tag
-per picture: softmax cross-entropy over the tags seen; several: a binary cross-entropy per tag. Each picture is
+per picture: softmax cross-entropy over the tags seen; several: a binary cross-entropy per tag. An item may carry
+"mask": a one-channel PNG of the picture's size, value k where its k-th tag lies, 0 elsewhere; `--dense W` then
+adds W x a per-patch loss (every patch named by the tag covering over half of it, or background), which spreads
+what the max finds over the object's patches, where an attention read (a language model's) finds it sooner
+(notes/default-model.md). Each picture is
 scaled so its longer side is the tower's crop side and centred on white. AdamW (weight decay 0.05, betas
 0.9/0.98), linear warmup then cosine; batches drawn from (seed, step), so a run killed and started again with
 the same arguments resumes from its last save (`OUT.resume.safetensors`) and ends with the same weights. The
@@ -24,7 +28,7 @@ import os
 import shutil
 import sys
 import time
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import mindspore as ms
 import numpy as np
@@ -45,8 +49,8 @@ class TagDataError(ValueError):
     """Bad tag data: the message names the file, the item and the field."""
 
 
-def read_tags(path: str) -> Tuple[List[str], List[List[str]], List[str]]:
-    """(image paths, tags per picture, the sorted tag vocabulary) of a tags.json."""
+def read_tags(path: str) -> Tuple[List[str], List[List[str]], List[str], List[Optional[str]]]:
+    """(image paths, tags per picture, the sorted tag vocabulary, mask paths or None) of a tags.json."""
     try:
         with open(path) as f:
             items = json.load(f)
@@ -56,7 +60,7 @@ def read_tags(path: str) -> Tuple[List[str], List[List[str]], List[str]]:
         raise TagDataError(f"{path}: not JSON ({e})") from None
     if not isinstance(items, list) or not items:
         raise TagDataError(f"{path}: expected a non-empty list of {{'image', 'tags'}} items")
-    root, images, tags = os.path.dirname(os.path.abspath(path)), [], []
+    root, images, tags, masks = os.path.dirname(os.path.abspath(path)), [], [], []
     for i, it in enumerate(items):
         where = f"{path}: item {i}"
         if not isinstance(it, dict) or not isinstance(it.get("image"), str):
@@ -67,9 +71,19 @@ def read_tags(path: str) -> Tuple[List[str], List[List[str]], List[str]]:
         full = os.path.join(root, it["image"])
         if not os.path.isfile(full):
             raise TagDataError(f"{where}: field 'image': no file {it['image']!r}")
+        m = it.get("mask")
+        if m is not None:
+            if not isinstance(m, str) or not os.path.isfile(os.path.join(root, m)):
+                raise TagDataError(f"{where}: field 'mask': no file {m!r}")
+            m = os.path.join(root, m)
+            with Image.open(full) as a, Image.open(m) as b:
+                if a.size != b.size:
+                    raise TagDataError(f"{where}: field 'mask': {b.size[0]}x{b.size[1]}, the image is "
+                                       f"{a.size[0]}x{a.size[1]}")
         images.append(full)
         tags.append(t)
-    return images, tags, sorted({x for t in tags for x in t})
+        masks.append(m)
+    return images, tags, sorted({x for t in tags for x in t}), masks
 
 
 def square_view(picture, side: int) -> np.ndarray:
@@ -84,6 +98,43 @@ def square_view(picture, side: int) -> np.ndarray:
     return np.asarray(canvas, np.uint8)
 
 
+def mask_view(path: str, side: int) -> np.ndarray:
+    """(side, side) uint8: a one-channel mask scaled (nearest) and centred as square_view places its picture; 0
+    around it."""
+    with Image.open(path) as im:
+        a = np.asarray(im)
+    if a.ndim != 2:
+        raise TagDataError(f"{path}: a mask has one channel (0 background, k the item's k-th tag), this one {a.shape}")
+    im = Image.fromarray(a.astype(np.uint8))
+    s = side / max(im.size)
+    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), resample=Image.NEAREST)
+    canvas = Image.new("L", (side, side), 0)
+    canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
+    return np.asarray(canvas, np.uint8)
+
+
+def patch_labels(masks: List[Optional[str]], tags: List[List[str]], vocab: List[str], side: int, patch: int,
+                 data: str = "") -> np.ndarray:
+    """(N, grid²) int32: each patch of each picture's square view labelled with the vocabulary index of the tag
+    whose mask region covers over half of it, else len(vocab) (the background class)."""
+    g, out = side // patch, []
+    for i, (m, t) in enumerate(zip(masks, tags)):
+        if m is None:
+            raise TagDataError(f"{data}: item {i}: field 'mask' is needed for the per-patch loss (--dense)")
+        try:
+            v = mask_view(m, side)[: g * patch, : g * patch]
+        except TagDataError as e:
+            raise TagDataError(f"{data}: item {i}: field 'mask': {e}") from None
+        if int(v.max()) > len(t):
+            raise TagDataError(f"{data}: item {i}: field 'mask': value {int(v.max())}, the item has {len(t)} tags")
+        blocks = v.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
+        row = np.full(g * g, len(vocab), np.int32)
+        for k, tag in enumerate(t, 1):
+            row[(blocks == k).mean(1) > 0.5] = vocab.index(tag)
+        out.append(row)
+    return np.stack(out)
+
+
 def pixels(views: np.ndarray) -> np.ndarray:
     """(B, R, R, 3) uint8 -> (B, 3, R, R) float32: /255 then CLIP mean/std (processing.to_pixel_values)."""
     x = (views.astype(np.float32) / np.float32(255.0) - CLIP_MEAN) / CLIP_STD
@@ -92,9 +143,12 @@ def pixels(views: np.ndarray) -> np.ndarray:
 
 class WarmupNet(nn.Cell):
     """Tower -> per-channel max over patches -> linear head -> loss. (B,3,R,R) pixels and (B, n_tags) float
-    targets (one-hot for single-tag data) -> the mean loss: softmax CE when `single`, else BCE per tag."""
+    targets (one-hot for single-tag data) -> the mean loss: softmax CE when `single`, else BCE per tag.
+    dense > 0 adds dense x a per-patch loss: every patch's features classified by a second linear head as the tag
+    whose region holds it or the background ((B, grid²) int labels, len(tags) = background), softmax CE averaged
+    over the object patches and over the background patches, half the weight each."""
 
-    def __init__(self, vision_cfg, n_tags: int, single: bool, seed: int = 0):
+    def __init__(self, vision_cfg, n_tags: int, single: bool, seed: int = 0, dense: float = 0.0):
         super().__init__()
         self.tower = CLIPVisionTower(vision_cfg)
         c = vision_cfg.hidden_size
@@ -102,17 +156,36 @@ class WarmupNet(nn.Cell):
         self.head_w = ms.Parameter(Tensor((rng.standard_normal((n_tags, c)) * 0.02).astype(np.float32)),
                                    name="head.weight")
         self.head_b = ms.Parameter(Tensor(np.zeros(n_tags, np.float32)), name="head.bias")
-        self.single = single
+        self.single, self.dense, self.n_tags = single, float(dense), n_tags
+        if self.dense:
+            self.dense_w = ms.Parameter(Tensor((rng.standard_normal((n_tags + 1, c)) * 0.02).astype(np.float32)),
+                                        name="dense.weight")
+            self.dense_b = ms.Parameter(Tensor(np.zeros(n_tags + 1, np.float32)), name="dense.bias")
+
+    def heads(self):
+        return [self.head_w, self.head_b] + ([self.dense_w, self.dense_b] if self.dense else [])
 
     def logits(self, px):
         f = self.tower(px).max(axis=1)  # (B, C)
         return ops.matmul(f, self.head_w.T) + self.head_b
 
-    def construct(self, px, target):
-        z = self.logits(px)
+    def construct(self, px, target, labels):
+        f = self.tower(px)  # (B, P, C)
+        z = ops.matmul(f.max(axis=1), self.head_w.T) + self.head_b
         if self.single:
-            return -(target * ops.log_softmax(z, -1)).sum(-1).mean()
-        return ops.binary_cross_entropy_with_logits(z, target, ops.ones_like(z), ops.ones_like(z))
+            loss = -(target * ops.log_softmax(z, -1)).sum(-1).mean()
+        else:
+            loss = ops.binary_cross_entropy_with_logits(z, target, ops.ones_like(z), ops.ones_like(z))
+        if self.dense:
+            logp = ops.log_softmax(ops.matmul(f, self.dense_w.T) + self.dense_b, -1)  # (B, P, n_tags + 1)
+            per = -ops.gather_elements(logp, 2, labels.expand_dims(-1)).squeeze(-1)  # (B, P)
+            on = (labels < self.n_tags).astype(per.dtype)
+            off = 1 - on
+            one = ops.ones((), per.dtype)
+            part = 0.5 * (per * on).sum() / ops.maximum(on.sum(), one) + \
+                0.5 * (per * off).sum() / ops.maximum(off.sum(), one)
+            loss = loss + self.dense * part
+        return loss
 
 
 def targets(tags: List[List[str]], vocab: List[str]) -> np.ndarray:
@@ -144,7 +217,7 @@ def _write_checkpoint(src: str, dst: str, tower_state: dict) -> None:
 def accuracy(net: WarmupNet, data: str, vocab: List[str], side: int, batch: int = 16) -> float:
     """Share of `data`'s pictures whose tags the head gets exactly: the top tag (one a picture) or every tag with
     a positive logit and no other (several); tags outside the training vocabulary count as wrong."""
-    images, tags, _ = read_tags(data)
+    images, tags, _, _ = read_tags(data)
     right = 0
     for a in range(0, len(images), batch):
         px = pixels(np.stack([square_view(p, side) for p in images[a:a + batch]]))
@@ -157,15 +230,19 @@ def accuracy(net: WarmupNet, data: str, vocab: List[str], side: int, batch: int 
 
 def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int = 16, lr: float = 1e-3,
             warmup: int = 50, weight_decay: float = 0.05, seed: int = 0, save_steps: int = 100,
-            use_jit: bool = True, eval_data: str = "", log=print) -> List[dict]:
+            use_jit: bool = True, eval_data: str = "", dense: float = 0.0, log=print) -> List[dict]:
     """Train `model`'s tower on `data` (tags.json) and write `output_dir`; returns the logged rows
-    ({step, loss, seconds} every 50 steps and the last; with `eval_data`, the last has the held-out accuracy)."""
-    images, tags, vocab = read_tags(data)
+    ({step, loss, seconds} every 50 steps and the last; with `eval_data`, the last has the held-out accuracy).
+    dense > 0: add dense x the per-patch loss (WarmupNet), labels from each item's mask (patch_labels)."""
+    images, tags, vocab, masks = read_tags(data)
     with open(os.path.join(model, "config.json")) as f:
         cfg = IXCConfig.from_dict(json.load(f), where=os.path.join(model, "config.json")).vision
     single = all(len(t) == 1 for t in tags)
     y = targets(tags, vocab)
-    net = WarmupNet(cfg, len(vocab), single, seed)
+    grid = cfg.image_size // cfg.patch_size
+    labels = patch_labels(masks, tags, vocab, cfg.image_size, cfg.patch_size, data) if dense else \
+        np.zeros((len(images), grid * grid), np.int32)  # unused without the per-patch loss
+    net = WarmupNet(cfg, len(vocab), single, seed, dense)
     tower = {PREFIX + p.name[len("tower."):]: p for p in net.tower.get_parameters()}  # tower.vision_tower... -> vit.vision_tower...
     state = load_state_dict(model)
     for k, p in tower.items():
@@ -173,8 +250,8 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
             raise SystemExit(f"{model}: no tensor {k} (is it an IXC2.5 checkpoint with this vision_config?)")
         p.set_data(Tensor(state[k]))
     used = [k for k in tower if ".post_layernorm." not in k]  # held for the checkpoint, unused (as in chat)
-    params = [tower[k] for k in used] + [net.head_w, net.head_b]
-    names = used + ["head.weight", "head.bias"]
+    params = [tower[k] for k in used] + net.heads()
+    names = used + [p.name for p in net.heads()]
     opt = Optimizer(params, names, "adamw_torch", weight_decay, (0.9, 0.98))
     resume, start, rows = output_dir.rstrip("/") + ".resume.safetensors", 0, []
     if os.path.exists(resume):
@@ -187,12 +264,13 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
     grad = ms.value_and_grad(net, None, params)
     step_fn = ms.jit(grad) if use_jit else grad
     log(f"[tower_warmup] {len(images)} pictures, {len(vocab)} tags ({'one' if single else 'several'} a picture), "
-        f"tower {cfg.hidden_size} x {cfg.num_hidden_layers}; {steps} steps of {batch}")
+        f"tower {cfg.hidden_size} x {cfg.num_hidden_layers}; {steps} steps of {batch}"
+        + (f"; per-patch loss x {dense}" if dense else ""))
     t0 = time.perf_counter()
     for step in range(start + 1, steps + 1):
         idx = batch_indices(len(images), batch, seed, step)
         px = pixels(np.stack([square_view(images[i], cfg.image_size) for i in idx]))
-        loss, grads = step_fn(Tensor(px), Tensor(y[idx]))
+        loss, grads = step_fn(Tensor(px), Tensor(y[idx]), Tensor(labels[idx]))
         opt.step(grads, lr * lr_lambda("cosine", step - 1, warmup, steps), [True] * len(params))
         if step % 50 == 0 or step == steps:
             rows.append({"step": step, "loss": round(float(loss.asnumpy()), 4),
@@ -216,7 +294,7 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ixc25-tower-warmup", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="IXC2.5 checkpoint directory (official layout)")
-    ap.add_argument("--data", required=True, help="tags.json: [{'image': path, 'tags': [tag, ...]}, ...]")
+    ap.add_argument("--data", required=True, help="tags.json: [{'image': path, 'tags': [tag, ...], 'mask': optional path}, ...]")
     ap.add_argument("--output_dir", required=True)
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch", type=int, default=16)
@@ -225,12 +303,14 @@ def main(argv=None) -> int:
     ap.add_argument("--weight_decay", type=float, default=0.05)
     ap.add_argument("--save_steps", type=int, default=100, help="resume point every N steps")
     ap.add_argument("--eval_data", default="", help="held-out tags.json scored at the end")
+    ap.add_argument("--dense", type=float, default=0.0, help="add this weight x a per-patch loss (every patch "
+                    "classified as the tag whose region holds it, or background); needs a 'mask' in every item")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no_jit", action="store_true", help="run the step eagerly (PyNative)")
     a = ap.parse_args(argv)
     try:
         warm_up(a.model, a.data, a.output_dir, a.steps, a.batch, a.lr, a.warmup, a.weight_decay, a.seed,
-                a.save_steps, not a.no_jit, a.eval_data)
+                a.save_steps, not a.no_jit, a.eval_data, a.dense)
     except TagDataError as e:
         print(f"ixc25-tower-warmup: {e}", file=sys.stderr)
         return 2
