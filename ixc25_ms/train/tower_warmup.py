@@ -267,9 +267,17 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
         f"tower {cfg.hidden_size} x {cfg.num_hidden_layers}; {steps} steps of {batch}"
         + (f"; per-patch loss x {dense}" if dense else ""))
     t0 = time.perf_counter()
-    for step in range(start + 1, steps + 1):
+    def load(step):  # this step's pictures and their indices
         idx = batch_indices(len(images), batch, seed, step)
-        px = pixels(np.stack([square_view(images[i], cfg.image_size) for i in idx]))
+        return idx, pixels(np.stack([square_view(images[i], cfg.image_size) for i in idx]))
+
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(1, thread_name_prefix="warmup-data")  # decodes step + 1 while step runs
+    ahead = pool.submit(load, start + 1)
+    for step in range(start + 1, steps + 1):
+        idx, px = ahead.result()
+        if step < steps:
+            ahead = pool.submit(load, step + 1)
         loss, grads = step_fn(Tensor(px), Tensor(y[idx]), Tensor(labels[idx]))
         opt.step(grads, lr * lr_lambda("cosine", step - 1, warmup, steps), [True] * len(params))
         if step % 50 == 0 or step == steps:
@@ -282,6 +290,7 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
                           opt.state_arrays().items()})
             write_safetensors(resume + ".tmp", saved)
             os.replace(resume + ".tmp", resume)
+    pool.shutdown(wait=True)
     if eval_data:
         rows[-1]["accuracy"] = round(accuracy(net, eval_data, vocab, cfg.image_size), 4)
         log(f"[tower_warmup] held-out {eval_data}: {rows[-1]['accuracy']:.1%} right")
