@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Tuple
 
 import mindspore as ms
@@ -266,14 +267,14 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
     log(f"[tower_warmup] {len(images)} pictures, {len(vocab)} tags ({'one' if single else 'several'} a picture), "
         f"tower {cfg.hidden_size} x {cfg.num_hidden_layers}; {steps} steps of {batch}"
         + (f"; per-patch loss x {dense}" if dense else ""))
-    t0 = time.perf_counter()
-    def load(step):  # this step's pictures and their indices
+
+    def load(step):  # this step's picture indices and pixels
         idx = batch_indices(len(images), batch, seed, step)
         return idx, pixels(np.stack([square_view(images[i], cfg.image_size) for i in idx]))
 
-    from concurrent.futures import ThreadPoolExecutor
     pool = ThreadPoolExecutor(1, thread_name_prefix="warmup-data")  # decodes step + 1 while step runs
     ahead = pool.submit(load, start + 1)
+    t0 = time.perf_counter()
     for step in range(start + 1, steps + 1):
         idx, px = ahead.result()
         if step < steps:
