@@ -58,22 +58,22 @@ def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape") -> st
         raise ValueError(f"tower tags must be 'shape', 'pair' or 'pairs', got {tags!r}")
     for sub in ("images", "masks"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
+    def tag(o):
+        return o.shape if tags == "shape" else f"{o.colour} {o.shape}"
+
     items = []
     for j in range(n):
         path, mask = os.path.join("images", f"{seed_base + j}.png"), os.path.join("masks", f"{seed_base + j}.png")
-        if tags in ("shape", "pair"):
-            scene, im = S.one_object_scene(seed_base + j)
-            o = scene.objects[0]
-            names = [o.shape if tags == "shape" else f"{o.colour} {o.shape}"]
-        else:
+        if tags == "pairs":
             rng = np.random.default_rng(seed_base + j)
             scene = S.random_scene(rng)
             im = S.render(scene, rng)
-            names = sorted({f"{o.colour} {o.shape}" for o in scene.objects})
+        else:
+            scene, im = S.one_object_scene(seed_base + j)
+        names = sorted({tag(o) for o in scene.objects})
         if not os.path.exists(os.path.join(root, mask)):
             im.save(os.path.join(root, path), compress_level=1)
-            values = [1 + names.index(x.shape if tags == "shape" else f"{x.colour} {x.shape}") for x in scene.objects]
-            S.region_map(scene, values).save(os.path.join(root, mask))
+            S.region_map(scene, [1 + names.index(tag(o)) for o in scene.objects]).save(os.path.join(root, mask))
         items.append({"image": path, "tags": names, "mask": mask})
     out = os.path.join(root, "tags.json")
     with open(out + ".tmp", "w") as f:

@@ -78,7 +78,7 @@ def test_loss_and_gradients_equal_the_pytorch_reference(tmp_path, single, dense)
     images, tags, vocab, masks = W.read_tags(data)
     y = W.targets(tags, vocab)
     views = np.stack([W.square_view(p, SIDE) for p in images])
-    labels = W.patch_labels(masks, tags, vocab, SIDE, 28)
+    labels = W.patch_labels(images, masks, tags, vocab, SIDE, 28)
     state = tower_state(cfg)
     net = W.WarmupNet(vc, len(vocab), single, seed=5, dense=dense)
     params = {W.PREFIX + p.name[len("tower."):]: p for p in net.tower.get_parameters()}
@@ -255,7 +255,7 @@ def test_recipe_pair_tags_name_every_drawn_object(tmp_path):
         m = np.asarray(Image.open(masks[j]))
         assert m.shape == (scene.height, scene.width) and m.max() <= len(t)
         assert m[int(top.cy), int(top.cx)] == 1 + t.index(f"{top.colour} {top.shape}")
-    labels = W.patch_labels(masks, tags, vocab, 560, 28)
+    labels = W.patch_labels(images, masks, tags, vocab, 560, 28)
     assert labels.shape == (8, 400) and (labels < len(vocab)).sum() > 8 and (labels == len(vocab)).sum() > 8 * 200
     assert len(sizes) > 1  # several object counts among 8 pictures
     with pytest.raises(ValueError, match="tower tags"):

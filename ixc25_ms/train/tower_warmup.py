@@ -77,57 +77,56 @@ def read_tags(path: str) -> Tuple[List[str], List[List[str]], List[str], List[Op
             if not isinstance(m, str) or not os.path.isfile(os.path.join(root, m)):
                 raise TagDataError(f"{where}: field 'mask': no file {m!r}")
             m = os.path.join(root, m)
-            with Image.open(full) as a, Image.open(m) as b:
-                if a.size != b.size:
-                    raise TagDataError(f"{where}: field 'mask': {b.size[0]}x{b.size[1]}, the image is "
-                                       f"{a.size[0]}x{a.size[1]}")
         images.append(full)
         tags.append(t)
         masks.append(m)
     return images, tags, sorted({x for t in tags for x in t}), masks
 
 
+def _centred(im: Image.Image, side: int, resample, fill) -> np.ndarray:
+    """im scaled so its longer side is `side` and centred on a `side` square of `fill` (im's mode)."""
+    s = side / max(im.size)
+    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), resample=resample)
+    canvas = Image.new(im.mode, (side, side), fill)
+    canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
+    return np.asarray(canvas, np.uint8)
+
+
 def square_view(picture, side: int) -> np.ndarray:
     """(side, side, 3) uint8: the picture (a path or a PIL image) scaled (bicubic) so its longer side is `side`,
     centred on white."""
     with (Image.open(picture) if isinstance(picture, str) else picture.copy()) as im:
-        im = im.convert("RGB")
-        s = side / max(im.size)
-        im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), resample=Image.BICUBIC)
-    canvas = Image.new("RGB", (side, side), (255, 255, 255))
-    canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
-    return np.asarray(canvas, np.uint8)
+        return _centred(im.convert("RGB"), side, Image.BICUBIC, (255, 255, 255))
 
 
-def mask_view(path: str, side: int) -> np.ndarray:
+def mask_view(mask: Image.Image, side: int) -> np.ndarray:
     """(side, side) uint8: a one-channel mask scaled (nearest) and centred as square_view places its picture; 0
     around it."""
-    with Image.open(path) as im:
-        a = np.asarray(im)
+    a = np.asarray(mask)
     if a.ndim != 2:
-        raise TagDataError(f"{path}: a mask has one channel (0 background, k the item's k-th tag), this one {a.shape}")
-    im = Image.fromarray(a.astype(np.uint8))
-    s = side / max(im.size)
-    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), resample=Image.NEAREST)
-    canvas = Image.new("L", (side, side), 0)
-    canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
-    return np.asarray(canvas, np.uint8)
+        raise TagDataError(f"a mask has one channel (0 background, k the item's k-th tag), this one {a.shape}")
+    return _centred(Image.fromarray(a.astype(np.uint8)), side, Image.NEAREST, 0)
 
 
-def patch_labels(masks: List[Optional[str]], tags: List[List[str]], vocab: List[str], side: int, patch: int,
-                 data: str = "") -> np.ndarray:
+def patch_labels(images: List[str], masks: List[Optional[str]], tags: List[List[str]], vocab: List[str], side: int,
+                 patch: int, data: str = "") -> np.ndarray:
     """(N, grid²) int32: each patch of each picture's square view labelled with the vocabulary index of the tag
-    whose mask region covers over half of it, else len(vocab) (the background class)."""
+    whose mask region covers over half of it, else len(vocab) (the background class). Each mask is checked
+    against its picture's size and tags."""
     g, out = side // patch, []
-    for i, (m, t) in enumerate(zip(masks, tags)):
+    for i, (p, m, t) in enumerate(zip(images, masks, tags)):
+        where = f"{data}: item {i}: field 'mask'"
         if m is None:
-            raise TagDataError(f"{data}: item {i}: field 'mask' is needed for the per-patch loss (--dense)")
-        try:
-            v = mask_view(m, side)[: g * patch, : g * patch]
-        except TagDataError as e:
-            raise TagDataError(f"{data}: item {i}: field 'mask': {e}") from None
+            raise TagDataError(f"{where} is needed for the per-patch loss (--dense)")
+        with Image.open(p) as im, Image.open(m) as mk:
+            if im.size != mk.size:
+                raise TagDataError(f"{where}: {mk.size[0]}x{mk.size[1]}, the image is {im.size[0]}x{im.size[1]}")
+            try:
+                v = mask_view(mk, side)[: g * patch, : g * patch]
+            except TagDataError as e:
+                raise TagDataError(f"{where}: {e}") from None
         if int(v.max()) > len(t):
-            raise TagDataError(f"{data}: item {i}: field 'mask': value {int(v.max())}, the item has {len(t)} tags")
+            raise TagDataError(f"{where}: value {int(v.max())}, the item has {len(t)} tags")
         blocks = v.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
         row = np.full(g * g, len(vocab), np.int32)
         for k, tag in enumerate(t, 1):
@@ -241,7 +240,7 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
     single = all(len(t) == 1 for t in tags)
     y = targets(tags, vocab)
     grid = cfg.image_size // cfg.patch_size
-    labels = patch_labels(masks, tags, vocab, cfg.image_size, cfg.patch_size, data) if dense else \
+    labels = patch_labels(images, masks, tags, vocab, cfg.image_size, cfg.patch_size, data) if dense else \
         np.zeros((len(images), grid * grid), np.int32)  # unused without the per-patch loss
     net = WarmupNet(cfg, len(vocab), single, seed, dense)
     tower = {PREFIX + p.name[len("tower."):]: p for p in net.tower.get_parameters()}  # tower.vision_tower... -> vit.vision_tower...
