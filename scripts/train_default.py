@@ -320,6 +320,9 @@ def kinds(text: str) -> tuple:
     return out
 
 
+RUN_FLAGS = {"work", "out", "jit", "save_steps", "keep", "eval"}  # flags that do not change the weights
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="train_default", description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=os.path.join(os.getcwd(), "default_train"), help="working directory")
@@ -366,6 +369,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=0, help="score this many held-out pictures after training")
     args = ap.parse_args(argv)
+    # a pilot must not replace the shipped weights: only flags that leave the weights as they are may keep --out's default
+    changed = [k for k, v in vars(args).items() if k not in RUN_FLAGS and v != ap.get_default(k)]
+    if changed and os.path.abspath(args.out) == os.path.abspath(PACKAGE_DIR):
+        ap.error(f"--{changed[0]} changes the shipped recipe, and --out defaults to the shipped model's directory "
+                 f"({PACKAGE_DIR}): name --out")
     if args.tower_dense and not args.tower_warmup:
         ap.error("--tower_dense continues a --tower_warmup: give both")
     CONFIG["vision_config"].update(hidden_size=args.vit_width, intermediate_size=4 * args.vit_width,

@@ -113,3 +113,25 @@ def test_count_flags_refuse_bad_input_in_one_line(capsys):
             T.main(argv + ["--work", "/nonexistent/never-made"])
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert flag in err and repr(argv[1]) in err, err
+
+
+def test_a_changed_recipe_must_name_its_out(capsys, tmp_path):
+    """train_default writes into the package's shipped model unless --out says otherwise: a run whose flags
+    change the weights (a pilot) and keep that default stops at argument parsing, naming the flag, before any
+    picture is drawn or any file written; the shipped recipe's own flags pass the check."""
+    import os
+    import pytest
+    before = sorted(os.listdir(T.PACKAGE_DIR))
+    work = tmp_path / "work"
+    for argv, flag in ((["--pictures", "0"], "--pictures"), (["--jit", "--fix_vit", "1"], "--fix_vit"),
+                       (["--seed", "3"], "--seed")):
+        with pytest.raises(SystemExit):
+            T.main(argv + ["--work", str(work)])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert flag in err and "--out" in err, err
+    assert not work.exists() and sorted(os.listdir(T.PACKAGE_DIR)) == before
+    # the check reads the flags, not the picture count: with --out named the same pilot gets past it (and then
+    # fails on the bad --tower_dense, which is checked after)
+    with pytest.raises(SystemExit):
+        T.main(["--pictures", "0", "--tower_dense", "5", "--work", str(work), "--out", str(tmp_path / "m")])
+    assert "--tower_dense continues" in capsys.readouterr().err
