@@ -45,6 +45,7 @@ TRAIN_SCALE = 2 / 3
 EASY_SEED_OFFSET = 5_000_000  # easy picture j of the training set uses seed BASE + EASY_SEED_OFFSET + j
 CONTEXT_SEED_OFFSET = 7_000_000  # text-only context item j draws its scene from seed BASE + CONTEXT_SEED_OFFSET + j
 TOWER_SEED_OFFSET = 8_000_000  # tower warm-up picture j uses seed BASE + TOWER_SEED_OFFSET + j
+LANGUAGE_SEED_OFFSET = 30_000_000  # language warm-up item j: seed BASE + this + j (above every picture range)
 
 
 def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape") -> str:
@@ -320,6 +321,31 @@ def kinds(text: str) -> tuple:
     return out
 
 
+def language_warmup(args, start: str, finetune):
+    """The language model's first stage: ixc25-finetune on --language_warmup text-only conversations whose first
+    turn tells the scene in words (context_items), 16 a step, one epoch, from work/`start`; -> "init_lang", the
+    picture stage's start (the ViT untouched: no picture). Skipped on a rerun once init_lang exists."""
+    dst = os.path.join(args.work, "init_lang")
+    if os.path.exists(dst):
+        return "init_lang"
+    data = os.path.join(args.work, "language.json")
+    with open(data + ".tmp", "w") as f:
+        json.dump(context_items(args.language_warmup, TRAIN_SEED_BASE + args.seed * 1_000_000 + LANGUAGE_SEED_OFFSET), f)
+    os.replace(data + ".tmp", data)
+    run = dst + ".run"
+    flags = ["--model_name_or_path", os.path.join(args.work, start), "--data_path", data, "--output_dir", run,
+             "--overwrite_output_dir", "--fix_vit", "True", "--fix_sampler", "False", "--use_lora", "False",
+             "--max_length", "4096", "--batch_size", "1", "--per_device_train_batch_size", "16",
+             "--gradient_accumulation_steps", "1", "--num_train_epochs", "1", "--learning_rate", str(args.lr),
+             "--weight_decay", "0.05", "--adam_beta2", "0.98", "--warmup_steps", "50", "--lr_scheduler_type", "cosine",
+             "--max_grad_norm", "1.0", "--plora_dropout", "0.0", "--logging_steps", "50", "--save_strategy", "no",
+             "--seed", str(args.seed)] + (["--torch_compile", "True"] if args.jit else [])
+    if finetune(flags):
+        return None
+    os.replace(run, dst)
+    return "init_lang"
+
+
 RUN_FLAGS = {"work", "out", "jit", "save_steps", "keep", "eval"}  # flags that do not change the weights
 
 
@@ -362,6 +388,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tower_tags", choices=("shape", "pair", "pairs"), default="shape", help="the warm-up's pictures "
                     "and tags: one object tagged with its shape or its colour-shape pair, or 1-4 objects tagged with "
                     "their colour-shape pairs (tower_pictures)")
+    ap.add_argument("--language_warmup", type=int, default=0, help="first train the language model this many "
+                    "text-only conversations (16 a step) on scenes told in words (context_items), then the pictures")
     ap.add_argument("--init_tower", default="", help="start the ViT from this checkpoint's vit.* tensors "
                     "(e.g. scripts/tower_shape.py --save_tower)")
     ap.add_argument("--fix_vit", type=int, default=0, help="1: the ViT is not trained (ixc25-finetune --fix_vit True)")
@@ -404,10 +432,14 @@ def main(argv=None) -> int:
                 warm_up(os.path.join(args.work, "init_warm"), tags, os.path.join(args.work, start),
                         steps=args.tower_dense, batch=16, lr=5e-4, warmup=30, seed=args.seed + 1, use_jit=args.jit,
                         eval_data=held, dense=1.0)
-    t_data = time.perf_counter() - t0
-    print(f"[default] data, initial checkpoint{' and tower warm-up' * bool(args.tower_warmup)} in {t_data:.0f} s",
-          flush=True)
     from ixc25_ms.train.cli import main as finetune
+    if args.language_warmup:
+        start = language_warmup(args, start, finetune)
+        if start is None:
+            return 1
+    t_data = time.perf_counter() - t0
+    print(f"[default] data, initial checkpoint{' and warm-ups' * bool(args.tower_warmup or args.language_warmup)} "
+          f"in {t_data:.0f} s", flush=True)
     cwd = os.getcwd()
     os.chdir(args.work)
     try:
@@ -421,6 +453,7 @@ def main(argv=None) -> int:
         state = json.load(f)
     notes = {"seed": args.seed, "training pictures": args.pictures, "easy pictures": args.easy,
              "tower warm-up steps": args.tower_warmup, "tower per-patch steps": args.tower_dense,
+             "language warm-up conversations": args.language_warmup,
              "text-only context items": int(round(args.context * args.pictures)),
              "optimizer steps": state["global_step"], "data + init (+ tower warm-up) seconds": round(t_data), "training seconds": round(t_train)}
     export(os.path.join(args.work, "run"), args.out, command, notes)

@@ -135,3 +135,33 @@ def test_a_changed_recipe_must_name_its_out(capsys, tmp_path):
     with pytest.raises(SystemExit):
         T.main(["--pictures", "0", "--tower_dense", "5", "--work", str(work), "--out", str(tmp_path / "m")])
     assert "--tower_dense continues" in capsys.readouterr().err
+
+
+def test_language_warmup_trains_the_language_model_on_scenes_told_in_words(tmp_path):
+    """train_default's --language_warmup stage: ixc25-finetune on that many text-only conversations (scene in
+    words, then questions; context_items from the stage's own seed range), 16 a step, from the recipe's initial
+    checkpoint -> work/init_lang, an official-layout checkpoint whose language model moved and whose ViT and
+    projector did not (no picture); a rerun finds init_lang and trains nothing."""
+    import argparse
+    import json
+    import os
+    from ixc25_ms.train.cli import main as finetune
+    from ixc25_ms.weights.layout import load_state_dict
+    work = str(tmp_path)
+    T.init_checkpoint(os.path.join(work, "init"), 0)
+    args = argparse.Namespace(work=work, language_warmup=32, lr=1e-3, seed=0, jit=False)
+    assert T.language_warmup(args, "init", finetune) == "init_lang"
+    with open(os.path.join(work, "language.json")) as f:
+        items = json.load(f)
+    assert items == T.context_items(32, T.TRAIN_SEED_BASE + T.LANGUAGE_SEED_OFFSET)
+    assert all("image" not in it and S.question_type(it["conversations"][0]["value"].split(". ")[-1]) for it in items)
+    before, after = (load_state_dict(os.path.join(work, d)) for d in ("init", "init_lang"))
+    assert set(before) == set(after)
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert {"model.tok_embeddings.weight", "output.weight", "model.layers.0.attention.wqkv.weight"} <= moved
+    assert not any(k.startswith(("vit.", "vision_proj.")) for k in moved), sorted(moved)
+    assert not os.path.exists(os.path.join(work, "init_lang.run"))
+
+    def refuse(argv):
+        raise AssertionError("a finished language warm-up was trained again")
+    assert T.language_warmup(args, "init", refuse) == "init_lang"
