@@ -72,15 +72,22 @@ def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape") -> st
         else:
             scene, im = S.one_object_scene(seed_base + j)
         names = sorted({tag(o) for o in scene.objects})
-        if not os.path.exists(os.path.join(root, mask)):
-            im.save(os.path.join(root, path), compress_level=1)
-            S.region_map(scene, [1 + names.index(tag(o)) for o in scene.objects]).save(os.path.join(root, mask))
+        save_png(im, os.path.join(root, path))
+        save_png(S.region_map(scene, [1 + names.index(tag(o)) for o in scene.objects]), os.path.join(root, mask))
         items.append({"image": path, "tags": names, "mask": mask})
     out = os.path.join(root, "tags.json")
     with open(out + ".tmp", "w") as f:
         json.dump(items, f)
     os.replace(out + ".tmp", out)
     return out
+
+
+def save_png(im, path: str) -> None:
+    """Every picture is written, never kept from an earlier run: a work directory reused with other flags (a
+    picture's seed drawn with other --easy_objects, say) once kept the earlier pictures under the new
+    conversations. Written under a temporary name, then renamed."""
+    im.save(path + ".tmp", format="PNG", compress_level=1)
+    os.replace(path + ".tmp", path)
 
 
 def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: float = 0.08, scale: float = 1.0,
@@ -107,11 +114,10 @@ def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: flo
         path = os.path.join("images", f"{seed}.png")
         full = os.path.join(root, path)
         im = S.render(scene, rng)
-        if not os.path.exists(full):
-            if scale != 1.0:
-                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                               resample=3)  # bicubic, antialiased
-            im.save(full, compress_level=1)
+        if scale != 1.0:
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                           resample=3)  # bicubic, antialiased
+        save_png(im, full)
         if i >= n and easy_kinds:  # the curriculum's kinds only, in a random order
             valid = [x for x in S.valid_questions(scene) if x[0] in easy_kinds]
             pick = rng.permutation(len(valid))[: int(rng.integers(turns[0], turns[1] + 1)) if turns else len(valid)]

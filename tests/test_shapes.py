@@ -102,6 +102,23 @@ def test_curriculum_pictures_ask_only_the_chosen_kinds(tmp_path):
     assert len(kinds) >= 3
 
 
+def test_a_reused_work_directory_gets_the_new_pictures(tmp_path):
+    """make_pictures into a directory that holds an earlier run's pictures under the same seeds (1-2 objects)
+    rewrites them for the new flags (1 object): every stored picture equals the one a fresh directory gets, so
+    the conversations never describe other pictures than the stored ones (they once did, silently)."""
+    import os
+    reused, fresh = str(tmp_path / "reused"), str(tmp_path / "fresh")
+    T.make_pictures(reused, 0, 40_000_000, turns=(1, 1), chitchat=0.0, easy=6, easy_objects=(2, 2), log=None)
+    before = {f: open(os.path.join(reused, "images", f), "rb").read() for f in os.listdir(os.path.join(reused, "images"))}
+    for root in (reused, fresh):
+        T.make_pictures(root, 0, 40_000_000, turns=(1, 1), chitchat=0.0, easy=6, easy_objects=(1, 1), log=None)
+    names = sorted(os.listdir(os.path.join(fresh, "images")))
+    assert names == sorted(os.listdir(os.path.join(reused, "images"))) == sorted(before)
+    after = {f: open(os.path.join(reused, "images", f), "rb").read() for f in names}
+    assert after == {f: open(os.path.join(fresh, "images", f), "rb").read() for f in names}
+    assert all(after[f] != before[f] for f in names)
+
+
 def test_count_flags_refuse_bad_input_in_one_line(capsys):
     """train_default's --questions/--easy_objects/--easy_kinds: read as spans and kinds; bad values end the run
     at argument parsing with the flag and the value named, before any picture is drawn."""
