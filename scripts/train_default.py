@@ -270,16 +270,19 @@ def init_checkpoint(dst: str, seed: int, vit_pos: str = "noise", tower: str = ""
     return dst
 
 
-def finetune_flags(args) -> list:
-    return ["--data_path", "data.json", "--output_dir", os.path.join(args.work, "run"), "--overwrite_output_dir",
+def finetune_flags(args, data: str = "data.json", out: str = "", batch: int = 0, accum: int = 0, epochs: float = 0,
+                   warmup: int = 100, save: bool = True, max_steps: int = -1) -> list:
+    """ixc25-finetune's command line for a stage of the recipe; unset arguments take the picture stage's values."""
+    max_steps = args.max_steps if max_steps < 0 else max_steps
+    saving = ["--save_strategy", "steps", "--save_steps", str(args.save_steps), "--save_total_limit", str(args.keep)]
+    return ["--data_path", data, "--output_dir", out or os.path.join(args.work, "run"), "--overwrite_output_dir",
             "--fix_vit", str(bool(args.fix_vit)), "--fix_sampler", "False", "--use_lora", "False", "--hd_num", str(args.hd_num),
-            "--max_length", "4096", "--batch_size", "1", "--per_device_train_batch_size", str(args.batch),
-            "--gradient_accumulation_steps", str(args.accum), "--num_train_epochs", str(args.epochs),
-            "--learning_rate", str(args.lr), "--weight_decay", "0.05", "--adam_beta2", "0.98", "--warmup_steps", "100",
+            "--max_length", "4096", "--batch_size", "1", "--per_device_train_batch_size", str(batch or args.batch),
+            "--gradient_accumulation_steps", str(accum or args.accum), "--num_train_epochs", str(epochs or args.epochs),
+            "--learning_rate", str(args.lr), "--weight_decay", "0.05", "--adam_beta2", "0.98", "--warmup_steps", str(warmup),
             "--lr_scheduler_type", "cosine", "--max_grad_norm", "1.0", "--plora_dropout", "0.0", "--logging_steps",
-            "50", "--save_strategy", "steps", "--save_steps", str(args.save_steps), "--save_total_limit",
-            str(args.keep), "--seed", str(args.seed)] + (["--max_steps", str(args.max_steps)] if args.max_steps else []) + (
-            ["--torch_compile", "True"] if args.jit else [])
+            "50"] + (saving if save else ["--save_strategy", "no"]) + ["--seed", str(args.seed)] + (
+            ["--max_steps", str(max_steps)] if max_steps else []) + (["--torch_compile", "True"] if args.jit else [])
 
 
 def export(run_dir: str, dst: str, command: str, notes: dict) -> None:
@@ -339,14 +342,8 @@ def language_warmup(args, start: str, finetune):
         json.dump(context_items(args.language_warmup, TRAIN_SEED_BASE + args.seed * 1_000_000 + LANGUAGE_SEED_OFFSET), f)
     os.replace(data + ".tmp", data)
     run = dst + ".run"
-    flags = ["--model_name_or_path", os.path.join(args.work, start), "--data_path", data, "--output_dir", run,
-             "--overwrite_output_dir", "--fix_vit", "True", "--fix_sampler", "False", "--use_lora", "False",
-             "--max_length", "4096", "--batch_size", "1", "--per_device_train_batch_size", "16",
-             "--gradient_accumulation_steps", "1", "--num_train_epochs", "1", "--learning_rate", str(args.lr),
-             "--weight_decay", "0.05", "--adam_beta2", "0.98", "--warmup_steps", "50", "--lr_scheduler_type", "cosine",
-             "--max_grad_norm", "1.0", "--plora_dropout", "0.0", "--logging_steps", "50", "--save_strategy", "no",
-             "--seed", str(args.seed)] + (["--torch_compile", "True"] if args.jit else [])
-    if finetune(flags):
+    flags = finetune_flags(args, data=data, out=run, batch=16, accum=1, epochs=1, warmup=50, save=False, max_steps=0)
+    if finetune(["--model_name_or_path", os.path.join(args.work, start)] + flags):
         return None
     os.replace(run, dst)
     return "init_lang"
@@ -355,7 +352,7 @@ def language_warmup(args, start: str, finetune):
 RUN_FLAGS = {"work", "out", "jit", "save_steps", "keep", "eval"}  # flags that do not change the weights
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="train_default", description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=os.path.join(os.getcwd(), "default_train"), help="working directory")
     ap.add_argument("--out", default=PACKAGE_DIR, help="where the fp16 model is written")
@@ -402,6 +399,11 @@ def main(argv=None) -> int:
     ap.add_argument("--jit", action="store_true", help="compile the training step (mindspore.jit)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=0, help="score this many held-out pictures after training")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     # a pilot must not replace the shipped weights: only flags that leave the weights as they are may keep --out's default
     changed = [k for k, v in vars(args).items() if k not in RUN_FLAGS and v != ap.get_default(k)]
@@ -461,7 +463,7 @@ def main(argv=None) -> int:
              "tower warm-up steps": args.tower_warmup, "tower per-patch steps": args.tower_dense,
              "language warm-up conversations": args.language_warmup,
              "text-only context items": int(round(args.context * args.pictures)),
-             "optimizer steps": state["global_step"], "data + init (+ tower warm-up) seconds": round(t_data), "training seconds": round(t_train)}
+             "optimizer steps": state["global_step"], "data + init (+ warm-ups) seconds": round(t_data), "training seconds": round(t_train)}
     export(os.path.join(args.work, "run"), args.out, command, notes)
     print(f"[default] wrote {args.out} ({t_train:.0f} s of training)", flush=True)
     if args.eval:

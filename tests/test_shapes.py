@@ -159,14 +159,13 @@ def test_language_warmup_trains_the_language_model_on_scenes_told_in_words(tmp_p
     words, then questions; context_items from the stage's own seed range), 16 a step, from the recipe's initial
     checkpoint -> work/init_lang, an official-layout checkpoint whose language model moved and whose ViT and
     projector did not (no picture); a rerun finds init_lang and trains nothing."""
-    import argparse
     import json
     import os
     from ixc25_ms.train.cli import main as finetune
     from ixc25_ms.weights.layout import load_state_dict
     work = str(tmp_path)
     T.init_checkpoint(os.path.join(work, "init"), 0)
-    args = argparse.Namespace(work=work, language_warmup=32, lr=1e-3, seed=0, jit=False)
+    args = T.parser().parse_args(["--work", work, "--out", os.path.join(work, "model"), "--language_warmup", "32"])
     assert T.language_warmup(args, "init", finetune) == "init_lang"
     with open(os.path.join(work, "language.json")) as f:
         items = json.load(f)
