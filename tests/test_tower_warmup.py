@@ -197,9 +197,11 @@ def test_bad_tag_data_stops_in_one_line(tmp_path, items, field):
     ("small", "item 1: field 'mask': 10x10, the image is"),
     ("value", "item 1: field 'mask': value 3, the item has 1 tags"),
     ("none", "item 1: field 'mask' is needed"),
+    ("rgb", "item 1: field 'mask': a mask has one channel"),
 ])
 def test_bad_masks_stop_in_one_line(tmp_path, case, field):
-    """A mask of another size, one naming a tag the item lacks, or none under --dense: one line naming the item."""
+    """A mask of another size, one naming a tag the item lacks, one of three channels, or none under --dense: one
+    line naming the item."""
     data = pictures(tmp_path, 2, lambda c, s: [s])
     items = json.loads(open(data).read())
     if case == "small":
@@ -209,6 +211,8 @@ def test_bad_masks_stop_in_one_line(tmp_path, case, field):
         m = np.asarray(Image.open(tmp_path / "masks" / "1.png")).copy()
         m[m > 0] = 3
         Image.fromarray(m).save(tmp_path / "masks" / "1.png")
+    elif case == "rgb":
+        Image.open(tmp_path / "masks" / "1.png").convert("RGB").save(tmp_path / "masks" / "1.png")
     else:
         del items[1]["mask"]
     bad = tmp_path / "bad.json"

@@ -99,13 +99,10 @@ def square_view(picture, side: int) -> np.ndarray:
         return _centred(im.convert("RGB"), side, Image.BICUBIC, (255, 255, 255))
 
 
-def mask_view(mask: Image.Image, side: int) -> np.ndarray:
-    """(side, side) uint8: a one-channel mask scaled (nearest) and centred as square_view places its picture; 0
-    around it."""
-    a = np.asarray(mask)
-    if a.ndim != 2:
-        raise TagDataError(f"a mask has one channel (0 background, k the item's k-th tag), this one {a.shape}")
-    return _centred(Image.fromarray(a.astype(np.uint8)), side, Image.NEAREST, 0)
+def mask_view(mask: np.ndarray, side: int) -> np.ndarray:
+    """(side, side) uint8: a one-channel (H, W) mask scaled (nearest) and centred as square_view places its
+    picture; 0 around it."""
+    return _centred(Image.fromarray(mask.astype(np.uint8)), side, Image.NEAREST, 0)
 
 
 def patch_labels(images: List[str], masks: List[Optional[str]], tags: List[List[str]], vocab: List[str], side: int,
@@ -121,10 +118,11 @@ def patch_labels(images: List[str], masks: List[Optional[str]], tags: List[List[
         with Image.open(p) as im, Image.open(m) as mk:
             if im.size != mk.size:
                 raise TagDataError(f"{where}: {mk.size[0]}x{mk.size[1]}, the image is {im.size[0]}x{im.size[1]}")
-            try:
-                v = mask_view(mk, side)[: g * patch, : g * patch]
-            except TagDataError as e:
-                raise TagDataError(f"{where}: {e}") from None
+            a = np.asarray(mk)
+        if a.ndim != 2:
+            raise TagDataError(f"{where}: a mask has one channel (0 background, k the item's k-th tag), this one "
+                               f"{a.shape}")
+        v = mask_view(a, side)[: g * patch, : g * patch]
         if int(v.max()) > len(t):
             raise TagDataError(f"{where}: value {int(v.max())}, the item has {len(t)} tags")
         blocks = v.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
