@@ -181,3 +181,47 @@ def test_language_warmup_trains_the_language_model_on_scenes_told_in_words(tmp_p
     def refuse(argv):
         raise AssertionError("a finished language warm-up was trained again")
     assert T.language_warmup(args, "init", refuse) == "init_lang"
+
+
+def test_read_stage_asks_lone_objects_their_colour_or_shape(tmp_path):
+    """train_default's --read_stage: ixc25-finetune on that many small one-object pictures (the stage's own seed
+    range, stored at the training scale), each asked "What colour is the {shape}?" or "What shape is the {colour}
+    one?" about its object, from the previous stage -> work/init_read; with --fix_vit 1 the ViT stays as it was
+    while the language model and projector move; a rerun finds init_read and trains nothing."""
+    import json
+    import os
+    from PIL import Image
+    from ixc25_ms.train.cli import main as finetune
+    from ixc25_ms.weights.layout import load_state_dict
+    work = str(tmp_path / "w")
+    T.init_checkpoint(os.path.join(work, "init"), 0)
+    args = T.parser().parse_args(["--work", work, "--out", os.path.join(work, "model"), "--read_stage", "32",
+                                  "--fix_vit", "1"])
+    assert T.read_stage(args, "init", finetune) == "init_read"
+    root = os.path.join(work, "read")
+    items = json.load(open(os.path.join(root, "data.json")))
+    assert len(items) == 32
+    kinds = set()
+    for j, it in enumerate(items):
+        seed = int(it["id"].split("-")[1])
+        assert seed == T.TRAIN_SEED_BASE + T.READ_SEED_OFFSET + j
+        rng = np.random.default_rng(seed)
+        scene = S.random_scene(rng, int(rng.integers(1, 2)), (200, 560))
+        (o,) = scene.objects
+        (q, a) = [c["value"] for c in it["conversations"]]
+        kind, subject = S.question_type(q)
+        assert (kind, subject) in ((1, o.shape), (3, o.colour)), q
+        assert a == S.answer(scene, kind, subject) and (o.colour if kind == 1 else o.shape) in a
+        kinds.add(kind)
+        w, h = Image.open(os.path.join(root, it["image"])).size
+        assert (w, h) == (round(scene.width * T.TRAIN_SCALE), round(scene.height * T.TRAIN_SCALE))
+    assert kinds == {1, 3}
+    before, after = (load_state_dict(os.path.join(work, d)) for d in ("init", "init_read"))
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert {"model.tok_embeddings.weight", "output.weight", "vision_proj.0.weight"} <= moved
+    assert not any(k.startswith("vit.") for k in moved), sorted(moved)
+    assert not os.path.exists(os.path.join(work, "init_read.run"))
+
+    def refuse(argv):
+        raise AssertionError("a finished read stage was trained again")
+    assert T.read_stage(args, "init", refuse) == "init_read"
