@@ -363,12 +363,12 @@ def read_stage(args, start: str, finetune):
     data = make_pictures(root, 0, TRAIN_SEED_BASE + args.seed * 1_000_000 + READ_SEED_OFFSET - EASY_SEED_OFFSET,
                          turns=(1, 1), chitchat=0.0, scale=TRAIN_SCALE, easy=args.read_stage, easy_objects=(1, 1),
                          easy_kinds=(1, 3), log=None)
-    run = dst + ".run"
+    run, model = dst + ".run", os.path.abspath(os.path.join(args.work, start))  # absolute before the chdir below
     flags = finetune_flags(args, data=data, out=run, batch=16, accum=1, epochs=1, warmup=50, save=False, max_steps=0)
     cwd = os.getcwd()
     os.chdir(root)  # the pictures' paths are relative to it
     try:
-        if finetune(["--model_name_or_path", os.path.abspath(os.path.join(args.work, start))] + flags):
+        if finetune(["--model_name_or_path", model] + flags):
             return None
     finally:
         os.chdir(cwd)
@@ -434,6 +434,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
+    args.work = os.path.abspath(args.work)  # the stages chdir: a relative --work would then point elsewhere
     # a pilot must not replace the shipped weights: only flags that leave the weights as they are may keep --out's default
     changed = [k for k, v in vars(args).items() if k not in RUN_FLAGS and v != ap.get_default(k)]
     if changed and os.path.abspath(args.out) == os.path.abspath(PACKAGE_DIR):

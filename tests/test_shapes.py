@@ -183,17 +183,18 @@ def test_language_warmup_trains_the_language_model_on_scenes_told_in_words(tmp_p
     assert T.language_warmup(args, "init", refuse) == "init_lang"
 
 
-def test_read_stage_asks_lone_objects_their_colour_or_shape(tmp_path):
+def test_read_stage_asks_lone_objects_their_colour_or_shape(tmp_path, monkeypatch):
     """train_default's --read_stage: ixc25-finetune on that many small one-object pictures (the stage's own seed
     range, stored at the training scale), each asked "What colour is the {shape}?" or "What shape is the {colour}
-    one?" about its object, from the previous stage -> work/init_read; with --fix_vit 1 the ViT stays as it was
-    while the language model and projector move; a rerun finds init_read and trains nothing."""
+    one?" about its object, from the previous stage -> work/init_read (a relative --work, as a user types it); with
+    --fix_vit 1 the ViT stays as it was while the language model and projector move; a rerun trains nothing."""
     import json
     import os
     from PIL import Image
     from ixc25_ms.train.cli import main as finetune
     from ixc25_ms.weights.layout import load_state_dict
-    work = str(tmp_path / "w")
+    monkeypatch.chdir(tmp_path)
+    work = "w"
     T.init_checkpoint(os.path.join(work, "init"), 0)
     args = T.parser().parse_args(["--work", work, "--out", os.path.join(work, "model"), "--read_stage", "32",
                                   "--fix_vit", "1"])
