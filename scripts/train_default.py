@@ -331,23 +331,35 @@ def kinds(text: str) -> tuple:
     return out
 
 
+def _stage(args, start: str, name: str, data: str, finetune, cwd: str = "") -> str:
+    """One short stage before the full task: ixc25-finetune from work/`start` on `data`, 16 a step, one epoch, 50
+    warmup steps, no checkpoints, run from `cwd` (where the data's picture paths are relative) -> work/`name`
+    (written as name.run, renamed at the end). Returns `name`, or None when ixc25-finetune failed."""
+    dst = os.path.abspath(os.path.join(args.work, name))
+    run, model = dst + ".run", os.path.abspath(os.path.join(args.work, start))  # absolute before the chdir below
+    flags = finetune_flags(args, data=data, out=run, batch=16, accum=1, epochs=1, warmup=50, save=False, max_steps=0)
+    here = os.getcwd()
+    os.chdir(cwd or here)
+    try:
+        if finetune(["--model_name_or_path", model] + flags):
+            return None
+    finally:
+        os.chdir(here)
+    os.replace(run, dst)
+    return name
+
+
 def language_warmup(args, start: str, finetune):
     """The language model's first stage: ixc25-finetune on --language_warmup text-only conversations whose first
     turn tells the scene in words (context_items), 16 a step, one epoch, from work/`start`; -> "init_lang", the
     picture stage's start (the ViT untouched: no picture). Skipped on a rerun once init_lang exists."""
-    dst = os.path.join(args.work, "init_lang")
-    if os.path.exists(dst):
+    if os.path.exists(os.path.join(args.work, "init_lang")):
         return "init_lang"
-    data = os.path.join(args.work, "language.json")
+    data = os.path.abspath(os.path.join(args.work, "language.json"))
     with open(data + ".tmp", "w") as f:
         json.dump(context_items(args.language_warmup, TRAIN_SEED_BASE + args.seed * 1_000_000 + LANGUAGE_SEED_OFFSET), f)
     os.replace(data + ".tmp", data)
-    run = dst + ".run"
-    flags = finetune_flags(args, data=data, out=run, batch=16, accum=1, epochs=1, warmup=50, save=False, max_steps=0)
-    if finetune(["--model_name_or_path", os.path.join(args.work, start)] + flags):
-        return None
-    os.replace(run, dst)
-    return "init_lang"
+    return _stage(args, start, "init_lang", data, finetune)
 
 
 def read_stage(args, start: str, finetune):
@@ -356,24 +368,13 @@ def read_stage(args, start: str, finetune):
     one epoch, from work/`start` -> "init_read". Off a long tower warm-up the language model learns here to read a
     lone object (notes/default-model.md: 96 % of shapes after 250 steps of 16 off a 3,000-step warm-up); shape
     questions alone make it forget colour. Skipped on a rerun once init_read exists."""
-    dst = os.path.abspath(os.path.join(args.work, "init_read"))
-    if os.path.exists(dst):
+    if os.path.exists(os.path.join(args.work, "init_read")):
         return "init_read"
     root = os.path.abspath(os.path.join(args.work, "read"))
     data = make_pictures(root, 0, TRAIN_SEED_BASE + args.seed * 1_000_000 + READ_SEED_OFFSET - EASY_SEED_OFFSET,
                          turns=(1, 1), chitchat=0.0, scale=TRAIN_SCALE, easy=args.read_stage, easy_objects=(1, 1),
                          easy_kinds=(1, 3), log=None)
-    run, model = dst + ".run", os.path.abspath(os.path.join(args.work, start))  # absolute before the chdir below
-    flags = finetune_flags(args, data=data, out=run, batch=16, accum=1, epochs=1, warmup=50, save=False, max_steps=0)
-    cwd = os.getcwd()
-    os.chdir(root)  # the pictures' paths are relative to it
-    try:
-        if finetune(["--model_name_or_path", model] + flags):
-            return None
-    finally:
-        os.chdir(cwd)
-    os.replace(run, dst)
-    return "init_read"
+    return _stage(args, start, "init_read", data, finetune, cwd=root)
 
 
 RUN_FLAGS = {"work", "out", "jit", "save_steps", "keep", "eval"}  # flags that do not change the weights
