@@ -45,6 +45,7 @@ TRAIN_SCALE = 2 / 3
 EASY_SEED_OFFSET = 5_000_000  # easy picture j of the training set uses seed BASE + EASY_SEED_OFFSET + j
 CONTEXT_SEED_OFFSET = 7_000_000  # text-only context item j draws its scene from seed BASE + CONTEXT_SEED_OFFSET + j
 TOWER_SEED_OFFSET = 8_000_000  # tower warm-up picture j uses seed BASE + TOWER_SEED_OFFSET + j
+PAIR_SEED_OFFSET = 9_000_000  # --tower_pair picture j: seed BASE + this + j
 LANGUAGE_SEED_OFFSET = 30_000_000  # language warm-up item j: seed BASE + this + j (above every picture range)
 READ_SEED_OFFSET = 50_000_000  # read-stage picture j: seed BASE + this + j
 
@@ -377,6 +378,34 @@ def read_stage(args, start: str, finetune):
     return _stage(args, start, "init_read", data, finetune, cwd=root)
 
 
+def tower_stages(args) -> str:
+    """The tower's warm-up before ixc25-finetune (ixc25_ms.train.tower_warmup.warm_up, 16 a step, from work/init):
+    --tower_warmup steps with the max head (lr 1e-3) -> init_warm; then --tower_dense steps with the per-patch loss
+    added (lr 5e-4) -> init_dense; then --tower_pair steps on fresh pictures tagged "colour shape" (max head and
+    per-patch loss, lr 5e-4) -> init_pair. Each scored on 300 held-out pictures; a finished stage is not redone on a
+    rerun. Returns the last stage's directory name."""
+    from ixc25_ms.train.tower_warmup import warm_up
+    base = TRAIN_SEED_BASE + args.seed * 1_000_000
+    work = lambda d: os.path.join(args.work, d)
+    tags = tower_pictures(work("tower"), args.tower_pictures, base + TOWER_SEED_OFFSET, args.tower_tags)
+    held = tower_pictures(work("tower_heldout"), 300, EVAL_SEED_BASE + TOWER_SEED_OFFSET, args.tower_tags)
+    stages = [("init_warm", args.tower_warmup, 1e-3, 50, 0.0, "")]
+    if args.tower_dense:  # then the max and the per-patch loss together, at half the rate
+        stages.append(("init_dense", args.tower_dense, 5e-4, 30, 1.0, ""))
+    if args.tower_pair:  # then colour beside shape, on fresh pictures
+        stages.append(("init_pair", args.tower_pair, 5e-4, 30, 1.0, "pair"))
+    start = "init"
+    for i, (name, steps, lr, warmup, dense, kind) in enumerate(stages):
+        if not os.path.exists(work(name)):
+            if kind:
+                tags = tower_pictures(work("tower_" + kind), args.tower_pictures, base + PAIR_SEED_OFFSET, kind)
+                held = tower_pictures(work(f"tower_{kind}_heldout"), 300, EVAL_SEED_BASE + TOWER_SEED_OFFSET, kind)
+            warm_up(work(start), tags, work(name), steps=steps, batch=16, lr=lr, warmup=warmup, seed=args.seed + i,
+                    use_jit=args.jit, eval_data=held, dense=dense)
+        start = name
+    return start
+
+
 RUN_FLAGS = {"work", "out", "jit", "save_steps", "keep", "eval"}  # flags that do not change the weights
 
 
@@ -415,6 +444,9 @@ def parser() -> argparse.ArgumentParser:
                     "16 on --tower_pictures pictures tagged as --tower_tags says (ixc25_ms.train.tower_warmup)")
     ap.add_argument("--tower_dense", type=int, default=0, help="after --tower_warmup, this many steps of 16 with "
                     "a per-patch loss added (tower_warmup --dense 1, lr 5e-4): shape spread over the object's patches")
+    ap.add_argument("--tower_pair", type=int, default=0, help="after the shape warm-up, this many steps of 16 on "
+                    "--tower_pictures fresh one-object pictures tagged 'colour shape' (max head and per-patch loss, "
+                    "lr 5e-4): the tower keeps colour beside a long shape training")
     ap.add_argument("--tower_pictures", type=int, default=4000)
     ap.add_argument("--tower_tags", choices=("shape", "pair", "pairs"), default="shape", help="the warm-up's pictures "
                     "and tags: one object tagged with its shape or its colour-shape pair, or 1-4 objects tagged with "
@@ -441,8 +473,10 @@ def main(argv=None) -> int:
     if changed and os.path.abspath(args.out) == os.path.abspath(PACKAGE_DIR):
         ap.error(f"--{changed[0]} changes the shipped recipe, and --out defaults to the shipped model's directory "
                  f"({PACKAGE_DIR}): name --out")
-    if args.tower_dense and not args.tower_warmup:
-        ap.error("--tower_dense continues a --tower_warmup: give both")
+    if (args.tower_dense or args.tower_pair) and not args.tower_warmup:
+        ap.error(f"--{'tower_dense' if args.tower_dense else 'tower_pair'} continues a --tower_warmup: give both")
+    if args.tower_pair and args.tower_tags != "shape":
+        ap.error("--tower_pair follows a shape warm-up: it needs --tower_tags shape")
     CONFIG["vision_config"].update(hidden_size=args.vit_width, intermediate_size=4 * args.vit_width,
                                    num_attention_heads=max(1, args.vit_width // 32), num_hidden_layers=args.vit_layers)
     CONFIG.update(hidden_size=args.llm_width, intermediate_size=3 * args.llm_width,
@@ -456,21 +490,7 @@ def main(argv=None) -> int:
     init_checkpoint(os.path.join(args.work, "init"), args.seed, args.vit_pos, args.init_tower)
     start = "init"
     if args.tower_warmup:
-        from ixc25_ms.train.tower_warmup import warm_up
-        tags = tower_pictures(os.path.join(args.work, "tower"), args.tower_pictures,
-                              TRAIN_SEED_BASE + args.seed * 1_000_000 + TOWER_SEED_OFFSET, args.tower_tags)
-        held = tower_pictures(os.path.join(args.work, "tower_heldout"), 300, EVAL_SEED_BASE + TOWER_SEED_OFFSET,
-                              args.tower_tags)
-        start = "init_warm"
-        if not os.path.exists(os.path.join(args.work, start)):  # a finished warm-up is not redone on a rerun
-            warm_up(os.path.join(args.work, "init"), tags, os.path.join(args.work, start), steps=args.tower_warmup,
-                    batch=16, lr=1e-3, warmup=50, seed=args.seed, use_jit=args.jit, eval_data=held)
-        if args.tower_dense:  # then the max and the per-patch loss together, at half the rate
-            start = "init_dense"
-            if not os.path.exists(os.path.join(args.work, start)):
-                warm_up(os.path.join(args.work, "init_warm"), tags, os.path.join(args.work, start),
-                        steps=args.tower_dense, batch=16, lr=5e-4, warmup=30, seed=args.seed + 1, use_jit=args.jit,
-                        eval_data=held, dense=1.0)
+        start = tower_stages(args)
     from ixc25_ms.train.cli import main as finetune
     if args.language_warmup:
         start = language_warmup(args, start, finetune)
@@ -496,6 +516,7 @@ def main(argv=None) -> int:
         state = json.load(f)
     notes = {"seed": args.seed, "training pictures": args.pictures, "easy pictures": args.easy,
              "tower warm-up steps": args.tower_warmup, "tower per-patch steps": args.tower_dense,
+             "tower colour-shape steps": args.tower_pair,
              "language warm-up conversations": args.language_warmup, "read-stage pictures": args.read_stage,
              "text-only context items": int(round(args.context * args.pictures)),
              "optimizer steps": state["global_step"], "data + init (+ warm-ups) seconds": round(t_data), "training seconds": round(t_train)}

@@ -264,3 +264,36 @@ def test_recipe_pair_tags_name_every_drawn_object(tmp_path):
     assert len(sizes) > 1  # several object counts among 8 pictures
     with pytest.raises(ValueError, match="tower tags"):
         T.tower_pictures(str(tmp_path / "x"), 1, 0, "colour")
+
+
+def test_recipe_tower_stages_end_with_colour_shape_pairs(tmp_path, monkeypatch):
+    """train_default's tower stages: --tower_warmup (max head) -> init_warm, --tower_dense -> init_dense, then
+    --tower_pair -> init_pair, trained on fresh one-object pictures (their own seed range) tagged with the drawn
+    "colour shape"; each stage moves the ViT's tower and nothing else; a rerun trains nothing; --tower_pair after a
+    warm-up of other tags, or without one, stops at argument parsing."""
+    work = str(tmp_path)
+    T.init_checkpoint(os.path.join(work, "init"), 0)
+    args = T.parser().parse_args(["--work", work, "--out", os.path.join(work, "m"), "--tower_warmup", "2",
+                                  "--tower_dense", "2", "--tower_pair", "2", "--tower_pictures", "8"])
+    assert T.tower_stages(args) == "init_pair"
+    images, tags, _, _ = W.read_tags(os.path.join(work, "tower_pair", "tags.json"))
+    assert len(images) == 8
+    for j, (path, t) in enumerate(zip(images, tags)):
+        im, colour, shape = S.one_object_picture(T.TRAIN_SEED_BASE + T.PAIR_SEED_OFFSET + j)
+        assert t == [f"{list(S.COLOURS)[colour]} {S.SHAPES[shape]}"]
+        with Image.open(path) as saved:
+            assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(im))
+    states = [load_state_dict(os.path.join(work, d)) for d in ("init", "init_warm", "init_dense", "init_pair")]
+    for before, after in zip(states, states[1:]):  # two steps each: a warm-up's first step has rate 0
+        moved = {k for k in before if not np.array_equal(before[k], after[k])}
+        assert moved and all(k.startswith("vit.vision_tower.") for k in moved), sorted(moved)
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished tower stage was trained again")
+    monkeypatch.setattr(W, "warm_up", refuse)
+    assert T.tower_stages(args) == "init_pair"
+    for argv, words in ((["--tower_pair", "2"], "continues a --tower_warmup"),
+                        (["--tower_warmup", "2", "--tower_pair", "2", "--tower_tags", "pair"], "needs --tower_tags shape")):
+        with pytest.raises(SystemExit):
+            T.main(argv + ["--work", os.path.join(work, "x"), "--out", os.path.join(work, "m")])
+        assert not os.path.exists(os.path.join(work, "x"))
