@@ -160,6 +160,26 @@ def test_killed_run_resumes_to_the_same_weights_and_only_the_tower_changes(tmp_p
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def test_head_steps_hold_the_tower_while_the_fresh_heads_fit(tmp_path):
+    """--head_steps N: the first N steps update the heads only, so N = all steps leaves the tower bit for bit as it
+    was (through the CLI), and N = 2 of 4 moves it, not as a run with every step on the tower moves it."""
+    cfg = tiny_config()
+    data = pictures(tmp_path, 8, lambda c, s: [s])
+    init = checkpoint(tmp_path, cfg)
+    s0 = load_state_dict(init)
+    assert W.main(["--model", init, "--data", data, "--output_dir", str(tmp_path / "held"), "--steps", "4", "--batch",
+                   "2", "--warmup", "1", "--head_steps", "4", "--no_jit"]) == 0
+    held = load_state_dict(str(tmp_path / "held"))
+    assert all(np.array_equal(held[k], s0[k]) for k in s0)
+    kw = dict(steps=4, batch=2, lr=1e-3, warmup=1, use_jit=False, log=lambda *_: None)
+    W.warm_up(init, data, str(tmp_path / "all"), **kw)
+    W.warm_up(init, data, str(tmp_path / "late"), head_steps=2, **kw)
+    a, b = load_state_dict(str(tmp_path / "all")), load_state_dict(str(tmp_path / "late"))
+    moved = [k for k in s0 if not np.array_equal(b[k], s0[k])]
+    assert moved and all(k.startswith("vit.vision_tower.") for k in moved)
+    assert any(not np.allclose(a[k], b[k]) for k in moved)
+
+
 def test_the_warmed_tower_learns_colour(tmp_path):
     """Trains at toy size: the max-pooled head must tell six colours apart on its training pictures."""
     cfg = tiny_config()

@@ -228,10 +228,13 @@ def accuracy(net: WarmupNet, data: str, vocab: List[str], side: int, batch: int 
 
 def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int = 16, lr: float = 1e-3,
             warmup: int = 50, weight_decay: float = 0.05, seed: int = 0, save_steps: int = 100,
-            use_jit: bool = True, eval_data: str = "", dense: float = 0.0, log=print) -> List[dict]:
+            use_jit: bool = True, eval_data: str = "", dense: float = 0.0, head_steps: int = 0,
+            log=print) -> List[dict]:
     """Train `model`'s tower on `data` (tags.json) and write `output_dir`; returns the logged rows
     ({step, loss, seconds} every 50 steps and the last; with `eval_data`, the last has the held-out accuracy).
-    dense > 0: add dense x the per-patch loss (WarmupNet), labels from each item's mask (patch_labels)."""
+    dense > 0: add dense x the per-patch loss (WarmupNet), labels from each item's mask (patch_labels).
+    head_steps: the first steps train the fresh heads only, the tower held (a trained tower's features are not
+    pulled about by a random head's gradients), then everything."""
     images, tags, vocab, masks = read_tags(data)
     with open(os.path.join(model, "config.json")) as f:
         cfg = IXCConfig.from_dict(json.load(f), where=os.path.join(model, "config.json")).vision
@@ -263,7 +266,7 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
     step_fn = ms.jit(grad) if use_jit else grad
     log(f"[tower_warmup] {len(images)} pictures, {len(vocab)} tags ({'one' if single else 'several'} a picture), "
         f"tower {cfg.hidden_size} x {cfg.num_hidden_layers}; {steps} steps of {batch}"
-        + (f"; per-patch loss x {dense}" if dense else ""))
+        + (f"; per-patch loss x {dense}" if dense else "") + (f"; heads alone for {head_steps}" if head_steps else ""))
 
     def load(step):  # this step's picture indices and pixels
         idx = batch_indices(len(images), batch, seed, step)
@@ -277,7 +280,9 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
         if step < steps:
             ahead = pool.submit(load, step + 1)
         loss, grads = step_fn(Tensor(px), Tensor(y[idx]), Tensor(labels[idx]))
-        opt.step(grads, lr * lr_lambda("cosine", step - 1, warmup, steps), [True] * len(params))
+        heads_only = step <= head_steps
+        opt.step(grads, lr * lr_lambda("cosine", step - 1, warmup, steps),
+                 [not heads_only] * len(used) + [True] * len(net.heads()))
         if step % 50 == 0 or step == steps:
             rows.append({"step": step, "loss": round(float(loss.asnumpy()), 4),
                          "seconds": round(time.perf_counter() - t0)})
@@ -309,6 +314,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--weight_decay", type=float, default=0.05)
     ap.add_argument("--save_steps", type=int, default=100, help="resume point every N steps")
+    ap.add_argument("--head_steps", type=int, default=0, help="the first N steps train the heads only, the tower held")
     ap.add_argument("--eval_data", default="", help="held-out tags.json scored at the end")
     ap.add_argument("--dense", type=float, default=0.0, help="add this weight x a per-patch loss (every patch "
                     "classified as the tag whose region holds it, or background); needs a 'mask' in every item")
@@ -317,7 +323,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         warm_up(a.model, a.data, a.output_dir, a.steps, a.batch, a.lr, a.warmup, a.weight_decay, a.seed,
-                a.save_steps, not a.no_jit, a.eval_data, a.dense)
+                a.save_steps, not a.no_jit, a.eval_data, a.dense, a.head_steps)
     except TagDataError as e:
         print(f"ixc25-tower-warmup: {e}", file=sys.stderr)
         return 2
