@@ -446,7 +446,8 @@ def parser() -> argparse.ArgumentParser:
                     "a per-patch loss added (tower_warmup --dense 1, lr 5e-4): shape spread over the object's patches")
     ap.add_argument("--tower_pair", type=int, default=0, help="after the shape warm-up, this many steps of 16 on "
                     "--tower_pictures fresh one-object pictures tagged 'colour shape' (max head and per-patch loss, "
-                    "lr 5e-4): the tower keeps colour beside a long shape training")
+                    "lr 5e-4), meant to add colour to a shape-trained tower (measured: colour added, shape lost; "
+                    "notes/default-model.md)")
     ap.add_argument("--tower_pictures", type=int, default=4000)
     ap.add_argument("--tower_tags", choices=("shape", "pair", "pairs"), default="shape", help="the warm-up's pictures "
                     "and tags: one object tagged with its shape or its colour-shape pair, or 1-4 objects tagged with "
