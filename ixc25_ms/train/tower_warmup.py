@@ -233,8 +233,8 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
     """Train `model`'s tower on `data` (tags.json) and write `output_dir`; returns the logged rows
     ({step, loss, seconds} every 50 steps and the last; with `eval_data`, the last has the held-out accuracy).
     dense > 0: add dense x the per-patch loss (WarmupNet), labels from each item's mask (patch_labels).
-    head_steps: the first steps train the fresh heads only, the tower held (a trained tower's features are not
-    pulled about by a random head's gradients), then everything."""
+    head_steps: the first steps train the fresh heads only, the tower held, then everything (meant to spare
+    a trained tower a random head's first gradients; it did not keep shape while colour was added: notes/)."""
     images, tags, vocab, masks = read_tags(data)
     with open(os.path.join(model, "config.json")) as f:
         cfg = IXCConfig.from_dict(json.load(f), where=os.path.join(model, "config.json")).vision
