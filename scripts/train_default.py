@@ -387,19 +387,20 @@ def tower_stages(args) -> str:
     from ixc25_ms.train.tower_warmup import warm_up
     base = TRAIN_SEED_BASE + args.seed * 1_000_000
     work = lambda d: os.path.join(args.work, d)
-    tags = tower_pictures(work("tower"), args.tower_pictures, base + TOWER_SEED_OFFSET, args.tower_tags)
-    held = tower_pictures(work("tower_heldout"), 300, EVAL_SEED_BASE + TOWER_SEED_OFFSET, args.tower_tags)
-    stages = [("init_warm", args.tower_warmup, 1e-3, 50, 0.0, "")]
+    pictures = {"tower": (TOWER_SEED_OFFSET, args.tower_tags), "tower_pair": (PAIR_SEED_OFFSET, "pair")}
+    stages = [("init_warm", args.tower_warmup, 1e-3, 50, 0.0, "tower")]
     if args.tower_dense:  # then the max and the per-patch loss together, at half the rate
-        stages.append(("init_dense", args.tower_dense, 5e-4, 30, 1.0, ""))
+        stages.append(("init_dense", args.tower_dense, 5e-4, 30, 1.0, "tower"))
     if args.tower_pair:  # then colour beside shape, on fresh pictures
-        stages.append(("init_pair", args.tower_pair, 5e-4, 30, 1.0, "pair"))
-    start = "init"
-    for i, (name, steps, lr, warmup, dense, kind) in enumerate(stages):
-        if not os.path.exists(work(name)):
-            if kind:
-                tags = tower_pictures(work("tower_" + kind), args.tower_pictures, base + PAIR_SEED_OFFSET, kind)
-                held = tower_pictures(work(f"tower_{kind}_heldout"), 300, EVAL_SEED_BASE + TOWER_SEED_OFFSET, kind)
+        stages.append(("init_pair", args.tower_pair, 5e-4, 30, 1.0, "tower_pair"))
+    drawn, start = {}, "init"
+    for i, (name, steps, lr, warmup, dense, sub) in enumerate(stages):
+        if not os.path.exists(work(name)):  # a finished stage is not redone on a rerun, nor its pictures drawn
+            if sub not in drawn:  # (training tags.json, 300 held-out) under work/sub, work/sub_heldout
+                offset, kind = pictures[sub]
+                drawn[sub] = (tower_pictures(work(sub), args.tower_pictures, base + offset, kind),
+                              tower_pictures(work(sub + "_heldout"), 300, EVAL_SEED_BASE + TOWER_SEED_OFFSET, kind))
+            tags, held = drawn[sub]
             warm_up(work(start), tags, work(name), steps=steps, batch=16, lr=lr, warmup=warmup, seed=args.seed + i,
                     use_jit=args.jit, eval_data=held, dense=dense)
         start = name

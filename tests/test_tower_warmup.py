@@ -289,8 +289,8 @@ def test_recipe_pair_tags_name_every_drawn_object(tmp_path):
 def test_recipe_tower_stages_end_with_colour_shape_pairs(tmp_path, monkeypatch):
     """train_default's tower stages: --tower_warmup (max head) -> init_warm, --tower_dense -> init_dense, then
     --tower_pair -> init_pair, trained on fresh one-object pictures (their own seed range) tagged with the drawn
-    "colour shape"; each stage moves the ViT's tower and nothing else; a rerun trains nothing; --tower_pair after a
-    warm-up of other tags, or without one, stops at argument parsing."""
+    "colour shape"; each stage moves the ViT's tower and nothing else; a rerun trains nothing and draws no picture;
+    --tower_pair after a warm-up of other tags, or without one, stops at argument parsing."""
     work = str(tmp_path)
     T.init_checkpoint(os.path.join(work, "init"), 0)
     args = T.parser().parse_args(["--work", work, "--out", os.path.join(work, "m"), "--tower_warmup", "2",
@@ -309,8 +309,9 @@ def test_recipe_tower_stages_end_with_colour_shape_pairs(tmp_path, monkeypatch):
         assert moved and all(k.startswith("vit.vision_tower.") for k in moved), sorted(moved)
 
     def refuse(*a, **k):
-        raise AssertionError("a finished tower stage was trained again")
+        raise AssertionError("a finished tower stage was trained again, or its pictures drawn again")
     monkeypatch.setattr(W, "warm_up", refuse)
+    monkeypatch.setattr(T, "tower_pictures", refuse)
     assert T.tower_stages(args) == "init_pair"
     for argv, words in ((["--tower_pair", "2"], "continues a --tower_warmup"),
                         (["--tower_warmup", "2", "--tower_pair", "2", "--tower_tags", "pair"], "needs --tower_tags shape")):
