@@ -50,19 +50,23 @@ LANGUAGE_SEED_OFFSET = 30_000_000  # language warm-up item j: seed BASE + this +
 READ_SEED_OFFSET = 50_000_000  # read-stage picture j: seed BASE + this + j
 
 
+TOWER_TAGS = ("shape", "pair", "both", "pairs")
+
+
 def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape") -> str:
     """n pictures for the tower warm-up (ixc25_ms.train.tower_warmup) under root/images and root/tags.json, picture
     j drawn from seed seed_base + j, with a mask of where each tag lies (root/masks: value k marks the item's k-th
     tag, 0 the background). tags "shape": one object (200-560 px, shapes.one_object_scene) tagged with its shape;
-    "pair": the same pictures tagged "colour shape" (one of 18, so the tower keeps colour beside shape); "pairs":
-    1-4 objects (shapes.random_scene, 200-1200 px) tagged with every "colour shape" pair they show."""
+    "pair": the same pictures tagged "colour shape" (one of 18, so the tower keeps colour beside shape); "both": the
+    same pictures with two tags, the colour and the shape (a binary cross-entropy each; the mask marks the shape);
+    "pairs": 1-4 objects (shapes.random_scene, 200-1200 px) tagged with every "colour shape" pair they show."""
     from ixc25_ms import shapes as S
-    if tags not in ("shape", "pair", "pairs"):
-        raise ValueError(f"tower tags must be 'shape', 'pair' or 'pairs', got {tags!r}")
+    if tags not in TOWER_TAGS:
+        raise ValueError(f"tower tags must be one of {', '.join(TOWER_TAGS)}, got {tags!r}")
     for sub in ("images", "masks"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
-    def tag(o):
-        return o.shape if tags == "shape" else f"{o.colour} {o.shape}"
+    def tag(o):  # the tag the mask marks
+        return o.shape if tags in ("shape", "both") else f"{o.colour} {o.shape}"
 
     items = []
     for j in range(n):
@@ -73,7 +77,7 @@ def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape") -> st
             im = S.render(scene, rng)
         else:
             scene, im = S.one_object_scene(seed_base + j)
-        names = sorted({tag(o) for o in scene.objects})
+        names = sorted({tag(o) for o in scene.objects} | ({o.colour for o in scene.objects} if tags == "both" else set()))
         save_png(im, os.path.join(root, path))
         save_png(S.region_map(scene, [1 + names.index(tag(o)) for o in scene.objects]), os.path.join(root, mask))
         items.append({"image": path, "tags": names, "mask": mask})
@@ -450,9 +454,9 @@ def parser() -> argparse.ArgumentParser:
                     "lr 5e-4), meant to add colour to a shape-trained tower (measured: colour added, shape lost; "
                     "notes/default-model.md)")
     ap.add_argument("--tower_pictures", type=int, default=4000)
-    ap.add_argument("--tower_tags", choices=("shape", "pair", "pairs"), default="shape", help="the warm-up's pictures "
-                    "and tags: one object tagged with its shape or its colour-shape pair, or 1-4 objects tagged with "
-                    "their colour-shape pairs (tower_pictures)")
+    ap.add_argument("--tower_tags", choices=TOWER_TAGS, default="shape", help="the warm-up's pictures and tags: one "
+                    "object tagged with its shape, its colour-shape pair, or its colour and its shape as two tags "
+                    "(both), or 1-4 objects tagged with their colour-shape pairs (tower_pictures)")
     ap.add_argument("--language_warmup", type=int, default=0, help="first train the language model this many "
                     "text-only conversations (16 a step) on scenes told in words (context_items), then the pictures")
     ap.add_argument("--read_stage", type=int, default=0, help="then this many small one-object pictures, each "

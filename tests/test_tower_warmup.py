@@ -247,17 +247,29 @@ def test_bad_masks_stop_in_one_line(tmp_path, case, field):
 
 
 def test_recipe_tower_pictures_are_tagged_with_their_drawn_shape(tmp_path):
-    """train_default's warm-up data: each picture's tag is the shape drawn from its seed, readable by read_tags."""
+    """train_default's warm-up data: each picture's tag is the shape drawn from its seed, readable by read_tags;
+    "pair" tags it "colour shape", "both" with the colour and the shape as two tags, its mask marking the shape."""
     tags_json = T.tower_pictures(str(tmp_path), 6, 70_600_000)
     images, tags, vocab, masks = W.read_tags(tags_json)
     assert len(images) == 6 and set(vocab) <= set(S.SHAPES)
     pair = W.read_tags(T.tower_pictures(str(tmp_path / "pair"), 6, 70_600_000, "pair"))
+    both = W.read_tags(T.tower_pictures(str(tmp_path / "both"), 6, 70_600_000, "both"))
     for j, (path, t) in enumerate(zip(images, tags)):
         im, colour, shape = S.one_object_picture(70_600_000 + j)
-        assert t == [S.SHAPES[shape]] and pair[1][j] == [f"{list(S.COLOURS)[colour]} {S.SHAPES[shape]}"]
+        colour, shape = list(S.COLOURS)[colour], S.SHAPES[shape]
+        assert t == [shape] and pair[1][j] == [f"{colour} {shape}"] and sorted(both[1][j]) == sorted([colour, shape])
         assert np.array_equal(np.asarray(Image.open(masks[j])), np.asarray(Image.open(pair[3][j])))
         with Image.open(path) as saved:
             assert saved.size == im.size and np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(im))
+        m = np.asarray(Image.open(both[3][j]))  # the object's pixels carry 1 + the index of its shape tag
+        assert set(np.unique(m)) == {0, 1 + both[1][j].index(shape)}
+        with Image.open(both[0][j]) as saved:
+            assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(im))
+    labels = W.patch_labels(*[both[k] for k in (0, 3, 1, 2)], 560, 28)  # images, masks, tags, vocab
+    shapes = [both[2].index(next(x for x in t if x in S.SHAPES)) for t in both[1]]
+    for row, k in zip(labels, shapes):  # each picture's patches: its shape or the background, never its colour
+        assert set(np.unique(row)) <= {k, len(both[2])}
+    assert (labels < len(both[2])).sum() >= 6
 
 
 def test_recipe_pair_tags_name_every_drawn_object(tmp_path):
