@@ -68,6 +68,9 @@ def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape") -> st
     def tag(o):  # the tag the mask marks
         return o.shape if tags in ("shape", "both") else f"{o.colour} {o.shape}"
 
+    def all_tags(o):  # every tag the object gives its picture
+        return {tag(o), o.colour} if tags == "both" else {tag(o)}
+
     items = []
     for j in range(n):
         path, mask = os.path.join("images", f"{seed_base + j}.png"), os.path.join("masks", f"{seed_base + j}.png")
@@ -77,7 +80,7 @@ def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape") -> st
             im = S.render(scene, rng)
         else:
             scene, im = S.one_object_scene(seed_base + j)
-        names = sorted({tag(o) for o in scene.objects} | ({o.colour for o in scene.objects} if tags == "both" else set()))
+        names = sorted(set().union(*map(all_tags, scene.objects)))
         save_png(im, os.path.join(root, path))
         save_png(S.region_map(scene, [1 + names.index(tag(o)) for o in scene.objects]), os.path.join(root, mask))
         items.append({"image": path, "tags": names, "mask": mask})
@@ -456,8 +459,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--tower_pictures", type=int, default=4000)
     ap.add_argument("--tower_tags", choices=TOWER_TAGS, default="shape", help="the warm-up's pictures and tags: one "
                     "object tagged with its shape, its colour-shape pair, or its colour and its shape as two tags "
-                    "(both; measured: colour learnt, shape not, in 2,000 steps: notes/default-model.md), or 1-4 objects tagged "
-                    "with their colour-shape pairs (tower_pictures)")
+                    "(both; measured: colour learnt, shape not, in 2,000 steps: notes/default-model.md), or 1-4 "
+                    "objects tagged with their colour-shape pairs (tower_pictures)")
     ap.add_argument("--language_warmup", type=int, default=0, help="first train the language model this many "
                     "text-only conversations (16 a step) on scenes told in words (context_items), then the pictures")
     ap.add_argument("--read_stage", type=int, default=0, help="then this many small one-object pictures, each "
