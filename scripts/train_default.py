@@ -409,7 +409,7 @@ def tower_stages(args) -> str:
                               tower_pictures(work(sub + "_heldout"), 300, EVAL_SEED_BASE + TOWER_SEED_OFFSET, kind))
             tags, held = drawn[sub]
             warm_up(work(start), tags, work(name), steps=steps, batch=16, lr=lr, warmup=warmup, seed=args.seed + i,
-                    use_jit=args.jit, eval_data=held, dense=dense)
+                    use_jit=args.jit, eval_data=held, dense=dense, colour=args.tower_colour)
         start = name
     return start
 
@@ -456,6 +456,9 @@ def parser() -> argparse.ArgumentParser:
                     "--tower_pictures fresh one-object pictures tagged 'colour shape' (max head and per-patch loss, "
                     "lr 5e-4), meant to add colour to a shape-trained tower (measured: colour added, shape lost; "
                     "notes/default-model.md)")
+    ap.add_argument("--tower_colour", type=float, default=0.0, help="add this weight x a per-patch regression "
+                    "of each patch's mean colour to every tower stage (tower_warmup --colour): keeps colour readable "
+                    "while shape is taught")
     ap.add_argument("--tower_pictures", type=int, default=4000)
     ap.add_argument("--tower_tags", choices=TOWER_TAGS, default="shape", help="the warm-up's pictures and tags: one "
                     "object tagged with its shape, its colour-shape pair, or its colour and its shape as two tags "

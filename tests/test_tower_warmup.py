@@ -68,9 +68,10 @@ def checkpoint(tmp_path, cfg: dict) -> str:
     return str(d)
 
 
-@pytest.mark.parametrize("single,dense", [(True, 0.0), (False, 0.0), (True, 0.7)],
-                         ids=["one-tag-softmax", "several-tags-bce", "one-tag-plus-per-patch"])
-def test_loss_and_gradients_equal_the_pytorch_reference(tmp_path, single, dense):
+@pytest.mark.parametrize("single,dense,colour", [(True, 0.0, 0.0), (False, 0.0, 0.0), (True, 0.7, 0.0),
+                                                 (True, 0.0, 0.6)],
+                         ids=["one-tag-softmax", "several-tags-bce", "one-tag-plus-per-patch", "one-tag-plus-colour"])
+def test_loss_and_gradients_equal_the_pytorch_reference(tmp_path, single, dense, colour):
     cfg = tiny_config()
     vc = IXCConfig.from_dict(cfg).vision
     n = 6 if dense else 3  # at 112 px only pictures 4 and 5 have an object over half a patch
@@ -80,7 +81,7 @@ def test_loss_and_gradients_equal_the_pytorch_reference(tmp_path, single, dense)
     views = np.stack([W.square_view(p, SIDE) for p in images])
     labels = W.patch_labels(images, masks, tags, vocab, SIDE, 28)
     state = tower_state(cfg)
-    net = W.WarmupNet(vc, len(vocab), single, seed=5, dense=dense)
+    net = W.WarmupNet(vc, len(vocab), single, seed=5, dense=dense, colour=colour)
     params = {W.PREFIX + p.name[len("tower."):]: p for p in net.tower.get_parameters()}
     for k, p in params.items():
         p.set_data(ms.Tensor(state[k]))
@@ -88,6 +89,8 @@ def test_loss_and_gradients_equal_the_pytorch_reference(tmp_path, single, dense)
     net.head_w.set_data(ms.Tensor(net.head_w.asnumpy() * 50))  # a head that matters
     if dense:
         net.dense_w.set_data(ms.Tensor(net.dense_w.asnumpy() * 50))
+    if colour:
+        net.colour_w.set_data(ms.Tensor(net.colour_w.asnumpy() * 50))
     names = list(params) + [p.name for p in net.heads()]
     loss, grads = ms.value_and_grad(net, None, list(params.values()) + net.heads())(
         ms.Tensor(W.pixels(views)), ms.Tensor(y), ms.Tensor(labels))
@@ -112,6 +115,14 @@ def test_loss_and_gradients_equal_the_pytorch_reference(tmp_path, single, dense)
         on = (lab.flatten() < len(vocab)).float()
         ref_loss = ref_loss + dense * (0.5 * (per * on).sum() / on.sum() + 0.5 * (per * (1 - on)).sum() / (1 - on).sum())
         ref_grads = {"dense.weight": dw, "dense.bias": db}
+    if colour:  # every patch's features -> its mean normalised RGB, squared error averaged over patches and channels
+        cw = torch.from_numpy(net.colour_w.asnumpy()).requires_grad_()
+        cb = torch.zeros(3, requires_grad=True)
+        b, g = x.shape[0], SIDE // 28
+        rgb = torch.stack([x[:, :, i * 28:(i + 1) * 28, j * 28:(j + 1) * 28].mean((2, 3))
+                           for i in range(g) for j in range(g)], 1)  # (B, P, 3), row by row
+        ref_loss = ref_loss + colour * F.mse_loss(f @ cw.T + cb, rgb)
+        ref_grads = {"colour.weight": cw, "colour.bias": cb}
     ref_loss.backward()
     assert_close(loss, ref_loss.detach(), name="loss")
     ref_grads = {**{k: w[k].grad for k in params}, "head.weight": hw.grad, "head.bias": hb.grad,
@@ -330,3 +341,23 @@ def test_recipe_tower_stages_end_with_colour_shape_pairs(tmp_path, monkeypatch):
         with pytest.raises(SystemExit):
             T.main(argv + ["--work", os.path.join(work, "x"), "--out", os.path.join(work, "m")])
         assert not os.path.exists(os.path.join(work, "x"))
+
+
+def test_recipe_tower_colour_reaches_every_tower_stage(tmp_path, monkeypatch):
+    """train_default --tower_colour W: each tower stage's warm_up gets colour=W (the per-patch colour regression,
+    whose loss and gradients the parity test above checks); without the flag, colour=0."""
+    import shutil
+    calls = []
+
+    def record(model, data, out, **kw):
+        calls.append((os.path.basename(out), kw["colour"], kw["dense"]))
+        shutil.copytree(model, out)
+    monkeypatch.setattr(W, "warm_up", record)
+    T.init_checkpoint(str(tmp_path / "init"), 0)
+    for flag, want in ((["--tower_colour", "0.5"], 0.5), ([], 0.0)):
+        work = str(tmp_path / f"w{len(calls)}")
+        shutil.copytree(str(tmp_path / "init"), os.path.join(work, "init"))
+        args = T.parser().parse_args(["--work", work, "--out", os.path.join(work, "m"), "--tower_warmup", "2",
+                                      "--tower_dense", "2", "--tower_pictures", "4"] + flag)
+        assert T.tower_stages(args) == "init_dense"
+        assert calls[-2:] == [("init_warm", want, 0.0), ("init_dense", want, 1.0)]

@@ -13,7 +13,8 @@ per picture: softmax cross-entropy over the tags seen; several: a binary cross-e
 "mask": a one-channel PNG of the picture's size, value k where its k-th tag lies, 0 elsewhere; `--dense W` then
 adds W x a per-patch loss (every patch named by the tag covering over half of it, or background), which spreads
 what the max finds over the object's patches, where an attention read (a language model's) finds it sooner
-(notes/default-model.md). Each picture is
+(notes/default-model.md). `--colour W` adds W x a regression of each patch's mean colour
+off its features: shape tags alone wear colour out of the tower, this keeps it. Each picture is
 scaled so its longer side is the tower's crop side and centred on white. AdamW (weight decay 0.05, betas
 0.9/0.98), linear warmup then cosine; batches drawn from (seed, step), so a run killed and started again with
 the same arguments resumes from its last save (`OUT.resume.safetensors`) and ends with the same weights. The
@@ -144,9 +145,12 @@ class WarmupNet(nn.Cell):
     targets (one-hot for single-tag data) -> the mean loss: softmax CE when `single`, else BCE per tag.
     dense > 0 adds dense x a per-patch loss: every patch's features classified by a second linear head as the tag
     whose region holds it or the background ((B, grid²) int labels, len(tags) = background), softmax CE averaged
-    over the object patches and over the background patches, half the weight each."""
+    over the object patches and over the background patches, half the weight each. colour > 0 adds colour x a
+    per-patch regression: a third linear head maps every patch's features to the patch's mean normalised RGB
+    (mean squared error), which keeps colour readable off each token while the tags teach shape."""
 
-    def __init__(self, vision_cfg, n_tags: int, single: bool, seed: int = 0, dense: float = 0.0):
+    def __init__(self, vision_cfg, n_tags: int, single: bool, seed: int = 0, dense: float = 0.0,
+                 colour: float = 0.0):
         super().__init__()
         self.tower = CLIPVisionTower(vision_cfg)
         c = vision_cfg.hidden_size
@@ -159,9 +163,15 @@ class WarmupNet(nn.Cell):
             self.dense_w = ms.Parameter(Tensor((rng.standard_normal((n_tags + 1, c)) * 0.02).astype(np.float32)),
                                         name="dense.weight")
             self.dense_b = ms.Parameter(Tensor(np.zeros(n_tags + 1, np.float32)), name="dense.bias")
+        self.colour, self.patch = float(colour), vision_cfg.patch_size
+        if self.colour:
+            self.colour_w = ms.Parameter(Tensor((rng.standard_normal((3, c)) * 0.02).astype(np.float32)),
+                                         name="colour.weight")
+            self.colour_b = ms.Parameter(Tensor(np.zeros(3, np.float32)), name="colour.bias")
 
     def heads(self):
-        return [self.head_w, self.head_b] + ([self.dense_w, self.dense_b] if self.dense else [])
+        return [self.head_w, self.head_b] + ([self.dense_w, self.dense_b] if self.dense else []) + (
+            [self.colour_w, self.colour_b] if self.colour else [])
 
     def logits(self, px):
         f = self.tower(px).max(axis=1)  # (B, C)
@@ -183,6 +193,11 @@ class WarmupNet(nn.Cell):
             part = 0.5 * (per * on).sum() / ops.maximum(on.sum(), one) + \
                 0.5 * (per * off).sum() / ops.maximum(off.sum(), one)
             loss = loss + self.dense * part
+        if self.colour:  # (B, 3, R, R) -> each patch's mean RGB (B, P, 3), patches in the tower's row-major order
+            b, _, r, _ = px.shape
+            g = r // self.patch
+            rgb = px.reshape(b, 3, g, self.patch, g, self.patch).mean((3, 5)).reshape(b, 3, g * g).transpose(0, 2, 1)
+            loss = loss + self.colour * ((ops.matmul(f, self.colour_w.T) + self.colour_b - rgb) ** 2).mean()
         return loss
 
 
@@ -229,10 +244,11 @@ def accuracy(net: WarmupNet, data: str, vocab: List[str], side: int, batch: int 
 def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int = 16, lr: float = 1e-3,
             warmup: int = 50, weight_decay: float = 0.05, seed: int = 0, save_steps: int = 100,
             use_jit: bool = True, eval_data: str = "", dense: float = 0.0, head_steps: int = 0,
-            log=print) -> List[dict]:
+            colour: float = 0.0, log=print) -> List[dict]:
     """Train `model`'s tower on `data` (tags.json) and write `output_dir`; returns the logged rows
     ({step, loss, seconds} every 50 steps and the last; with `eval_data`, the last has the held-out accuracy).
     dense > 0: add dense x the per-patch loss (WarmupNet), labels from each item's mask (patch_labels).
+    colour > 0: add colour x the per-patch colour regression (WarmupNet).
     head_steps: the first steps train the fresh heads only, the tower held, then everything (meant to spare
     a trained tower a random head's first gradients; it did not keep shape while colour was added: notes/)."""
     images, tags, vocab, masks = read_tags(data)
@@ -243,7 +259,7 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
     grid = cfg.image_size // cfg.patch_size
     labels = patch_labels(images, masks, tags, vocab, cfg.image_size, cfg.patch_size, data) if dense else \
         np.zeros((len(images), grid * grid), np.int32)  # unused without the per-patch loss
-    net = WarmupNet(cfg, len(vocab), single, seed, dense)
+    net = WarmupNet(cfg, len(vocab), single, seed, dense, colour)
     tower = {PREFIX + p.name[len("tower."):]: p for p in net.tower.get_parameters()}  # tower.vision_tower... -> vit.vision_tower...
     state = load_state_dict(model)
     for k, p in tower.items():
@@ -266,7 +282,8 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
     step_fn = ms.jit(grad) if use_jit else grad
     log(f"[tower_warmup] {len(images)} pictures, {len(vocab)} tags ({'one' if single else 'several'} a picture), "
         f"tower {cfg.hidden_size} x {cfg.num_hidden_layers}; {steps} steps of {batch}"
-        + (f"; per-patch loss x {dense}" if dense else "") + (f"; heads alone for {head_steps}" if head_steps else ""))
+        + (f"; per-patch loss x {dense}" if dense else "") + (f"; per-patch colour x {colour}" if colour else "")
+        + (f"; heads alone for {head_steps}" if head_steps else ""))
 
     def load(step):  # this step's picture indices and pixels
         idx = batch_indices(len(images), batch, seed, step)
@@ -318,12 +335,15 @@ def main(argv=None) -> int:
     ap.add_argument("--eval_data", default="", help="held-out tags.json scored at the end")
     ap.add_argument("--dense", type=float, default=0.0, help="add this weight x a per-patch loss (every patch "
                     "classified as the tag whose region holds it, or background); needs a 'mask' in every item")
+    ap.add_argument("--colour", type=float, default=0.0, help="add this weight x a per-patch regression of each "
+                    "patch's mean colour off its features (keeps colour readable while the tags teach shape)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no_jit", action="store_true", help="run the step eagerly (PyNative)")
     a = ap.parse_args(argv)
     try:
         warm_up(a.model, a.data, a.output_dir, a.steps, a.batch, a.lr, a.warmup, a.weight_decay, a.seed,
-                a.save_steps, not a.no_jit, a.eval_data, a.dense, a.head_steps)
+                a.save_steps, not a.no_jit, a.eval_data, a.dense, a.head_steps,
+                a.colour)
     except TagDataError as e:
         print(f"ixc25-tower-warmup: {e}", file=sys.stderr)
         return 2
