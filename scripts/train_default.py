@@ -458,7 +458,7 @@ def parser() -> argparse.ArgumentParser:
                     "notes/default-model.md)")
     ap.add_argument("--tower_colour", type=float, default=0.0, help="add this weight x a per-patch regression "
                     "of each patch's mean colour to every tower stage (tower_warmup --colour): keeps colour readable "
-                    "while shape is taught")
+                    "while shape is taught (measured: colour kept, shape slower; notes/default-model.md)")
     ap.add_argument("--tower_pictures", type=int, default=4000)
     ap.add_argument("--tower_tags", choices=TOWER_TAGS, default="shape", help="the warm-up's pictures and tags: one "
                     "object tagged with its shape, its colour-shape pair, or its colour and its shape as two tags "

@@ -14,7 +14,7 @@ per picture: softmax cross-entropy over the tags seen; several: a binary cross-e
 adds W x a per-patch loss (every patch named by the tag covering over half of it, or background), which spreads
 what the max finds over the object's patches, where an attention read (a language model's) finds it sooner
 (notes/default-model.md). `--colour W` adds W x a regression of each patch's mean colour
-off its features: shape tags alone wear colour out of the tower, this keeps it. Each picture is
+off its features: shape tags alone wear colour out of the tower, this keeps more of it. Each picture is
 scaled so its longer side is the tower's crop side and centred on white. AdamW (weight decay 0.05, betas
 0.9/0.98), linear warmup then cosine; batches drawn from (seed, step), so a run killed and started again with
 the same arguments resumes from its last save (`OUT.resume.safetensors`) and ends with the same weights. The
