@@ -122,7 +122,7 @@ def test_loss_and_gradients_equal_the_pytorch_reference(tmp_path, single, dense,
         rgb = torch.stack([x[:, :, i * 28:(i + 1) * 28, j * 28:(j + 1) * 28].mean((2, 3))
                            for i in range(g) for j in range(g)], 1)  # (B, P, 3), row by row
         ref_loss = ref_loss + colour * F.mse_loss(f @ cw.T + cb, rgb)
-        ref_grads = {"colour.weight": cw, "colour.bias": cb}
+        ref_grads.update({"colour.weight": cw, "colour.bias": cb})  # beside the per-patch heads' when both are on
     ref_loss.backward()
     assert_close(loss, ref_loss.detach(), name="loss")
     ref_grads = {**{k: w[k].grad for k in params}, "head.weight": hw.grad, "head.bias": hb.grad,

@@ -342,8 +342,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         warm_up(a.model, a.data, a.output_dir, a.steps, a.batch, a.lr, a.warmup, a.weight_decay, a.seed,
-                a.save_steps, not a.no_jit, a.eval_data, a.dense, a.head_steps,
-                a.colour)
+                a.save_steps, not a.no_jit, a.eval_data, a.dense, a.head_steps, a.colour)
     except TagDataError as e:
         print(f"ixc25-tower-warmup: {e}", file=sys.stderr)
         return 2
