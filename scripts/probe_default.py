@@ -5,7 +5,10 @@ HD transform and projector (`model.encode_img`: the (N, hidden) tokens the langu
 tokens (mean, max and min over N, so 3 x hidden numbers a picture), fits a ridge classifier on the first
 pictures and scores the rest. High probe accuracy with low chat accuracy says the language model does not read
 what the tower shows; probe accuracy near chance says the tower does not show it (notes/default-model.md).
-Pooling loses layout, so the shape probe is a floor: a spatial probe could read more.
+Pooling loses layout, so the shape probe is a floor: a spatial probe could read more. `--patch` is one: the ViT's
+own output features at the one patch the object covers most (the picture scaled and centred as the tower warm-up
+shows it, the object's place from its drawn region), which says what a single token shows; the language model's
+read of a lone object's shape followed it where the pooled probe did not (notes/default-model.md).
 """
 from __future__ import annotations
 
@@ -33,6 +36,26 @@ def pooled_features(model, n: int, sides: Tuple[int, int] = (200, 560), hd_num: 
     return np.asarray(X, np.float64), np.asarray(colour), np.asarray(shape)
 
 
+def patch_features(model, n: int, sides: Tuple[int, int] = (200, 560)):
+    """(n, C) ViT output features at the patch each one-object picture's object covers most (the picture as
+    tower_warmup.square_view shows it, the object's region from shapes.region_map), colour ids, shape ids."""
+    from mindspore import Tensor
+    from ixc25_ms import shapes as S
+    from ixc25_ms.train.tower_warmup import mask_view, pixels, square_view
+    side, patch, g = model.vit.resolution, model.vit.patch_size, model.vit.grid
+    X, colour, shape = [], [], []
+    for i in range(n):
+        scene, im = S.one_object_scene(PROBE_SEED_BASE + i, sides)
+        cover = mask_view(np.asarray(S.region_map(scene, [1])), side)[: g * patch, : g * patch]
+        cover = cover.reshape(g, patch, g, patch).mean((1, 3)).reshape(-1)  # (g², ) share of each patch covered
+        f = model.vit(Tensor(pixels(square_view(im, side)[None]))).asnumpy()[0]  # (g², C)
+        X.append(f[int(cover.argmax())])
+        o = scene.objects[0]
+        colour.append(list(S.COLOURS).index(o.colour))
+        shape.append(S.SHAPES.index(o.shape))
+    return np.asarray(X, np.float64), np.asarray(colour), np.asarray(shape)
+
+
 def ridge_accuracy(X: np.ndarray, y: np.ndarray, classes: int, n_train: int, lam: float = 10.0) -> float:
     """Fit a one-vs-all ridge classifier (standardised features + bias) on the first n_train rows; the accuracy
     of its argmax on the rest."""
@@ -45,10 +68,12 @@ def ridge_accuracy(X: np.ndarray, y: np.ndarray, classes: int, n_train: int, lam
     return float((np.argmax(Z[n_train:] @ W, 1) == y[n_train:]).mean())
 
 
-def probe(model, n: int = 400, train_share: float = 0.75, sides=(200, 560), lam: float = 10.0) -> Dict[str, float]:
-    """Held-out probe accuracy for colour (chance 1/6) and shape (chance 1/3)."""
+def probe(model, n: int = 400, train_share: float = 0.75, sides=(200, 560), lam: float = 10.0,
+          patch: bool = False) -> Dict[str, float]:
+    """Held-out probe accuracy for colour (chance 1/6) and shape (chance 1/3): of the pooled image embeddings, or
+    with `patch` of the ViT's features at the object's most covered patch (patch_features)."""
     from ixc25_ms import shapes as S
-    X, colour, shape = pooled_features(model, n, sides)
+    X, colour, shape = (patch_features if patch else pooled_features)(model, n, sides)
     k = int(round(train_share * n))
     return {"pictures": n, "train": k, "colour": ridge_accuracy(X, colour, len(S.COLOURS), k, lam),
             "shape": ridge_accuracy(X, shape, len(S.SHAPES), k, lam)}
@@ -60,6 +85,8 @@ def main(argv=None) -> int:
                     "the embedded default model)")
     ap.add_argument("--pictures", type=int, default=400, help="one-object pictures drawn (3/4 fit, 1/4 scored)")
     ap.add_argument("--full", action="store_true", help="pictures of 200-1200 px a side (default 200-560: one crop)")
+    ap.add_argument("--patch", action="store_true", help="probe the ViT's features at the patch the object covers "
+                    "most (what one token shows) instead of the pooled image embeddings")
     ap.add_argument("--lam", type=float, default=10.0, help="ridge penalty")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -68,7 +95,7 @@ def main(argv=None) -> int:
     print("| model | colour (chance 17 %) | shape (chance 33 %) |\n|---|---|---|")
     for d in args.model or [ixc25_ms.DEFAULT_MODEL]:
         model, _ = ixc25_ms.load(d, use_jit=True)
-        r = probe(model, args.pictures, sides=(200, 1200) if args.full else (200, 560), lam=args.lam)
+        r = probe(model, args.pictures, sides=(200, 1200) if args.full else (200, 560), lam=args.lam, patch=args.patch)
         rows[d] = r
         print(f"| {d} | {100 * r['colour']:.1f} % | {100 * r['shape']:.1f} % |", flush=True)
     if args.json:  # written whole or not at all
