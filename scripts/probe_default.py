@@ -41,13 +41,12 @@ def patch_features(model, n: int, sides: Tuple[int, int] = (200, 560)):
     tower_warmup.square_view shows it, the object's region from shapes.region_map), colour ids, shape ids."""
     from mindspore import Tensor
     from ixc25_ms import shapes as S
-    from ixc25_ms.train.tower_warmup import mask_view, pixels, square_view
+    from ixc25_ms.train.tower_warmup import mask_view, patch_share, pixels, square_view
     side, patch, g = model.vit.resolution, model.vit.patch_size, model.vit.grid
     X, colour, shape = [], [], []
     for i in range(n):
         scene, im = S.one_object_scene(PROBE_SEED_BASE + i, sides)
-        cover = mask_view(np.asarray(S.region_map(scene, [1])), side)[: g * patch, : g * patch]
-        cover = cover.reshape(g, patch, g, patch).mean((1, 3)).reshape(-1)  # (g², ) share of each patch covered
+        cover = patch_share(mask_view(np.asarray(S.region_map(scene, [1])), side)[: g * patch, : g * patch], patch)
         f = model.vit(Tensor(pixels(square_view(im, side)[None]))).asnumpy()[0]  # (g², C)
         X.append(f[int(cover.argmax())])
         o = scene.objects[0]

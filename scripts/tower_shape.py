@@ -44,11 +44,10 @@ def object_share(x, patch: int):
     """(B, grid²) share of each patch's pixels that belong to an object: saturated or dark pixels (the drawn
     colours and outlines), where the light grey background and the white margin are neither."""
     import torch
+    from ixc25_ms.train.tower_warmup import patch_share
     a = x.astype(np.int16)
     obj = ((a.max(-1) - a.min(-1)) > 60) | (a.min(-1) < 120)  # (B, H, W)
-    b, h, w = obj.shape
-    share = obj.reshape(b, h // patch, patch, w // patch, patch).mean((2, 4)).reshape(b, -1)
-    return torch.from_numpy(share.astype(np.float32))
+    return torch.from_numpy(patch_share(obj, patch).astype(np.float32))
 
 
 def pooled(f, pool: str, query=None, x=None, patch: int = 28):

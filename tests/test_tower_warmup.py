@@ -257,6 +257,18 @@ def test_bad_masks_stop_in_one_line(tmp_path, case, field):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_patch_share_counts_each_patch_in_token_order():
+    """patch_share: a hand-set mask of 3 x 2 patches of 4 px (plus a ragged edge it drops) -> each patch's set
+    share, row-major as the tower orders its tokens; a batch dimension is kept."""
+    m = np.zeros((13, 9), bool)  # 3 rows x 2 columns of whole 4-px patches; row 12 and column 8 are dropped
+    m[0:4, 4:8] = True           # token 1 (row 0, column 1): all 16 pixels
+    m[8:10, 0:4] = True          # token 4 (row 2, column 0): 8 of 16
+    m[5, 1] = True               # token 2 (row 1, column 0): 1 of 16
+    m[12, :] = m[:, 8] = True    # past the last whole patch: ignored
+    assert W.patch_share(m, 4).tolist() == [0.0, 1.0, 1 / 16, 0.0, 0.5, 0.0]
+    assert W.patch_share(np.stack([m, ~m]), 4)[1].tolist() == [1.0, 0.0, 15 / 16, 1.0, 0.5, 1.0]
+
+
 def test_recipe_tower_pictures_are_tagged_with_their_drawn_shape(tmp_path):
     """train_default's warm-up data: each picture's tag is the shape drawn from its seed, readable by read_tags;
     "pair" tags it "colour shape", "both" with the colour and the shape as two tags, its mask marking the shape."""

@@ -106,6 +106,14 @@ def mask_view(mask: np.ndarray, side: int) -> np.ndarray:
     return _centred(Image.fromarray(mask.astype(np.uint8)), side, Image.NEAREST, 0)
 
 
+def patch_share(a: np.ndarray, patch: int) -> np.ndarray:
+    """(..., H, W) mask -> (..., grid²) float: the share of each patch's pixels that are set (row-major patches,
+    as the tower orders its tokens); rows and columns past the last whole patch are dropped."""
+    h, w = a.shape[-2] // patch, a.shape[-1] // patch
+    a = np.asarray(a, np.float64)[..., : h * patch, : w * patch]
+    return a.reshape(a.shape[:-2] + (h, patch, w, patch)).mean((-3, -1)).reshape(a.shape[:-2] + (h * w,))
+
+
 def patch_labels(images: List[str], masks: List[Optional[str]], tags: List[List[str]], vocab: List[str], side: int,
                  patch: int, data: str = "") -> np.ndarray:
     """(N, grid²) int32: each patch of each picture's square view labelled with the vocabulary index of the tag
@@ -126,10 +134,9 @@ def patch_labels(images: List[str], masks: List[Optional[str]], tags: List[List[
         v = mask_view(a, side)[: g * patch, : g * patch]
         if int(v.max()) > len(t):
             raise TagDataError(f"{where}: value {int(v.max())}, the item has {len(t)} tags")
-        blocks = v.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
         row = np.full(g * g, len(vocab), np.int32)
         for k, tag in enumerate(t, 1):
-            row[(blocks == k).mean(1) > 0.5] = vocab.index(tag)
+            row[patch_share(v == k, patch) > 0.5] = vocab.index(tag)
         out.append(row)
     return np.stack(out)
 
