@@ -42,11 +42,11 @@ def patch_features(model, n: int, sides: Tuple[int, int] = (200, 560)):
     from mindspore import Tensor
     from ixc25_ms import shapes as S
     from ixc25_ms.train.tower_warmup import mask_view, patch_share, pixels, square_view
-    side, patch, g = model.vit.resolution, model.vit.patch_size, model.vit.grid
+    side, patch = model.vit.resolution, model.vit.patch_size
     X, colour, shape = [], [], []
     for i in range(n):
         scene, im = S.one_object_scene(PROBE_SEED_BASE + i, sides)
-        cover = patch_share(mask_view(np.asarray(S.region_map(scene, [1])), side)[: g * patch, : g * patch], patch)
+        cover = patch_share(mask_view(np.asarray(S.region_map(scene, [1])), side), patch)  # (g², ) share covered
         f = model.vit(Tensor(pixels(square_view(im, side)[None]))).asnumpy()[0]  # (g², C)
         X.append(f[int(cover.argmax())])
         o = scene.objects[0]

@@ -182,7 +182,7 @@ def test_patch_probe_reads_colour_off_the_objects_own_token(model):
     """probe_default --patch: the ViT's features at the patch a one-object picture's object covers most carry its
     colour to a ridge probe (shipped model, 2026-12-06: 82.5 % of 40 held-out pictures of 160; its shape at chance,
     as its chat answers). A patch off the object reads less (the top-left patch, background, in the same run:
-    47.5 %: attention spreads some colour over every token), below the bar."""
+    47.5 %), below the bar."""
     from scripts.probe_default import probe
     m, _ = model
     r = probe(m, n=160, patch=True)
