@@ -430,6 +430,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--hd_num", type=int, default=9)
     ap.add_argument("--vit_pos", choices=("noise", "sincos"), default="noise", help="the ViT position table's "
                     "start: normal(0, 0.02) as every other weight, or a 2-D sine-cosine code (position_table)")
+    ap.add_argument("--chitchat", type=float, default=0.08, help="text-only chit-chat items (greetings, 'What can "
+                    "you do?') in the full task, as a share of --pictures")
     ap.add_argument("--context", type=float, default=0.0, help="text-only items stating a scene in words, as a "
                     "share of --pictures (context_items)")
     ap.add_argument("--describe_last", type=int, default=0, help="1: 'Describe the image.' asked last in each "
@@ -498,7 +500,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     os.makedirs(args.work, exist_ok=True)
     make_pictures(args.work, args.pictures, TRAIN_SEED_BASE + args.seed * 1_000_000, turns=args.questions,
-                  scale=TRAIN_SCALE, easy=args.easy, context=args.context, describe_last=bool(args.describe_last),
+                  chitchat=args.chitchat, scale=TRAIN_SCALE, easy=args.easy, context=args.context, describe_last=bool(args.describe_last),
                   easy_objects=args.easy_objects, easy_kinds=args.easy_kinds or None)
     init_checkpoint(os.path.join(args.work, "init"), args.seed, args.vit_pos, args.init_tower)
     start = "init"
@@ -532,6 +534,7 @@ def main(argv=None) -> int:
              "tower colour-shape steps": args.tower_pair,
              "language warm-up conversations": args.language_warmup, "read-stage pictures": args.read_stage,
              "text-only context items": int(round(args.context * args.pictures)),
+             "chit-chat items": int(round(args.chitchat * args.pictures)),
              "optimizer steps": state["global_step"], "data + init (+ warm-ups) seconds": round(t_data), "training seconds": round(t_train)}
     export(os.path.join(args.work, "run"), args.out, command, notes)
     print(f"[default] wrote {args.out} ({t_train:.0f} s of training)", flush=True)
