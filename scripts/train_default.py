@@ -294,6 +294,14 @@ def finetune_flags(args, data: str = "data.json", out: str = "", batch: int = 0,
             ["--max_steps", str(max_steps)] if max_steps else []) + (["--torch_compile", "True"] if args.jit else [])
 
 
+def full_task_flags(args) -> list:
+    """ixc25-finetune's command line for the full task: a work/run holding checkpoint-N folders (a run killed
+    part way) resumes from the last of them (--resume_from_checkpoint), the earlier stages being kept as done."""
+    from ixc25_ms.train.checkpointing import checkpoints
+    resume = ["--resume_from_checkpoint", "True"] if checkpoints(os.path.join(args.work, "run")) else []
+    return finetune_flags(args) + resume
+
+
 def export(run_dir: str, dst: str, command: str, notes: dict) -> None:
     """fp16 official-layout checkpoint + config + tokenizer + PROVENANCE.md (command, seed, sha256 of each file)."""
     from ixc25_ms.weights.layout import load_state_dict
@@ -521,7 +529,7 @@ def main(argv=None) -> int:
     cwd = os.getcwd()
     os.chdir(args.work)
     try:
-        rc = finetune(["--model_name_or_path", start] + finetune_flags(args))
+        rc = finetune(["--model_name_or_path", start] + full_task_flags(args))
     finally:
         os.chdir(cwd)
     if rc:

@@ -154,6 +154,23 @@ def test_a_changed_recipe_must_name_its_out(capsys, tmp_path):
     assert "--tower_dense continues" in capsys.readouterr().err
 
 
+def test_full_task_resumes_from_its_last_checkpoint(tmp_path):
+    """train_default's full task after a kill: no checkpoint in work/run -> a fresh start; checkpoint-N folders
+    there -> --resume_from_checkpoint, which ixc25-finetune reads as the last of them (tests/test_finetune_cli.py:
+    a resumed run ends with the weights of an unbroken one)."""
+    import os
+    from ixc25_ms.train.args import parse_args
+    args = T.parser().parse_args(["--work", str(tmp_path), "--out", str(tmp_path / "m")])
+    assert "--resume_from_checkpoint" not in T.full_task_flags(args)
+    os.makedirs(tmp_path / "run" / "trainer_state_only")
+    assert "--resume_from_checkpoint" not in T.full_task_flags(args)
+    for n in (400, 800):
+        os.makedirs(tmp_path / "run" / f"checkpoint-{n}")
+    flags = T.full_task_flags(args)
+    assert flags[-2:] == ["--resume_from_checkpoint", "True"]
+    assert parse_args(["--model_name_or_path", "init"] + flags).resume_from_checkpoint == "True"
+
+
 def test_language_warmup_trains_the_language_model_on_scenes_told_in_words(tmp_path):
     """train_default's --language_warmup stage: ixc25-finetune on that many text-only conversations (scene in
     words, then questions; context_items from the stage's own seed range), 16 a step, from the recipe's initial
