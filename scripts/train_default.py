@@ -2,9 +2,12 @@
 
 One command, fixed seed: generate the training pictures and conversations (official JSON format), train a small
 sentencepiece tokenizer on their text (with the official turn markers), write a randomly initialised
-official-layout checkpoint of the tiny architecture below, fine-tune it with `ixc25-finetune` (the project's own
-training path, every weight trainable), then write the fp16 checkpoint with its provenance into
-`ixc25_ms/default_model/`. `--eval N` also scores N held-out pictures (another seed range) with ixc25-eval.
+official-layout checkpoint of the tiny architecture below, warm its ViT alone (ixc25-tower-warmup), then train
+with `ixc25-finetune` (the project's own training path) in three stages: scenes told in words, one-object
+pictures, the full task (the ViT frozen); then write the fp16 checkpoint with its provenance into
+`ixc25_ms/default_model/`. The defaults are the shipped recipe (~3 hours on 2 cores; notes/default-model.md);
+a finished stage is kept and a killed run, run again, goes on from there. `--eval N` also scores N held-out
+pictures (another seed range) with ixc25-eval.
 """
 from __future__ import annotations
 
@@ -438,49 +441,49 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--hd_num", type=int, default=9)
     ap.add_argument("--vit_pos", choices=("noise", "sincos"), default="noise", help="the ViT position table's "
                     "start: normal(0, 0.02) as every other weight, or a 2-D sine-cosine code (position_table)")
-    ap.add_argument("--chitchat", type=float, default=0.08, help="text-only chit-chat items (greetings, 'What can "
+    ap.add_argument("--chitchat", type=float, default=0.25, help="text-only chit-chat items (greetings, 'What can "
                     "you do?') in the full task, as a share of --pictures")
     ap.add_argument("--context", type=float, default=0.0, help="text-only items stating a scene in words, as a "
                     "share of --pictures (context_items)")
     ap.add_argument("--describe_last", type=int, default=0, help="1: 'Describe the image.' asked last in each "
                     "training conversation (answers cannot be copied from a description in the history); 0: drawn order")
-    ap.add_argument("--easy", type=int, default=0, help="extra small training pictures (200-560 px, 1-2 objects)")
-    ap.add_argument("--easy_objects", type=span, default=(1, 2), help="objects in an easy picture: LOW-HIGH")
-    ap.add_argument("--easy_kinds", type=kinds, default=(), help="question kinds asked of easy pictures, e.g. '3' (a shape "
+    ap.add_argument("--easy", type=int, default=800, help="extra small training pictures (200-560 px, --easy_objects objects)")
+    ap.add_argument("--easy_objects", type=span, default=(1, 1), help="objects in an easy picture: LOW-HIGH")
+    ap.add_argument("--easy_kinds", type=kinds, default=(1, 3), help="question kinds asked of easy pictures, e.g. '3' (a shape "
                     "curriculum) or '1,3'; empty: all four")
     ap.add_argument("--questions", type=lambda t: None if t == "all" else span(t), default=(3, 4), help="questions per training picture: LOW-HIGH, or 'all' (every "
                     "question whose answer no earlier turn gives away: grounded_turns)")
-    ap.add_argument("--vit_width", type=int, default=CONFIG["vision_config"]["hidden_size"], help="ViT width "
+    ap.add_argument("--vit_width", type=int, default=128, help="ViT width "
                     "(heads of 32 channels, MLP 4x)")
-    ap.add_argument("--vit_layers", type=int, default=CONFIG["vision_config"]["num_hidden_layers"])
+    ap.add_argument("--vit_layers", type=int, default=4)
     ap.add_argument("--llm_width", type=int, default=CONFIG["hidden_size"], help="InternLM2 width (heads of 32 "
                     "channels over 2 KV heads, MLP 3x)")
     ap.add_argument("--llm_layers", type=int, default=CONFIG["num_hidden_layers"])
     ap.add_argument("--save_steps", type=int, default=400, help="checkpoint every N steps")
     ap.add_argument("--keep", type=int, default=1, help="checkpoints kept (more: a training curve to evaluate)")
-    ap.add_argument("--tower_warmup", type=int, default=0, help="first train the ViT alone this many steps of "
+    ap.add_argument("--tower_warmup", type=int, default=500, help="first train the ViT alone this many steps of "
                     "16 on --tower_pictures pictures tagged as --tower_tags says (ixc25_ms.train.tower_warmup)")
-    ap.add_argument("--tower_dense", type=int, default=0, help="after --tower_warmup, this many steps of 16 with "
+    ap.add_argument("--tower_dense", type=int, default=2500, help="after --tower_warmup, this many steps of 16 with "
                     "a per-patch loss added (tower_warmup --dense 1, lr 5e-4): shape spread over the object's patches")
     ap.add_argument("--tower_pair", type=int, default=0, help="after the shape warm-up, this many steps of 16 on "
                     "--tower_pictures fresh one-object pictures tagged 'colour shape' (max head and per-patch loss, "
                     "lr 5e-4), meant to add colour to a shape-trained tower (measured: colour added, shape lost; "
                     "notes/default-model.md)")
-    ap.add_argument("--tower_colour", type=float, default=0.0, help="add this weight x a per-patch regression "
+    ap.add_argument("--tower_colour", type=float, default=0.25, help="add this weight x a per-patch regression "
                     "of each patch's mean colour to every tower stage (tower_warmup --colour): keeps colour readable "
                     "while shape is taught (measured: colour kept, shape slower; notes/default-model.md)")
-    ap.add_argument("--tower_pictures", type=int, default=4000)
+    ap.add_argument("--tower_pictures", type=int, default=16000)
     ap.add_argument("--tower_tags", choices=TOWER_TAGS, default="shape", help="the warm-up's pictures and tags: one "
                     "object tagged with its shape, its colour-shape pair, or its colour and its shape as two tags "
                     "(both; measured: colour learnt, shape not, in 2,000 steps: notes/default-model.md), or 1-4 "
                     "objects tagged with their colour-shape pairs (tower_pictures)")
-    ap.add_argument("--language_warmup", type=int, default=0, help="first train the language model this many "
+    ap.add_argument("--language_warmup", type=int, default=16000, help="first train the language model this many "
                     "text-only conversations (16 a step) on scenes told in words (context_items), then the pictures")
-    ap.add_argument("--read_stage", type=int, default=0, help="then this many small one-object pictures, each "
+    ap.add_argument("--read_stage", type=int, default=20000, help="then this many small one-object pictures, each "
                     "asked its colour or its shape, 16 a step (read_stage), before the full task")
     ap.add_argument("--init_tower", default="", help="start the ViT from this checkpoint's vit.* tensors "
                     "(e.g. scripts/tower_shape.py --save_tower)")
-    ap.add_argument("--fix_vit", type=int, default=0, help="1: the ViT is not trained (ixc25-finetune --fix_vit True)")
+    ap.add_argument("--fix_vit", type=int, default=1, help="1: the ViT is not trained (ixc25-finetune --fix_vit True)")
     ap.add_argument("--jit", action="store_true", help="compile the training step (mindspore.jit)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=0, help="score this many held-out pictures after training")

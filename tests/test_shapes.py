@@ -140,7 +140,7 @@ def test_a_changed_recipe_must_name_its_out(capsys, tmp_path):
     import pytest
     before = sorted(os.listdir(T.PACKAGE_DIR))
     work = tmp_path / "work"
-    for argv, flag in ((["--pictures", "0"], "--pictures"), (["--jit", "--fix_vit", "1"], "--fix_vit"),
+    for argv, flag in ((["--pictures", "0"], "--pictures"), (["--jit", "--fix_vit", "0"], "--fix_vit"),
                        (["--seed", "3"], "--seed")):
         with pytest.raises(SystemExit):
             T.main(argv + ["--work", str(work)])
@@ -150,7 +150,8 @@ def test_a_changed_recipe_must_name_its_out(capsys, tmp_path):
     # the check reads the flags, not the picture count: with --out named the same pilot gets past it (and then
     # fails on the bad --tower_dense, which is checked after)
     with pytest.raises(SystemExit):
-        T.main(["--pictures", "0", "--tower_dense", "5", "--work", str(work), "--out", str(tmp_path / "m")])
+        T.main(["--pictures", "0", "--tower_warmup", "0", "--tower_dense", "5", "--work", str(work), "--out",
+                str(tmp_path / "m")])
     assert "--tower_dense continues" in capsys.readouterr().err
 
 

@@ -348,7 +348,7 @@ def test_recipe_tower_stages_end_with_colour_shape_pairs(tmp_path, monkeypatch):
     monkeypatch.setattr(W, "warm_up", refuse)
     monkeypatch.setattr(T, "tower_pictures", refuse)
     assert T.tower_stages(args) == "init_pair"
-    for argv, words in ((["--tower_pair", "2"], "continues a --tower_warmup"),
+    for argv, words in ((["--tower_warmup", "0", "--tower_dense", "0", "--tower_pair", "2"], "continues a --tower_warmup"),
                         (["--tower_warmup", "2", "--tower_pair", "2", "--tower_tags", "pair"], "needs --tower_tags shape")):
         with pytest.raises(SystemExit):
             T.main(argv + ["--work", os.path.join(work, "x"), "--out", os.path.join(work, "m")])
@@ -357,7 +357,7 @@ def test_recipe_tower_stages_end_with_colour_shape_pairs(tmp_path, monkeypatch):
 
 def test_recipe_tower_colour_reaches_every_tower_stage(tmp_path, monkeypatch):
     """train_default --tower_colour W: each tower stage's warm_up gets colour=W (the per-patch colour regression,
-    whose loss and gradients the parity test above checks); without the flag, colour=0."""
+    whose loss and gradients the parity test above checks); without the flag, the shipped recipe's 0.25."""
     import shutil
     calls = []
 
@@ -366,7 +366,7 @@ def test_recipe_tower_colour_reaches_every_tower_stage(tmp_path, monkeypatch):
         shutil.copytree(model, out)
     monkeypatch.setattr(W, "warm_up", record)
     T.init_checkpoint(str(tmp_path / "init"), 0)
-    for flag, want in ((["--tower_colour", "0.5"], 0.5), ([], 0.0)):
+    for flag, want in ((["--tower_colour", "0.5"], 0.5), (["--tower_colour", "0"], 0.0), ([], 0.25)):
         work = str(tmp_path / f"w{len(calls)}")
         shutil.copytree(str(tmp_path / "init"), os.path.join(work, "init"))
         args = T.parser().parse_args(["--work", work, "--out", os.path.join(work, "m"), "--tower_warmup", "2",
