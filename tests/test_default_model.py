@@ -11,7 +11,7 @@ import ixc25_ms
 from ixc25_ms import shapes as S
 
 D = ixc25_ms.DEFAULT_MODEL
-FRESH_SEEDS = range(70_000_000, 70_000_020)  # never drawn for training (train_default.py: every stage's seeds below 51,000,000)
+FRESH_SEEDS = range(70_000_000, 70_000_020)  # never drawn for training (every stage's seeds < 51,000,000)
 
 
 @pytest.fixture(scope="module")
