@@ -45,19 +45,25 @@ def test_turn_markers_are_pieces(model):
         assert tok.convert_ids_to_tokens(tok.convert_tokens_to_ids(piece)) == piece
 
 
+def _picture(scene, rng, name: str, blank: bool) -> str:
+    """The scene drawn (or, blank, a white picture of its size) and saved under the test temp dir; its path."""
+    from PIL import Image
+    im = S.render(scene, rng)
+    if blank:
+        im = Image.new("RGB", im.size, (255, 255, 255))
+    path = os.path.join(os.environ.get("PYTEST_TMP", "/tmp"), f"ixc25-default-{name}-{int(blank)}.png")
+    im.save(path)
+    return path
+
+
 def _score(m, tok, seeds, blank: bool):
     """Questions of kinds 1-3 (colour, count, shape) about fresh pictures, one chat turn each with history,
     checked against the drawing; blank: the same questions with a white picture of the same size instead."""
-    from PIL import Image
     right, total, wrong = 0, 0, []
     for seed in seeds:
         rng = np.random.default_rng(seed)
         scene = S.random_scene(rng)
-        im = S.render(scene, rng)
-        if blank:
-            im = Image.new("RGB", im.size, (255, 255, 255))
-        path = os.path.join(os.environ.get("PYTEST_TMP", "/tmp"), f"ixc25-default-{seed}-{int(blank)}.png")
-        im.save(path)
+        path = _picture(scene, rng, str(seed), blank)
         history = []
         for t, subject, q, want in S.conversation(scene, rng, 4):
             if t == 4:
@@ -123,20 +129,14 @@ def _one_kind(m, tok, kind: int, seeds, blank: bool = False):
     """Question `kind` (1: 'What colour is the {shape}?', 3: 'What shape is the {colour} one?') about fresh
     pictures, one chat turn each, no history, on every picture where the question is valid; blank: a white
     picture of the same size instead. Returns (right, total, wrong)."""
-    from PIL import Image
     right, total, wrong = 0, 0, []
     for seed in seeds:
         rng = np.random.default_rng(seed)
         scene = S.random_scene(rng)
-        subjects = ([s for s in S.SHAPES if scene.count(s) == 1] if kind == 1 else
-                    [c for c in S.COLOURS if sum(o.colour == c for o in scene.objects) == 1])
+        subjects = [subject for k, subject in S.valid_questions(scene) if k == kind]
         if not subjects:
             continue
-        im = S.render(scene, rng)
-        if blank:
-            im = Image.new("RGB", im.size, (255, 255, 255))
-        path = os.path.join(os.environ.get("PYTEST_TMP", "/tmp"), f"ixc25-default-k{kind}-{seed}-{int(blank)}.png")
-        im.save(path)
+        path = _picture(scene, rng, f"k{kind}-{seed}", blank)
         subject = subjects[int(rng.integers(len(subjects)))]
         want = S.answer(scene, kind, subject)
         got, _ = m.chat(tok, S.question(kind, subject), [path], do_sample=False, max_new_tokens=16)
