@@ -49,27 +49,31 @@ EASY_SEED_OFFSET = 5_000_000  # easy picture j of the training set uses seed BAS
 CONTEXT_SEED_OFFSET = 7_000_000  # text-only context item j draws its scene from seed BASE + CONTEXT_SEED_OFFSET + j
 TOWER_SEED_OFFSET = 8_000_000  # tower warm-up picture j uses seed BASE + TOWER_SEED_OFFSET + j
 PAIR_SEED_OFFSET = 9_000_000  # --tower_pair picture j: seed BASE + this + j
+SCENE_SEED_OFFSET = 6_000_000  # --tower_scenes picture j: seed BASE + this + j
 LANGUAGE_SEED_OFFSET = 30_000_000  # language warm-up item j: seed BASE + this + j (above every picture range)
 READ_SEED_OFFSET = 50_000_000  # read-stage picture j: seed BASE + this + j
 
 
-TOWER_TAGS = ("shape", "pair", "both", "pairs")
+TOWER_TAGS = ("shape", "pair", "both", "pairs", "shapes")
 
 
-def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape") -> str:
+def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape", view: int = 560) -> str:
     """n pictures for the tower warm-up (ixc25_ms.train.tower_warmup) under root/images and root/tags.json, picture
     j drawn from seed seed_base + j, with a mask of where each tag lies (root/masks: value k marks the item's k-th
     tag, 0 the background). tags "shape": one object (200-560 px, shapes.one_object_scene) tagged with its shape;
     "pair": the same pictures tagged "colour shape" (one of 18, so the tower keeps colour beside shape); "both": the
     same pictures with two tags, the colour and the shape (a binary cross-entropy each; the mask marks the shape);
-    "pairs": 1-4 objects (shapes.random_scene, 200-1200 px) tagged with every "colour shape" pair they show."""
+    "pairs": 1-4 objects (shapes.random_scene, 200-1200 px) tagged with every "colour shape" pair they show;
+    "shapes": such scenes tagged with every shape they show, each object's mask marking its own shape (so the
+    per-patch loss asks each token for its own object's shape, not the picture's), stored as the warm-up sees
+    them (longer side `view` px: square_view then scales by 1, the same pixels, a smaller file)."""
     from ixc25_ms import shapes as S
     if tags not in TOWER_TAGS:
         raise ValueError(f"tower tags must be one of {', '.join(TOWER_TAGS)}, got {tags!r}")
     for sub in ("images", "masks"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     def tag(o):  # the tag the mask marks
-        return o.shape if tags in ("shape", "both") else f"{o.colour} {o.shape}"
+        return o.shape if tags in ("shape", "both", "shapes") else f"{o.colour} {o.shape}"
 
     def all_tags(o):  # every tag the object gives its picture
         return {tag(o), o.colour} if tags == "both" else {tag(o)}
@@ -77,15 +81,21 @@ def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape") -> st
     items = []
     for j in range(n):
         path, mask = os.path.join("images", f"{seed_base + j}.png"), os.path.join("masks", f"{seed_base + j}.png")
-        if tags == "pairs":
+        if tags in ("pairs", "shapes"):
             rng = np.random.default_rng(seed_base + j)
             scene = S.random_scene(rng)
             im = S.render(scene, rng)
         else:
             scene, im = S.one_object_scene(seed_base + j)
         names = sorted(set().union(*map(all_tags, scene.objects)))
+        where = S.region_map(scene, [1 + names.index(tag(o)) for o in scene.objects])
+        if tags == "shapes" and max(im.size) > view:  # square_view's own scaling, done once here
+            from PIL import Image
+            s = view / max(im.size)
+            size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
+            im, where = im.resize(size, Image.BICUBIC), where.resize(size, Image.NEAREST)
         save_png(im, os.path.join(root, path))
-        save_png(S.region_map(scene, [1 + names.index(tag(o)) for o in scene.objects]), os.path.join(root, mask))
+        save_png(where, os.path.join(root, mask))
         items.append({"image": path, "tags": names, "mask": mask})
     out = os.path.join(root, "tags.json")
     with open(out + ".tmp", "w") as f:
@@ -400,24 +410,29 @@ def tower_stages(args) -> str:
     """The tower's warm-up before ixc25-finetune (ixc25_ms.train.tower_warmup.warm_up, 16 a step, from work/init):
     --tower_warmup steps with the max head (lr 1e-3) -> init_warm; then --tower_dense steps with the per-patch loss
     added (lr 5e-4) -> init_dense; then --tower_pair steps on fresh pictures tagged "colour shape" (max head and
-    per-patch loss, lr 5e-4) -> init_pair. Each scored on 300 held-out pictures; a finished stage is not redone on a
-    rerun. Returns the last stage's directory name."""
+    per-patch loss, lr 5e-4) -> init_pair; then --tower_scenes steps on fresh 1-4 object scenes, each patch asked
+    its own object's shape (max head and per-patch loss, lr 5e-4) -> init_scenes. Each scored on 300 held-out
+    pictures; a finished stage is not redone on a rerun. Returns the last stage's directory name."""
     from ixc25_ms.train.tower_warmup import warm_up
     base = TRAIN_SEED_BASE + args.seed * 1_000_000
     work = lambda d: os.path.join(args.work, d)
-    pictures = {"tower": (TOWER_SEED_OFFSET, args.tower_tags), "tower_pair": (PAIR_SEED_OFFSET, "pair")}
+    pictures = {"tower": (TOWER_SEED_OFFSET, args.tower_tags), "tower_pair": (PAIR_SEED_OFFSET, "pair"),
+                "tower_scenes": (SCENE_SEED_OFFSET, "shapes")}
     stages = [("init_warm", args.tower_warmup, 1e-3, 50, 0.0, "tower")]
     if args.tower_dense:  # then the max and the per-patch loss together, at half the rate
         stages.append(("init_dense", args.tower_dense, 5e-4, 30, 1.0, "tower"))
     if args.tower_pair:  # then colour beside shape, on fresh pictures
         stages.append(("init_pair", args.tower_pair, 5e-4, 30, 1.0, "tower_pair"))
+    if args.tower_scenes:  # then each object's own shape on its own patches, in scenes of several
+        stages.append(("init_scenes", args.tower_scenes, 5e-4, 30, 1.0, "tower_scenes"))
     drawn, start = {}, "init"
     for i, (name, steps, lr, warmup, dense, sub) in enumerate(stages):
         if not os.path.exists(work(name)):  # a finished stage is not redone on a rerun, nor its pictures drawn
             if sub not in drawn:  # (training tags.json, 300 held-out) under work/sub, work/sub_heldout
                 offset, kind = pictures[sub]
-                drawn[sub] = (tower_pictures(work(sub), args.tower_pictures, base + offset, kind),
-                              tower_pictures(work(sub + "_heldout"), 300, EVAL_SEED_BASE + TOWER_SEED_OFFSET, kind))
+                view = CONFIG["vision_config"]["image_size"]
+                drawn[sub] = (tower_pictures(work(sub), args.tower_pictures, base + offset, kind, view),
+                              tower_pictures(work(sub + "_heldout"), 300, EVAL_SEED_BASE + TOWER_SEED_OFFSET, kind, view))
             tags, held = drawn[sub]
             warm_up(work(start), tags, work(name), steps=steps, batch=16, lr=lr, warmup=warmup, seed=args.seed + i,
                     use_jit=args.jit, eval_data=held, dense=dense, colour=args.tower_colour)
@@ -469,6 +484,10 @@ def parser() -> argparse.ArgumentParser:
                     "--tower_pictures fresh one-object pictures tagged 'colour shape' (max head and per-patch loss, "
                     "lr 5e-4), meant to add colour to a shape-trained tower (measured: colour added, shape lost; "
                     "notes/default-model.md)")
+    ap.add_argument("--tower_scenes", type=int, default=0, help="after the shape warm-up, this many steps of 16 on "
+                    "--tower_pictures fresh scenes of 1-4 objects, every patch asked its own object's shape (max head "
+                    "and per-patch loss, lr 5e-4): one-object pictures let the tower spread one shape over all its "
+                    "tokens, so among several objects a token showed the picture's shapes, not its object's")
     ap.add_argument("--tower_colour", type=float, default=0.25, help="add this weight x a per-patch regression "
                     "of each patch's mean colour to every tower stage (tower_warmup --colour): keeps colour readable "
                     "while shape is taught (measured: colour kept, shape slower; notes/default-model.md)")
@@ -499,8 +518,9 @@ def main(argv=None) -> int:
     if changed and os.path.abspath(args.out) == os.path.abspath(PACKAGE_DIR):
         ap.error(f"--{changed[0]} changes the shipped recipe, and --out defaults to the shipped model's directory "
                  f"({PACKAGE_DIR}): name --out")
-    if (args.tower_dense or args.tower_pair) and not args.tower_warmup:
-        ap.error(f"--{'tower_dense' if args.tower_dense else 'tower_pair'} continues a --tower_warmup: give both")
+    later = [f for f in ("tower_dense", "tower_pair", "tower_scenes") if getattr(args, f)]
+    if later and not args.tower_warmup:
+        ap.error(f"--{later[0]} continues a --tower_warmup: give both")
     if args.tower_pair and args.tower_tags != "shape":
         ap.error("--tower_pair follows a shape warm-up: it needs --tower_tags shape")
     CONFIG["vision_config"].update(hidden_size=args.vit_width, intermediate_size=4 * args.vit_width,
@@ -542,7 +562,7 @@ def main(argv=None) -> int:
         state = json.load(f)
     notes = {"seed": args.seed, "training pictures": args.pictures, "easy pictures": args.easy,
              "tower warm-up steps": args.tower_warmup, "tower per-patch steps": args.tower_dense,
-             "tower colour-shape steps": args.tower_pair,
+             "tower colour-shape steps": args.tower_pair, "tower scene steps": args.tower_scenes,
              "language warm-up conversations": args.language_warmup, "read-stage pictures": args.read_stage,
              "text-only context items": int(round(args.context * args.pictures)),
              "chit-chat items": int(round(args.chitchat * args.pictures)),

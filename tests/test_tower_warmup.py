@@ -373,3 +373,56 @@ def test_recipe_tower_colour_reaches_every_tower_stage(tmp_path, monkeypatch):
                                       "--tower_dense", "2", "--tower_pictures", "4"] + flag)
         assert T.tower_stages(args) == "init_dense"
         assert calls[-2:] == [("init_warm", want, 0.0), ("init_dense", want, 1.0)]
+
+
+def test_recipe_scene_tags_give_each_patch_its_own_objects_shape(tmp_path):
+    """--tower_scenes' pictures ("shapes"): 1-4 objects a picture, tagged with exactly the shapes drawn from its
+    seed; each object's mask value is 1 + the index of its own shape; stored at the view size, so the warm-up's
+    square view and per-patch labels are the same as the full-size picture's and mask's would give."""
+    tags_json = T.tower_pictures(str(tmp_path), 8, 70_800_000, "shapes")
+    images, tags, vocab, masks = W.read_tags(tags_json)
+    assert set(vocab) <= set(S.SHAPES)
+    sizes, mixed = set(), 0
+    for j, (path, t, mask) in enumerate(zip(images, tags, masks)):
+        rng = np.random.default_rng(70_800_000 + j)
+        scene = S.random_scene(rng)
+        im = S.render(scene, rng)
+        assert sorted(t) == sorted({o.shape for o in scene.objects}) and len(t) == len(set(t))
+        sizes.add(len(scene.objects))
+        mixed += len(t) > 1
+        full = np.asarray(S.region_map(scene, [1 + t.index(o.shape) for o in scene.objects]))
+        with Image.open(path) as saved:
+            assert max(saved.size) == min(560, max(im.size))
+            assert np.array_equal(W.square_view(saved, 560), W.square_view(im, 560))
+        assert np.array_equal(W.mask_view(np.asarray(Image.open(mask)), 560), W.mask_view(full, 560))
+    labels = W.patch_labels(images, masks, tags, vocab, 560, 28)
+    for row, t in zip(labels, tags):  # a patch is labelled with a shape its picture shows, or the background
+        assert set(np.unique(row)) <= {vocab.index(x) for x in t} | {len(vocab)}
+    assert len(sizes) > 1 and mixed >= 1
+    assert any(len(set(np.unique(row)) - {len(vocab)}) > 1 for row in labels)  # two shapes' patches in one picture
+
+
+def test_recipe_scene_stage_follows_the_shape_warmup(tmp_path, monkeypatch):
+    """--tower_scenes N: after init_dense, N steps of warm_up (per-patch loss on, lr 5e-4) on fresh scene pictures
+    (SCENE_SEED_OFFSET) -> init_scenes; without a --tower_warmup it stops at argument parsing."""
+    import shutil
+    calls = []
+
+    def record(model, data, out, **kw):
+        calls.append((os.path.basename(model), os.path.basename(out), kw["steps"], kw["dense"], kw["lr"],
+                      os.path.basename(os.path.dirname(data))))
+        shutil.copytree(model, out)
+    monkeypatch.setattr(W, "warm_up", record)
+    work = str(tmp_path)
+    T.init_checkpoint(os.path.join(work, "init"), 0)
+    args = T.parser().parse_args(["--work", work, "--out", os.path.join(work, "m"), "--tower_warmup", "2",
+                                  "--tower_dense", "2", "--tower_scenes", "3", "--tower_pictures", "4"])
+    assert T.tower_stages(args) == "init_scenes"
+    assert calls[-1] == ("init_dense", "init_scenes", 3, 1.0, 5e-4, "tower_scenes")
+    images, tags, _, _ = W.read_tags(os.path.join(work, "tower_scenes", "tags.json"))
+    rng = np.random.default_rng(T.TRAIN_SEED_BASE + T.SCENE_SEED_OFFSET + 1)
+    assert len(images) == 4 and sorted(tags[1]) == sorted({o.shape for o in S.random_scene(rng).objects})
+    with pytest.raises(SystemExit):
+        T.main(["--tower_warmup", "0", "--tower_dense", "0", "--tower_scenes", "2", "--work",
+                os.path.join(work, "x"), "--out", os.path.join(work, "m")])
+    assert not os.path.exists(os.path.join(work, "x"))
