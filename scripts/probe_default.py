@@ -8,7 +8,10 @@ what the tower shows; probe accuracy near chance says the tower does not show it
 Pooling loses layout, so the shape probe is a floor: a spatial probe could read more. `--patch` is one: the ViT's
 own output features at the one patch the object covers most (the picture scaled and centred as the tower warm-up
 shows it, the object's place from its drawn region), which says what a single token shows; the language model's
-read of a lone object's shape followed it where the pooled probe did not (notes/default-model.md).
+read of a lone object's shape followed it where the pooled probe did not (notes/default-model.md). `--patch
+--objects K` draws scenes of K objects (200-1200 px) and probes each object's own most covered patch: whether a
+token shows its own object or the picture's (the tower warmed on lone objects showed a lone object's shape at
+93 % and an object's among two at 51 %: notes/default-model.md).
 """
 from __future__ import annotations
 
@@ -36,22 +39,29 @@ def pooled_features(model, n: int, sides: Tuple[int, int] = (200, 560), hd_num: 
     return np.asarray(X, np.float64), np.asarray(colour), np.asarray(shape)
 
 
-def patch_features(model, n: int, sides: Tuple[int, int] = (200, 560)):
-    """(n, C) ViT output features at the patch each one-object picture's object covers most (the picture as
-    tower_warmup.square_view shows it, the object's region from shapes.region_map), colour ids, shape ids."""
+def patch_features(model, n: int, sides: Tuple[int, int] = (200, 560), objects: int = 1):
+    """(n * objects, C) ViT output features at the patch each object covers most (the picture as
+    tower_warmup.square_view shows it, the object's region from shapes.region_map), colour ids, shape ids; n
+    one-object pictures, or with objects > 1 n scenes of that many objects (seeds PROBE_SEED_BASE + 10^6 x
+    objects + i), their objects' rows together."""
     from mindspore import Tensor
     from ixc25_ms import shapes as S
     from ixc25_ms.train.tower_warmup import mask_view, patch_share, pixels, square_view
     side, patch = model.vit.resolution, model.vit.patch_size
     X, colour, shape = [], [], []
     for i in range(n):
-        scene, im = S.one_object_scene(PROBE_SEED_BASE + i, sides)
-        cover = patch_share(mask_view(np.asarray(S.region_map(scene, [1])), side), patch)  # (g², ) share covered
+        if objects == 1:
+            scene, im = S.one_object_scene(PROBE_SEED_BASE + i, sides)
+        else:
+            rng = np.random.default_rng(PROBE_SEED_BASE + 1_000_000 * objects + i)
+            scene = S.random_scene(rng, objects, sides)
+            im = S.render(scene, rng)
+        where = mask_view(np.asarray(S.region_map(scene, range(1, objects + 1))), side)
         f = model.vit(Tensor(pixels(square_view(im, side)[None]))).asnumpy()[0]  # (g², C)
-        X.append(f[int(cover.argmax())])
-        o = scene.objects[0]
-        colour.append(list(S.COLOURS).index(o.colour))
-        shape.append(S.SHAPES.index(o.shape))
+        for k, o in enumerate(scene.objects, 1):
+            X.append(f[int(patch_share(where == k, patch).argmax())])  # the patch it covers most
+            colour.append(list(S.COLOURS).index(o.colour))
+            shape.append(S.SHAPES.index(o.shape))
     return np.asarray(X, np.float64), np.asarray(colour), np.asarray(shape)
 
 
@@ -68,13 +78,16 @@ def ridge_accuracy(X: np.ndarray, y: np.ndarray, classes: int, n_train: int, lam
 
 
 def probe(model, n: int = 400, train_share: float = 0.75, sides=(200, 560), lam: float = 10.0,
-          patch: bool = False) -> Dict[str, float]:
+          patch: bool = False, objects: int = 1) -> Dict[str, float]:
     """Held-out probe accuracy for colour (chance 1/6) and shape (chance 1/3): of the pooled image embeddings, or
-    with `patch` of the ViT's features at the object's most covered patch (patch_features)."""
+    with `patch` of the ViT's features at the object's most covered patch (patch_features; `objects` a picture,
+    fit on the first pictures' objects, scored on the rest's)."""
     from ixc25_ms import shapes as S
-    X, colour, shape = (patch_features if patch else pooled_features)(model, n, sides)
-    k = int(round(train_share * n))
-    return {"pictures": n, "train": k, "colour": ridge_accuracy(X, colour, len(S.COLOURS), k, lam),
+    if objects != 1 and not patch:
+        raise ValueError("objects > 1 probes each object's own patch: it needs patch=True")
+    X, colour, shape = patch_features(model, n, sides, objects) if patch else pooled_features(model, n, sides)
+    k = int(round(train_share * n)) * objects
+    return {"pictures": n, "objects": objects, "train": k, "colour": ridge_accuracy(X, colour, len(S.COLOURS), k, lam),
             "shape": ridge_accuracy(X, shape, len(S.SHAPES), k, lam)}
 
 
@@ -86,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="pictures of 200-1200 px a side (default 200-560: one crop)")
     ap.add_argument("--patch", action="store_true", help="probe the ViT's features at the patch the object covers "
                     "most (what one token shows) instead of the pooled image embeddings")
+    ap.add_argument("--objects", type=int, default=1, choices=range(1, 5), help="with --patch: scenes of this many "
+                    "objects, each object's own patch probed (pictures 200-1200 px)")
     ap.add_argument("--lam", type=float, default=10.0, help="ridge penalty")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -94,7 +109,10 @@ def main(argv=None) -> int:
     print("| model | colour (chance 17 %) | shape (chance 33 %) |\n|---|---|---|")
     for d in args.model or [ixc25_ms.DEFAULT_MODEL]:
         model, _ = ixc25_ms.load(d, use_jit=True)
-        r = probe(model, args.pictures, sides=(200, 1200) if args.full else (200, 560), lam=args.lam, patch=args.patch)
+        if args.objects > 1 and not args.patch:
+            ap.error("--objects probes each object's own patch: give --patch")
+        sides = (200, 1200) if args.full or args.objects > 1 else (200, 560)
+        r = probe(model, args.pictures, sides=sides, lam=args.lam, patch=args.patch, objects=args.objects)
         rows[d] = r
         print(f"| {d} | {100 * r['colour']:.1f} % | {100 * r['shape']:.1f} % |", flush=True)
     if args.json:  # written whole or not at all
