@@ -104,13 +104,13 @@ def main(argv=None) -> int:
     ap.add_argument("--lam", type=float, default=10.0, help="ridge penalty")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
+    if args.objects > 1 and not args.patch:
+        ap.error("--objects probes each object's own patch: give --patch")
     import ixc25_ms
     rows = {}
     print("| model | colour (chance 17 %) | shape (chance 33 %) |\n|---|---|---|")
     for d in args.model or [ixc25_ms.DEFAULT_MODEL]:
         model, _ = ixc25_ms.load(d, use_jit=True)
-        if args.objects > 1 and not args.patch:
-            ap.error("--objects probes each object's own patch: give --patch")
         sides = (200, 1200) if args.full or args.objects > 1 else (200, 560)
         r = probe(model, args.pictures, sides=sides, lam=args.lam, patch=args.patch, objects=args.objects)
         rows[d] = r

@@ -91,9 +91,8 @@ def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape", view:
         where = S.region_map(scene, [1 + names.index(tag(o)) for o in scene.objects])
         if tags == "shapes" and max(im.size) > view:  # square_view's own scaling, done once here
             from PIL import Image
-            s = view / max(im.size)
-            size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
-            im, where = im.resize(size, Image.BICUBIC), where.resize(size, Image.NEAREST)
+            from ixc25_ms.train.tower_warmup import fit
+            im, where = fit(im, view, Image.BICUBIC), fit(where, view, Image.NEAREST)
         save_png(im, os.path.join(root, path))
         save_png(where, os.path.join(root, mask))
         items.append({"image": path, "tags": names, "mask": mask})

@@ -84,10 +84,15 @@ def read_tags(path: str) -> Tuple[List[str], List[List[str]], List[str], List[Op
     return images, tags, sorted({x for t in tags for x in t}), masks
 
 
-def _centred(im: Image.Image, side: int, resample, fill) -> np.ndarray:
-    """im scaled so its longer side is `side` and centred on a `side` square of `fill` (im's mode)."""
+def fit(im: Image.Image, side: int, resample) -> Image.Image:
+    """im scaled so its longer side is `side`."""
     s = side / max(im.size)
-    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), resample=resample)
+    return im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), resample=resample)
+
+
+def _centred(im: Image.Image, side: int, resample, fill) -> np.ndarray:
+    """im scaled so its longer side is `side` (fit) and centred on a `side` square of `fill` (im's mode)."""
+    im = fit(im, side, resample)
     canvas = Image.new(im.mode, (side, side), fill)
     canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
     return np.asarray(canvas, np.uint8)
