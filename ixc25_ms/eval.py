@@ -20,14 +20,53 @@ def _image_path(p: str, data_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(data_path)), p)
 
 
+def objects_in(item: dict) -> Optional[int]:
+    """How many objects the item's picture holds, read off the expected answer of its "Describe the image."
+    turn (which names every object); None when no turn describes it."""
+    conv = item.get("conversations", [])
+    for q_turn, a_turn in zip(conv[0::2], conv[1::2]):
+        qt = S.question_type(q_turn["value"])
+        if qt is not None and qt[0] == 4:
+            return sum(S.facts(a_turn["value"]).values()) or None
+    return None
+
+
+def check_items(items, data_path: str) -> None:
+    """One-line ValueError naming the item and field for anything evaluate cannot read: each item a dict whose
+    "conversations" alternate user/assistant turns with a string "value", its "image" (if any) a path or a
+    list of paths that exist."""
+    if not isinstance(items, list):
+        raise ValueError("expected a JSON list of items")
+    for k, item in enumerate(items):
+        name = f"item {k}" + (f" (id {item['id']!r})" if isinstance(item, dict) and "id" in item else "")
+        if not isinstance(item, dict):
+            raise ValueError(f"{name}: expected an object, got {type(item).__name__}")
+        conv = item.get("conversations")
+        if not isinstance(conv, list) or not conv:
+            raise ValueError(f"{name}: field 'conversations' must be a non-empty list of turns")
+        for j, turn in enumerate(conv):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+                raise ValueError(f"{name}: conversations[{j}] needs a string field 'value'")
+        if len(conv) % 2:
+            raise ValueError(f"{name}: field 'conversations' has {len(conv)} turns; expected user/assistant pairs")
+        image = item.get("image")
+        if image is not None:
+            paths = [image] if isinstance(image, str) else image
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+                raise ValueError(f"{name}: field 'image' must be a path or a list of paths")
+            for p in paths:
+                if not os.path.exists(_image_path(p, data_path)):
+                    raise ValueError(f"{name}: field 'image': no file {p}")
+
+
 def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Optional[int] = None, log=None,
              reference=None) -> dict:
     """Chats through every item (one question per turn, earlier turns as history, greedy) and scores each
-    answer against the item's own reference answer with shapes.is_correct. Returns counts, accuracy per type
-    and every answer. `reference`: a PyTorch RefChat (parity_tests.reference.chat) asked the same turns with the
+    answer against the item's own reference answer with shapes.is_correct. Returns counts, accuracy per type,
+    the same by objects in the picture (objects_in; "by_objects": type -> objects -> counts) and every answer. `reference`: a PyTorch RefChat (parity_tests.reference.chat) asked the same turns with the
     same history: the answers' identity is recorded too."""
     per: Dict[int, List[int]] = {t: [0, 0] for t in S.QUESTIONS}
-    rows = []
+    rows = []  # one per question, with the item's object count
     t0 = time.perf_counter()
     encode = model.encode_img
     memo = {}  # the turns of one item ask about the same picture: its embeddings are computed once
@@ -52,6 +91,7 @@ def _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0, referen
         image = item.get("image")
         images = [] if image is None else [_image_path(p, data_path) for p in ([image] if isinstance(image, str) else image)]
         history = []
+        n_objects = objects_in(item)
         conv = item.get("conversations", [])
         for q_turn, a_turn in zip(conv[0::2], conv[1::2]):
             q, expected = q_turn["value"], a_turn["value"]
@@ -66,13 +106,19 @@ def _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0, referen
                 per[qt[0]][0] += int(ok)
                 per[qt[0]][1] += 1
             rows.append({"id": item.get("id", k), "question": q, "expected": expected, "answer": got,
-                         "type": None if qt is None else qt[0], "correct": ok,
+                         "type": None if qt is None else qt[0], "correct": ok, "objects": n_objects,
                          **({} if ref is None else {"reference": ref, "same_as_reference": ref == got})})
         if log and (k + 1) % 50 == 0:
             log(f"[eval] {k + 1}/{len(items)} items, {time.perf_counter() - t0:.0f} s")
     acc = {t: (c / n if n else None) for t, (c, n) in per.items()}
+    by: Dict[int, Dict[int, Dict[str, int]]] = {}
+    for r in rows:
+        if r["type"] is not None and r["objects"] is not None:
+            c = by.setdefault(r["type"], {}).setdefault(r["objects"], {"correct": 0, "total": 0})
+            c["correct"] += int(r["correct"])
+            c["total"] += 1
     out = {"items": len(items), "counts": {t: {"correct": c, "total": n} for t, (c, n) in per.items()},
-           "accuracy": acc, "seconds": time.perf_counter() - t0, "answers": rows}
+           "accuracy": acc, "by_objects": {t: dict(sorted(v.items())) for t, v in sorted(by.items())}, "seconds": time.perf_counter() - t0, "answers": rows}
     if reference is not None:
         same = [r["same_as_reference"] for r in rows]
         out["same_as_reference"] = {"identical": sum(same), "total": len(same)}
@@ -80,11 +126,23 @@ def _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0, referen
 
 
 def table(res: dict) -> str:
+    """Markdown tables of an evaluate() result (or of its --json file, whose keys are strings): per kind, then per
+    kind and objects in the picture."""
     lines = ["| type | question | correct | total | accuracy |", "|---|---|---|---|---|"]
+    counts = {int(t): c for t, c in res["counts"].items()}
     for t in S.QUESTIONS:
-        c = res["counts"][t]
+        c = counts[t]
         acc = "-" if c["total"] == 0 else f"{100 * c['correct'] / c['total']:.1f} %"
         lines.append(f"| {t} | {S.QUESTIONS[t]} | {c['correct']} | {c['total']} | {acc} |")
+    by = {int(t): {int(n): c for n, c in v.items()} for t, v in res.get("by_objects", {}).items()}
+    counts = sorted({n for v in by.values() for n in v})
+    if counts:  # the same by objects in the picture (items that say it: a "Describe the image." turn)
+        lines += ["", "| type | " + " | ".join(f"{n} object{'s' * (n > 1)}" for n in counts) + " |",
+                  "|---|" + "---|" * len(counts)]
+        for t in S.QUESTIONS:
+            cells = [by.get(t, {}).get(n) for n in counts]
+            lines.append(f"| {t} | " + " | ".join("-" if not c else f"{c['correct']} / {c['total']} = "
+                                                   f"{100 * c['correct'] / c['total']:.1f} %" for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -106,8 +164,7 @@ def main(argv=None) -> int:
     try:
         with open(args.data, encoding="utf-8") as f:
             items = json.load(f)
-        if not isinstance(items, list):
-            raise ValueError("expected a JSON list of items")
+        check_items(items, args.data)
     except (OSError, ValueError) as e:
         print(f"ixc25-eval: error: {args.data}: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,110 @@
+"""ixc25-eval: answers scored per question kind and per objects in the picture; bad data files refused in one line."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ixc25_ms import eval as E
+from ixc25_ms import shapes as S
+
+
+def _turns(*pairs):
+    out = []
+    for q, a in pairs:
+        out += [{"from": "user", "value": q}, {"from": "assistant", "value": a}]
+    return out
+
+
+ITEMS = [  # one picture of 1 object, one of 3; expected answers as the data file gives them
+    {"id": "one", "image": "a.png", "conversations": _turns(
+        ("What colour is the circle?", "The circle is red."),
+        ("Describe the image.", "A red circle."))},
+    {"id": "three", "image": "b.png", "conversations": _turns(
+        ("How many squares are there?", "There are 2 squares."),
+        ("What shape is the blue one?", "The blue one is a triangle."),
+        ("Describe the image.", "Two green squares and a blue triangle."))},
+    {"id": "hello", "conversations": _turns(("Hello!", "Hi! Show me a picture."))},
+]
+ANSWERS = {  # what the fake model says: right, right | wrong count, right shape, wrong description | chit-chat
+    "one": ["The circle is red.", "A red circle."],
+    "three": ["There are 0 squares.", "The blue one is a triangle.", "A green square and a blue triangle."],
+    "hello": ["Hi!"],
+}
+
+
+class FakeModel:
+    """Answers from a table, recording each call's images and history (evaluate asks turn by turn)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def encode_img(self, image, hd=24):
+        return image
+
+    def chat(self, tok, q, images, history=None, **kw):
+        item = {"a.png": "one", "b.png": "three"}.get(os.path.basename(images[0]), "hello") if images else "hello"
+        self.calls.append((item, q, list(images), len(history)))
+        got = ANSWERS[item][len(history)]
+        return got, history + [(q, got)]
+
+
+def test_objects_in_reads_the_description():
+    assert [E.objects_in(i) for i in ITEMS] == [1, 3, None]
+
+
+def test_scores_per_kind_and_per_objects_in_the_picture(tmp_path):
+    m = FakeModel()
+    res = E.evaluate(m, None, ITEMS, str(tmp_path / "data.json"))
+    assert [c[:2] for c in m.calls][:2] == [("one", "What colour is the circle?"), ("one", "Describe the image.")]
+    assert [c[3] for c in m.calls] == [0, 1, 0, 1, 2, 0]  # history grows within an item, restarts with the next
+    assert all(c[2] == [str(tmp_path / n)] for c, n in zip(m.calls, ["a.png"] * 2 + ["b.png"] * 3))
+    assert res["counts"] == {1: {"correct": 1, "total": 1}, 2: {"correct": 0, "total": 1},
+                             3: {"correct": 1, "total": 1}, 4: {"correct": 1, "total": 2}}
+    assert res["by_objects"] == {1: {1: {"correct": 1, "total": 1}}, 2: {3: {"correct": 0, "total": 1}},
+                                 3: {3: {"correct": 1, "total": 1}},
+                                 4: {1: {"correct": 1, "total": 1}, 3: {"correct": 0, "total": 1}}}
+    text = E.table(json.loads(json.dumps(res)))  # as read back from the --json file (string keys)
+    assert "| 4 | Describe the image. | 1 | 2 | 50.0 % |" in text
+    assert "| type | 1 object | 3 objects |" in text and "| 4 | 1 / 1 = 100.0 % | 0 / 1 = 0.0 % |" in text
+    assert "| 2 | - | 0 / 1 = 0.0 % |" in text
+
+
+@pytest.mark.parametrize("items, says", [
+    ({"id": 1}, "expected a JSON list"),
+    ([{"id": "x", "image": "a.png"}], "item 0 (id 'x'): field 'conversations'"),
+    ([{"conversations": _turns(("Hello!", "Hi!"))[:1]}], "item 0: field 'conversations' has 1 turns"),
+    ([ITEMS[2], {"conversations": [{"from": "user"}, {"from": "assistant", "value": "Hi"}]}],
+     "item 1: conversations[0] needs a string field 'value'"),
+    ([{"id": "p", "image": "missing.png", "conversations": ITEMS[0]["conversations"]}],
+     "item 0 (id 'p'): field 'image': no file missing.png"),
+])
+def test_bad_data_file_refused_in_one_line(tmp_path, capsys, items, says):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(items))
+    assert E.main(["--data", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and says in err, err
+
+
+def test_cli_on_the_default_model_writes_the_tables_and_json(tmp_path, capsys):
+    """The real path: two freshly drawn pictures (seeds never trained on), all four questions each, through
+    ixc25-eval on the shipped model; the JSON has one row per question, each scored by shapes.is_correct."""
+    items = []
+    for seed in (71_000_000, 71_000_001):
+        rng = np.random.default_rng(seed)
+        scene = S.random_scene(rng, 2)
+        S.render(scene, rng).save(tmp_path / f"{seed}.png")
+        conv = S.conversation(scene, rng, 4)
+        items.append({"id": str(seed), "image": f"{seed}.png", "conversations": _turns(*[(q, a) for *_, q, a in conv])})
+    (tmp_path / "data.json").write_text(json.dumps(items))
+    out = tmp_path / "res.json"
+    assert E.main(["--data", str(tmp_path / "data.json"), "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    asked = sum(len(i["conversations"]) // 2 for i in items)
+    assert asked >= 6 and len(res["answers"]) == asked and sum(c["total"] for c in res["counts"].values()) == asked
+    for r in res["answers"]:
+        assert r["objects"] == 2 and r["correct"] == S.is_correct(r["type"], S.question_type(r["question"])[1],
+                                                                   r["expected"], r["answer"])
+    assert "| type | 2 objects |" in printed
