@@ -63,8 +63,9 @@ def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Option
              reference=None) -> dict:
     """Chats through every item (one question per turn, earlier turns as history, greedy) and scores each
     answer against the item's own reference answer with shapes.is_correct. Returns counts, accuracy per type,
-    the same by objects in the picture (objects_in; "by_objects": type -> objects -> counts) and every answer. `reference`: a PyTorch RefChat (parity_tests.reference.chat) asked the same turns with the
-    same history: the answers' identity is recorded too."""
+    the same by objects in the picture (objects_in; "by_objects": type -> objects -> counts) and every answer.
+    `reference`: a PyTorch RefChat (parity_tests.reference.chat) asked the same turns with the same history: the
+    answers' identity is recorded too."""
     per: Dict[int, List[int]] = {t: [0, 0] for t in S.QUESTIONS}
     rows = []  # one per question, with the item's object count
     t0 = time.perf_counter()
@@ -118,7 +119,8 @@ def _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0, referen
             c["correct"] += int(r["correct"])
             c["total"] += 1
     out = {"items": len(items), "counts": {t: {"correct": c, "total": n} for t, (c, n) in per.items()},
-           "accuracy": acc, "by_objects": {t: dict(sorted(v.items())) for t, v in sorted(by.items())}, "seconds": time.perf_counter() - t0, "answers": rows}
+           "accuracy": acc, "by_objects": {t: dict(sorted(v.items())) for t, v in sorted(by.items())},
+           "seconds": time.perf_counter() - t0, "answers": rows}
     if reference is not None:
         same = [r["same_as_reference"] for r in rows]
         out["same_as_reference"] = {"identical": sum(same), "total": len(same)}
@@ -135,12 +137,12 @@ def table(res: dict) -> str:
         acc = "-" if c["total"] == 0 else f"{100 * c['correct'] / c['total']:.1f} %"
         lines.append(f"| {t} | {S.QUESTIONS[t]} | {c['correct']} | {c['total']} | {acc} |")
     by = {int(t): {int(n): c for n, c in v.items()} for t, v in res.get("by_objects", {}).items()}
-    counts = sorted({n for v in by.values() for n in v})
-    if counts:  # the same by objects in the picture (items that say it: a "Describe the image." turn)
-        lines += ["", "| type | " + " | ".join(f"{n} object{'s' * (n > 1)}" for n in counts) + " |",
-                  "|---|" + "---|" * len(counts)]
+    ns = sorted({n for v in by.values() for n in v})
+    if ns:  # the same by objects in the picture (items that say it: a "Describe the image." turn)
+        lines += ["", "| type | " + " | ".join(f"{n} object{'s' * (n > 1)}" for n in ns) + " |",
+                  "|---|" + "---|" * len(ns)]
         for t in S.QUESTIONS:
-            cells = [by.get(t, {}).get(n) for n in counts]
+            cells = [by.get(t, {}).get(n) for n in ns]
             lines.append(f"| {t} | " + " | ".join("-" if not c else f"{c['correct']} / {c['total']} = "
                                                    f"{100 * c['correct'] / c['total']:.1f} %" for c in cells) + " |")
     return "\n".join(lines)
