@@ -20,6 +20,12 @@ def _image_path(p: str, data_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(data_path)), p)
 
 
+def _images(item: dict) -> list:
+    """The item's "image" field as a list: none, one path or several."""
+    image = item.get("image")
+    return [] if image is None else [image] if isinstance(image, str) else image
+
+
 def objects_in(item: dict) -> Optional[int]:
     """How many objects the item's picture holds, read off the expected answer of its "Describe the image."
     turn (which names every object); None when no turn describes it."""
@@ -49,14 +55,12 @@ def check_items(items, data_path: str) -> None:
                 raise ValueError(f"{name}: conversations[{j}] needs a string field 'value'")
         if len(conv) % 2:
             raise ValueError(f"{name}: field 'conversations' has {len(conv)} turns; expected user/assistant pairs")
-        image = item.get("image")
-        if image is not None:
-            paths = [image] if isinstance(image, str) else image
-            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-                raise ValueError(f"{name}: field 'image' must be a path or a list of paths")
-            for p in paths:
-                if not os.path.exists(_image_path(p, data_path)):
-                    raise ValueError(f"{name}: field 'image': no file {p}")
+        paths = _images(item)
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ValueError(f"{name}: field 'image' must be a path or a list of paths")
+        for p in paths:
+            if not os.path.exists(_image_path(p, data_path)):
+                raise ValueError(f"{name}: field 'image': no file {p}")
 
 
 def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Optional[int] = None, log=None,
@@ -66,7 +70,6 @@ def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Option
     the same by objects in the picture (objects_in; "by_objects": type -> objects -> counts) and every answer.
     `reference`: a PyTorch RefChat (parity_tests.reference.chat) asked the same turns with the same history: the
     answers' identity is recorded too."""
-    per: Dict[int, List[int]] = {t: [0, 0] for t in S.QUESTIONS}
     rows = []  # one per question, with the item's object count
     t0 = time.perf_counter()
     encode = model.encode_img
@@ -82,15 +85,30 @@ def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Option
         return memo[key]
     model.encode_img = encode_once
     try:
-        return _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0, reference)
+        return _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference)
     finally:
         del model.encode_img
 
 
-def _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0, reference) -> dict:
+def _tally(rows: List[dict]):
+    """{"correct", "total"} of the scored rows per type (every type, 0 if unasked) and per type and object count."""
+    counts = {t: {"correct": 0, "total": 0} for t in S.QUESTIONS}
+    by: Dict[int, Dict[int, Dict[str, int]]] = {}
+    for r in rows:
+        if r["type"] is None:
+            continue
+        cells = [counts[r["type"]]]
+        if r["objects"] is not None:
+            cells.append(by.setdefault(r["type"], {}).setdefault(r["objects"], {"correct": 0, "total": 0}))
+        for c in cells:
+            c["correct"] += int(r["correct"])
+            c["total"] += 1
+    return counts, {t: dict(sorted(v.items())) for t, v in sorted(by.items())}
+
+
+def _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference) -> dict:
     for k, item in enumerate(items):
-        image = item.get("image")
-        images = [] if image is None else [_image_path(p, data_path) for p in ([image] if isinstance(image, str) else image)]
+        images = [_image_path(p, data_path) for p in _images(item)]
         history = []
         n_objects = objects_in(item)
         conv = item.get("conversations", [])
@@ -101,25 +119,15 @@ def _run(model, tokenizer, items, data_path, hd_num, log, per, rows, t0, referen
             got, history = model.chat(tokenizer, q, images, history=history, do_sample=False, num_beams=1,
                                       max_new_tokens=48, **kw)
             qt = S.question_type(q)
-            ok = None
-            if qt is not None:
-                ok = S.is_correct(qt[0], qt[1], expected, got)
-                per[qt[0]][0] += int(ok)
-                per[qt[0]][1] += 1
+            ok = None if qt is None else S.is_correct(qt[0], qt[1], expected, got)
             rows.append({"id": item.get("id", k), "question": q, "expected": expected, "answer": got,
                          "type": None if qt is None else qt[0], "correct": ok, "objects": n_objects,
                          **({} if ref is None else {"reference": ref, "same_as_reference": ref == got})})
         if log and (k + 1) % 50 == 0:
             log(f"[eval] {k + 1}/{len(items)} items, {time.perf_counter() - t0:.0f} s")
-    acc = {t: (c / n if n else None) for t, (c, n) in per.items()}
-    by: Dict[int, Dict[int, Dict[str, int]]] = {}
-    for r in rows:
-        if r["type"] is not None and r["objects"] is not None:
-            c = by.setdefault(r["type"], {}).setdefault(r["objects"], {"correct": 0, "total": 0})
-            c["correct"] += int(r["correct"])
-            c["total"] += 1
-    out = {"items": len(items), "counts": {t: {"correct": c, "total": n} for t, (c, n) in per.items()},
-           "accuracy": acc, "by_objects": {t: dict(sorted(v.items())) for t, v in sorted(by.items())},
+    counts, by = _tally(rows)
+    acc = {t: (c["correct"] / c["total"] if c["total"] else None) for t, c in counts.items()}
+    out = {"items": len(items), "counts": counts, "accuracy": acc, "by_objects": by,
            "seconds": time.perf_counter() - t0, "answers": rows}
     if reference is not None:
         same = [r["same_as_reference"] for r in rows]
