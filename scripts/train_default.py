@@ -122,7 +122,8 @@ def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: flo
     "Describe the image." moved to the end of its conversation, so no answer can be read off a description in
     the history (the held-out set keeps the drawn order); `easy_objects` (low, high) objects in an easy picture;
     `easy_kinds`: only these question kinds on easy pictures (a curriculum: (3,) asks only "What shape is the
-    {colour} one?"). Returns the JSON path."""
+    {colour} one?"; an easy scene that allows none of them, as kind 1 of two circles, is drawn again from its
+    seed's generator). Returns the JSON path."""
     from ixc25_ms import shapes as S
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     items = []
@@ -132,6 +133,8 @@ def make_pictures(root: str, n: int, seed_base: int, turns=(1, 4), chitchat: flo
         rng = np.random.default_rng(seed)
         scene = S.random_scene(rng) if i < n else S.random_scene(
             rng, int(rng.integers(easy_objects[0], easy_objects[1] + 1)), (200, 560))
+        while i >= n and easy_kinds and not any(k in easy_kinds for k, _ in S.valid_questions(scene)):
+            scene = S.random_scene(rng, len(scene.objects), (200, 560))  # e.g. kind 1 of two circles: drawn again
         path = os.path.join("images", f"{seed}.png")
         full = os.path.join(root, path)
         im = S.render(scene, rng)
@@ -393,15 +396,16 @@ def language_warmup(args, start: str, finetune):
 def read_stage(args, start: str, finetune):
     """The read stage, between the warm-ups and the full task: ixc25-finetune on --read_stage small one-object
     pictures (work/read, seeds from READ_SEED_OFFSET), each asked its colour or its shape (one question), 16 a step,
-    one epoch, from work/`start` -> "init_read". Off a long tower warm-up the language model learns here to read a
+    one epoch, from work/`start` -> "init_read"; --read_objects and --read_kinds widen it to small scenes of
+    several objects asked any of the chosen kinds (one question a picture). Off a long tower warm-up the language model learns here to read a
     lone object (notes/default-model.md: 96 % of shapes after 250 steps of 16 off a 3,000-step warm-up); shape
     questions alone make it forget colour. Skipped on a rerun once init_read exists."""
     if os.path.exists(os.path.join(args.work, "init_read")):
         return "init_read"
     root = os.path.abspath(os.path.join(args.work, "read"))
     data = make_pictures(root, 0, TRAIN_SEED_BASE + args.seed * 1_000_000 + READ_SEED_OFFSET - EASY_SEED_OFFSET,
-                         turns=(1, 1), chitchat=0.0, scale=TRAIN_SCALE, easy=args.read_stage, easy_objects=(1, 1),
-                         easy_kinds=(1, 3), log=None)
+                         turns=(1, 1), chitchat=0.0, scale=TRAIN_SCALE, easy=args.read_stage,
+                         easy_objects=args.read_objects, easy_kinds=args.read_kinds or None, log=None)
     return _stage(args, start, "init_read", data, finetune, cwd=root)
 
 
@@ -499,6 +503,10 @@ def parser() -> argparse.ArgumentParser:
                     "text-only conversations (16 a step) on scenes told in words (context_items), then the pictures")
     ap.add_argument("--read_stage", type=int, default=20000, help="then this many small one-object pictures, each "
                     "asked its colour or its shape, 16 a step (read_stage), before the full task")
+    ap.add_argument("--read_objects", type=span, default=(1, 1), help="objects in a read-stage picture: LOW-HIGH "
+                    "(1-3: the asked object among others, as the full task asks it)")
+    ap.add_argument("--read_kinds", type=kinds, default=(1, 3), help="question kinds the read stage asks, e.g. "
+                    "'1,2,3' ('': all four)")
     ap.add_argument("--init_tower", default="", help="start the ViT from this checkpoint's vit.* tensors "
                     "(e.g. scripts/tower_shape.py --save_tower)")
     ap.add_argument("--fix_vit", type=int, default=1, help="1: the ViT is not trained (ixc25-finetune --fix_vit True)")
@@ -511,6 +519,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
+    for f in ("easy_objects", "read_objects"):
+        if getattr(args, f)[1] > 4:
+            ap.error(f"--{f}: the task draws 1-4 objects, got {'-'.join(map(str, getattr(args, f)))!r}")
     args.work = os.path.abspath(args.work)  # the stages chdir: a relative --work would then point elsewhere
     # a pilot must not replace the shipped weights: only flags that leave the weights as they are may keep --out's default
     changed = [k for k, v in vars(args).items() if k not in RUN_FLAGS and v != ap.get_default(k)]
@@ -563,6 +574,8 @@ def main(argv=None) -> int:
              "tower warm-up steps": args.tower_warmup, "tower per-patch steps": args.tower_dense,
              "tower colour-shape steps": args.tower_pair, "tower scene steps": args.tower_scenes,
              "language warm-up conversations": args.language_warmup, "read-stage pictures": args.read_stage,
+             "read-stage objects": "-".join(map(str, args.read_objects)),
+             "read-stage kinds": ",".join(map(str, args.read_kinds)) or "all",
              "text-only context items": int(round(args.context * args.pictures)),
              "chit-chat items": int(round(args.chitchat * args.pictures)),
              "optimizer steps": state["global_step"], "data + init (+ warm-ups) seconds": round(t_data), "training seconds": round(t_train)}

@@ -102,6 +102,43 @@ def test_curriculum_pictures_ask_only_the_chosen_kinds(tmp_path):
     assert len(kinds) >= 3
 
 
+def test_read_stage_of_scenes_asks_the_chosen_kinds_of_several_objects(tmp_path):
+    """train_default's --read_objects 2-2 --read_kinds 1: the read stage's data holds small two-object scenes, each
+    asked "What colour is the {shape}?" about its one object of that shape, answered with that object's colour;
+    a scene whose two objects share a shape (no kind-1 question) is drawn again from its seed's generator, so
+    each picture is still the one its seed gives. The stage trains from work/init with that data."""
+    import json
+    import os
+    from PIL import Image
+    work = str(tmp_path / "w")
+    args = T.parser().parse_args(["--work", work, "--out", os.path.join(work, "model"), "--read_stage", "24",
+                                  "--read_objects", "2-2", "--read_kinds", "1"])
+    seen = []
+
+    def finetune(argv):  # records the call and leaves the run directory the real one writes
+        seen.append(argv)
+        os.makedirs(argv[argv.index("--output_dir") + 1])
+        return 0
+    assert T.read_stage(args, "init", finetune) == "init_read" and os.path.isdir(os.path.join(work, "init_read"))
+    assert seen[0][:2] == ["--model_name_or_path", os.path.join(work, "init")]
+    root = os.path.join(work, "read")
+    items = json.load(open(os.path.join(root, "data.json")))
+    assert len(items) == 24
+    redrawn = 0
+    for it in items:
+        rng = np.random.default_rng(int(it["id"].split("-")[1]))
+        scene = S.random_scene(rng, int(rng.integers(2, 3)), (200, 560))
+        while len({o.shape for o in scene.objects}) == 1:
+            scene, redrawn = S.random_scene(rng, 2, (200, 560)), redrawn + 1
+        (q, a) = [c["value"] for c in it["conversations"]]
+        kind, shape = S.question_type(q)
+        (o,) = [o for o in scene.objects if o.shape == shape]
+        assert kind == 1 and len(scene.objects) == 2 and a == S.answer(scene, 1, shape) and o.colour in a
+        w, h = Image.open(os.path.join(root, it["image"])).size
+        assert (w, h) == (round(scene.width * T.TRAIN_SCALE), round(scene.height * T.TRAIN_SCALE))
+    assert redrawn >= 1  # 1 in 3 two-object scenes share a shape: 24 pictures without a redraw would be ~6e-5
+
+
 def test_a_reused_work_directory_gets_the_new_pictures(tmp_path):
     """make_pictures into a directory that holds an earlier run's pictures under the same seeds (1-2 objects)
     rewrites them for the new flags (1 object): every stored picture equals the one a fresh directory gets, so
@@ -120,12 +157,14 @@ def test_a_reused_work_directory_gets_the_new_pictures(tmp_path):
 
 
 def test_count_flags_refuse_bad_input_in_one_line(capsys):
-    """train_default's --questions/--easy_objects/--easy_kinds: read as spans and kinds; bad values end the run
-    at argument parsing with the flag and the value named, before any picture is drawn."""
+    """train_default's --questions/--easy_objects/--easy_kinds/--read_objects/--read_kinds: read as spans and kinds
+    (1-4 objects); bad values end the run at argument parsing with the flag and the value named, before any
+    picture is drawn."""
     import pytest
     assert T.span("1-2") == (1, 2) and T.span("3") == (3, 3) and T.kinds("") == () and T.kinds("1,3") == (1, 3)
     for argv, flag in ((["--easy_objects", "2-1"], "--easy_objects"), (["--easy_kinds", "5"], "--easy_kinds"),
-                       (["--questions", "3-x"], "--questions")):
+                       (["--questions", "3-x"], "--questions"), (["--read_objects", "0-2"], "--read_objects"),
+                       (["--read_objects", "2-5"], "--read_objects"), (["--read_kinds", "1,x"], "--read_kinds")):
         with pytest.raises(SystemExit):
             T.main(argv + ["--work", "/nonexistent/never-made"])
         err = capsys.readouterr().err.strip().splitlines()[-1]
