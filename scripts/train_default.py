@@ -397,9 +397,9 @@ def read_stage(args, start: str, finetune):
     """The read stage, between the warm-ups and the full task: ixc25-finetune on --read_stage small one-object
     pictures (work/read, seeds from READ_SEED_OFFSET), each asked its colour or its shape (one question), 16 a step,
     one epoch, from work/`start` -> "init_read"; --read_objects and --read_kinds widen it to small scenes of
-    several objects asked any of the chosen kinds (one question a picture). Off a long tower warm-up the language model learns here to read a
-    lone object (notes/default-model.md: 96 % of shapes after 250 steps of 16 off a 3,000-step warm-up); shape
-    questions alone make it forget colour. Skipped on a rerun once init_read exists."""
+    several objects asked any of the chosen kinds (one question a picture). Off a long tower warm-up the language
+    model learns here to read a lone object (notes/default-model.md: 96 % of shapes after 250 steps of 16 off a
+    3,000-step warm-up); shape questions alone make it forget colour. Skipped on a rerun once init_read exists."""
     if os.path.exists(os.path.join(args.work, "init_read")):
         return "init_read"
     root = os.path.abspath(os.path.join(args.work, "read"))
