@@ -339,16 +339,22 @@ def export(run_dir: str, dst: str, command: str, notes: dict) -> None:
         f.write("\nsha256:\n```\n" + "".join(f"{v}  {k}\n" for k, v in sums.items()) + "```\n")
 
 
-def span(text: str, cast=int, least=1) -> tuple:
-    """'LOW-HIGH' (or one number) -> (low, high), least <= low <= high, each read by `cast`: the argparse type
-    of the count flags (and, with float and 0, of share ranges)."""
+def span(text: str, cast=int, least=1, most=None) -> tuple:
+    """'LOW-HIGH' (or one number) -> (low, high), least <= low <= high (<= most), each read by `cast`: the
+    argparse type of the count flags (and, with float and 0, of share ranges)."""
     try:
         lo, hi = (cast(x) for x in (text.split("-") if "-" in text else (text, text)))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LOW-HIGH (e.g. 1-2), got {text!r}") from None
-    if not least <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"expected {least} <= LOW <= HIGH, got {text!r}")
+    if not least <= lo <= hi or (most is not None and hi > most):
+        bound = "" if most is None else f" <= {most}"
+        raise argparse.ArgumentTypeError(f"expected {least} <= LOW <= HIGH{bound}, got {text!r}")
     return lo, hi
+
+
+def objects(text: str) -> tuple:
+    """span of objects in a picture: the task draws 1-4."""
+    return span(text, most=4)
 
 
 def kinds(text: str) -> tuple:
@@ -466,7 +472,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--describe_last", type=int, default=0, help="1: 'Describe the image.' asked last in each "
                     "training conversation (answers cannot be copied from a description in the history); 0: drawn order")
     ap.add_argument("--easy", type=int, default=800, help="extra small training pictures (200-560 px, --easy_objects objects)")
-    ap.add_argument("--easy_objects", type=span, default=(1, 1), help="objects in an easy picture: LOW-HIGH")
+    ap.add_argument("--easy_objects", type=objects, default=(1, 1), help="objects in an easy picture: LOW-HIGH")
     ap.add_argument("--easy_kinds", type=kinds, default=(1, 3), help="question kinds asked of easy pictures, e.g. '3' (a shape "
                     "curriculum) or '1,3'; empty: all four")
     ap.add_argument("--questions", type=lambda t: None if t == "all" else span(t), default=(3, 4), help="questions per training picture: LOW-HIGH, or 'all' (every "
@@ -503,7 +509,7 @@ def parser() -> argparse.ArgumentParser:
                     "text-only conversations (16 a step) on scenes told in words (context_items), then the pictures")
     ap.add_argument("--read_stage", type=int, default=20000, help="then this many small one-object pictures, each "
                     "asked its colour or its shape, 16 a step (read_stage), before the full task")
-    ap.add_argument("--read_objects", type=span, default=(1, 1), help="objects in a read-stage picture: LOW-HIGH "
+    ap.add_argument("--read_objects", type=objects, default=(1, 1), help="objects in a read-stage picture: LOW-HIGH "
                     "(1-3: the asked object among others, as the full task asks it)")
     ap.add_argument("--read_kinds", type=kinds, default=(1, 3), help="question kinds the read stage asks, e.g. "
                     "'1,2,3' ('': all four)")
@@ -519,9 +525,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
-    for f in ("easy_objects", "read_objects"):
-        if getattr(args, f)[1] > 4:
-            ap.error(f"--{f}: the task draws 1-4 objects, got {'-'.join(map(str, getattr(args, f)))!r}")
     args.work = os.path.abspath(args.work)  # the stages chdir: a relative --work would then point elsewhere
     # a pilot must not replace the shipped weights: only flags that leave the weights as they are may keep --out's default
     changed = [k for k, v in vars(args).items() if k not in RUN_FLAGS and v != ap.get_default(k)]
