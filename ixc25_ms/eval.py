@@ -64,12 +64,14 @@ def check_items(items, data_path: str) -> None:
 
 
 def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Optional[int] = None, log=None,
-             reference=None) -> dict:
+             reference=None, alone: bool = False) -> dict:
     """Chats through every item (one question per turn, earlier turns as history, greedy) and scores each
     answer against the item's own reference answer with shapes.is_correct. Returns counts, accuracy per type,
     the same by objects in the picture (objects_in; "by_objects": type -> objects -> counts) and every answer.
     `reference`: a PyTorch RefChat (parity_tests.reference.chat) asked the same turns with the same history: the
-    answers' identity is recorded too."""
+    answers' identity is recorded too. `alone`: every question asked in a chat of its own (the picture, no
+    history), which tells what the model reads off the picture from what it copies or mistakes from earlier
+    answers; the objects in the picture are still read off the item's description."""
     rows = []  # one per question, with the item's object count
     t0 = time.perf_counter()
     encode = model.encode_img
@@ -85,7 +87,7 @@ def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Option
         return memo[key]
     model.encode_img = encode_once
     try:
-        return _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference)
+        return _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference, alone)
     finally:
         del model.encode_img
 
@@ -106,7 +108,7 @@ def _tally(rows: List[dict]):
     return counts, {t: dict(sorted(v.items())) for t, v in sorted(by.items())}
 
 
-def _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference) -> dict:
+def _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference, alone) -> dict:
     for k, item in enumerate(items):
         images = [_image_path(p, data_path) for p in _images(item)]
         history = []
@@ -114,6 +116,8 @@ def _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference) -
         conv = item.get("conversations", [])
         for q_turn, a_turn in zip(conv[0::2], conv[1::2]):
             q, expected = q_turn["value"], a_turn["value"]
+            if alone:
+                history = []
             kw = {} if hd_num is None else {"hd_num": hd_num}
             ref = None if reference is None else reference.chat(q, images, history, hd_num or 24)
             got, history = model.chat(tokenizer, q, images, history=history, do_sample=False, num_beams=1,
@@ -127,7 +131,7 @@ def _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference) -
             log(f"[eval] {k + 1}/{len(items)} items, {time.perf_counter() - t0:.0f} s")
     counts, by = _tally(rows)
     acc = {t: (c["correct"] / c["total"] if c["total"] else None) for t, c in counts.items()}
-    out = {"items": len(items), "counts": counts, "accuracy": acc, "by_objects": by,
+    out = {"items": len(items), "alone": alone, "counts": counts, "accuracy": acc, "by_objects": by,
            "seconds": time.perf_counter() - t0, "answers": rows}
     if reference is not None:
         same = [r["same_as_reference"] for r in rows]
@@ -169,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--reference", action="store_true", help="also answer with our PyTorch reference (same weights, "
                     "fp32, greedy) and count identical answers")
+    ap.add_argument("--alone", action="store_true", help="ask every question in a chat of its own (the picture, no "
+                    "history) instead of after the item's earlier turns")
     args = ap.parse_args(argv)
     import ixc25_ms
     try:
@@ -189,7 +195,7 @@ def main(argv=None) -> int:
         reference = RefChat(model.cfg, load_state_dict(args.model or ixc25_ms.DEFAULT_MODEL), tok,
                             lambda image, hd: preprocess_image(image, hd_num=hd, crop=model.vit.resolution))
     res = evaluate(model, tok, items, args.data, args.hd_num, None if args.quiet else
-                   (lambda m: print(m, file=sys.stderr)), reference)
+                   (lambda m: print(m, file=sys.stderr)), reference, args.alone)
     print(table(res))
     if reference is not None:
         s = res["same_as_reference"]

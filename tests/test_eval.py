@@ -70,6 +70,32 @@ def test_scores_per_kind_and_per_objects_in_the_picture(tmp_path):
     assert "| 2 | - | 0 / 1 = 0.0 % |" in text
 
 
+class ByQuestion(FakeModel):
+    """Answers by the question, so a question gets the same answer with or without history."""
+
+    def chat(self, tok, q, images, history=None, **kw):
+        item = {"a.png": "one", "b.png": "three"}.get(os.path.basename(images[0]), "hello") if images else "hello"
+        self.calls.append((item, q, list(images), len(history)))
+        turns = [t["value"] for t in next(i for i in ITEMS if i["id"] == item)["conversations"][0::2]]
+        got = ANSWERS[item][turns.index(q)]
+        return got, history + [(q, got)]
+
+
+def test_alone_asks_every_question_without_history(tmp_path):
+    """--alone: the same questions, each in a chat of its own (history 0 every time), the picture still given and
+    the objects still read off the item's description; with history the same fake model sees 0, 1, 0, 1, 2, 0."""
+    m = ByQuestion()
+    res = E.evaluate(m, None, ITEMS, str(tmp_path / "data.json"), alone=True)
+    assert [c[3] for c in m.calls] == [0] * 6
+    assert [c[1] for c in m.calls] == [t["value"] for i in ITEMS for t in i["conversations"][0::2]]
+    assert all(c[2] == [str(tmp_path / n)] for c, n in zip(m.calls, ["a.png"] * 2 + ["b.png"] * 3))
+    assert res["alone"] is True and [r["objects"] for r in res["answers"]] == [1, 1, 3, 3, 3, None]
+    assert res["counts"][2] == {"correct": 0, "total": 1} and res["counts"][4] == {"correct": 1, "total": 2}
+    m2 = ByQuestion()
+    assert E.evaluate(m2, None, ITEMS, str(tmp_path / "data.json"))["alone"] is False
+    assert [c[3] for c in m2.calls] == [0, 1, 0, 1, 2, 0]
+
+
 @pytest.mark.parametrize("items, says", [
     ({"id": 1}, "expected a JSON list"),
     ([{"id": "x", "image": "a.png"}], "item 0 (id 'x'): field 'conversations'"),
@@ -108,3 +134,17 @@ def test_cli_on_the_default_model_writes_the_tables_and_json(tmp_path, capsys):
         assert r["objects"] == 2 and r["correct"] == S.is_correct(r["type"], S.question_type(r["question"])[1],
                                                                    r["expected"], r["answer"])
     assert "| type | 2 objects |" in printed
+
+
+def test_cli_alone_flag_reaches_evaluate(tmp_path, monkeypatch, capsys):
+    """ixc25-eval --alone: the flag reaches evaluate, and the JSON says the questions were asked alone."""
+    import ixc25_ms
+    for n in ("a.png", "b.png"):
+        (tmp_path / n).write_bytes(b"")
+    (tmp_path / "data.json").write_text(json.dumps(ITEMS))
+    m = ByQuestion()
+    monkeypatch.setattr(ixc25_ms, "load", lambda *a, **k: (m, None))
+    out = tmp_path / "res.json"
+    assert E.main(["--data", str(tmp_path / "data.json"), "--json", str(out), "--quiet", "--alone"]) == 0
+    assert json.loads(out.read_text())["alone"] is True and [c[3] for c in m.calls] == [0] * 6
+    assert "| 1 | What colour is the {shape}? | 1 | 1 | 100.0 % |" in capsys.readouterr().out
