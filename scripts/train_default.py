@@ -415,6 +415,21 @@ def read_stage(args, start: str, finetune):
     return _stage(args, start, "init_read", data, finetune, cwd=root)
 
 
+def scene_read_stage(args, start: str, finetune):
+    """A second read stage, after read_stage: ixc25-finetune on --read_scenes small scenes of 1-4 objects (work/
+    read_scenes; 200-560 px, drawn from the read stage's seeds as scenes), each asked one question of kinds 1-3
+    (counts most: every scene allows one), 16 a step, one epoch, from work/`start` -> "init_read_scenes". Off the
+    lone-object read it took the full task's counts from 41.7 to 59.2 % on the first 100 held-out pictures (run X,
+    notes/default-model-runs.md, 2026-12-07). Skipped on a rerun once init_read_scenes exists."""
+    if os.path.exists(os.path.join(args.work, "init_read_scenes")):
+        return "init_read_scenes"
+    root = os.path.abspath(os.path.join(args.work, "read_scenes"))
+    data = make_pictures(root, 0, TRAIN_SEED_BASE + args.seed * 1_000_000 + READ_SEED_OFFSET - EASY_SEED_OFFSET,
+                         turns=(1, 1), chitchat=0.0, scale=TRAIN_SCALE, easy=args.read_scenes,
+                         easy_objects=(1, 4), easy_kinds=(1, 2, 3), log=None)
+    return _stage(args, start, "init_read_scenes", data, finetune, cwd=root)
+
+
 def tower_stages(args) -> str:
     """The tower's warm-up before ixc25-finetune (ixc25_ms.train.tower_warmup.warm_up, 16 a step, from work/init):
     --tower_warmup steps with the max head (lr 1e-3) -> init_warm; then --tower_dense steps with the per-patch loss
@@ -513,6 +528,9 @@ def parser() -> argparse.ArgumentParser:
                     "(1-3: the asked object among others, as the full task asks it)")
     ap.add_argument("--read_kinds", type=kinds, default=(1, 3), help="question kinds the read stage asks, e.g. "
                     "'1,2,3' ('': all four)")
+    ap.add_argument("--read_scenes", type=int, default=0, help="then, after the read stage, this many small scenes of 1-4 "
+                    "objects, each asked one question of kinds 1-3, 16 a step (scene_read_stage): counts and the asked "
+                    "object among others before the full task")
     ap.add_argument("--init_tower", default="", help="start the ViT from this checkpoint's vit.* tensors "
                     "(e.g. scripts/tower_shape.py --save_tower)")
     ap.add_argument("--fix_vit", type=int, default=1, help="1: the ViT is not trained (ixc25-finetune --fix_vit True)")
@@ -559,8 +577,12 @@ def main(argv=None) -> int:
         start = read_stage(args, start, finetune)
         if start is None:
             return 1
+    if args.read_scenes:
+        start = scene_read_stage(args, start, finetune)
+        if start is None:
+            return 1
     t_data = time.perf_counter() - t0
-    print(f"[default] data, initial checkpoint{' and warm-ups' * bool(args.tower_warmup or args.language_warmup or args.read_stage)} "
+    print(f"[default] data, initial checkpoint{' and warm-ups' * bool(args.tower_warmup or args.language_warmup or args.read_stage or args.read_scenes)} "
           f"in {t_data:.0f} s", flush=True)
     cwd = os.getcwd()
     os.chdir(args.work)
@@ -579,6 +601,7 @@ def main(argv=None) -> int:
              "language warm-up conversations": args.language_warmup, "read-stage pictures": args.read_stage,
              "read-stage objects": "-".join(map(str, args.read_objects)),
              "read-stage kinds": ",".join(map(str, args.read_kinds)) or "all",
+             "scene-read pictures": args.read_scenes,
              "text-only context items": int(round(args.context * args.pictures)),
              "chit-chat items": int(round(args.chitchat * args.pictures)),
              "optimizer steps": state["global_step"], "data + init (+ warm-ups) seconds": round(t_data), "training seconds": round(t_train)}

@@ -139,6 +139,47 @@ def test_read_stage_of_scenes_asks_the_chosen_kinds_of_several_objects(tmp_path)
     assert redrawn >= 1  # 1 in 3 two-object scenes share a shape: 24 pictures without a redraw would be ~6e-5
 
 
+def test_scene_read_stage_is_the_read_stage_of_scenes_after_the_lone_read(tmp_path):
+    """train_default's --read_scenes 20: a second read stage from the lone-object read's output (init_read ->
+    init_read_scenes) whose data is, picture for picture and turn for turn, the read stage's data under
+    --read_objects 1-4 --read_kinds 1,2,3 (how run X was made); every item one question of kinds 1-3 about a small
+    scene of 1-4 objects, answered as that scene answers it. Skipped once its output exists."""
+    import json
+    import os
+    work = str(tmp_path / "w")
+    args = T.parser().parse_args(["--work", work, "--out", os.path.join(work, "model"), "--read_scenes", "20"])
+    seen = []
+
+    def finetune(argv):
+        seen.append(argv)
+        os.makedirs(argv[argv.index("--output_dir") + 1])
+        return 0
+    assert T.scene_read_stage(args, "init_read", finetune) == "init_read_scenes"
+    assert seen[0][:2] == ["--model_name_or_path", os.path.join(work, "init_read")] and len(seen) == 1
+    assert T.scene_read_stage(args, "init_read", finetune) == "init_read_scenes" and len(seen) == 1  # not redone
+    root = os.path.join(work, "read_scenes")
+    items = json.load(open(os.path.join(root, "data.json")))
+    other = str(tmp_path / "x")
+    xargs = T.parser().parse_args(["--work", other, "--out", os.path.join(other, "model"), "--read_stage", "20",
+                                   "--read_objects", "1-4", "--read_kinds", "1,2,3"])
+    T.read_stage(xargs, "init", finetune)
+    xroot = os.path.join(other, "read")
+    assert items == json.load(open(os.path.join(xroot, "data.json"))) and len(items) == 20
+    kinds, sizes = set(), set()
+    for it in items:
+        rng = np.random.default_rng(int(it["id"].split("-")[1]))
+        scene = S.random_scene(rng, int(rng.integers(1, 5)), (200, 560))
+        while not any(k in (1, 2, 3) for k, _ in S.valid_questions(scene)):
+            scene = S.random_scene(rng, len(scene.objects), (200, 560))
+        (q, a) = [c["value"] for c in it["conversations"]]
+        kind, subject = S.question_type(q)
+        assert kind in (1, 2, 3) and a == S.answer(scene, kind, subject)
+        kinds.add(kind)
+        sizes.add(len(scene.objects))
+        assert open(os.path.join(root, it["image"]), "rb").read() == open(os.path.join(xroot, it["image"]), "rb").read()
+    assert 2 in kinds and len(sizes) >= 3
+
+
 def test_a_reused_work_directory_gets_the_new_pictures(tmp_path):
     """make_pictures into a directory that holds an earlier run's pictures under the same seeds (1-2 objects)
     rewrites them for the new flags (1 object): every stored picture equals the one a fresh directory gets, so
