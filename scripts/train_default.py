@@ -399,6 +399,19 @@ def language_warmup(args, start: str, finetune):
     return _stage(args, start, "init_lang", data, finetune)
 
 
+def _read(args, start: str, finetune, name: str, sub: str, n: int, objects, kinds) -> str:
+    """A read stage: ixc25-finetune on n small pictures of `objects` (low, high) objects (work/`sub`, seeds from
+    READ_SEED_OFFSET), each asked one question of `kinds` (None: all four), 16 a step, one epoch, from
+    work/`start` -> work/`name`. Skipped on a rerun once work/`name` exists."""
+    if os.path.exists(os.path.join(args.work, name)):
+        return name
+    root = os.path.abspath(os.path.join(args.work, sub))
+    data = make_pictures(root, 0, TRAIN_SEED_BASE + args.seed * 1_000_000 + READ_SEED_OFFSET - EASY_SEED_OFFSET,
+                         turns=(1, 1), chitchat=0.0, scale=TRAIN_SCALE, easy=n, easy_objects=objects,
+                         easy_kinds=kinds, log=None)
+    return _stage(args, start, name, data, finetune, cwd=root)
+
+
 def read_stage(args, start: str, finetune):
     """The read stage, between the warm-ups and the full task: ixc25-finetune on --read_stage small one-object
     pictures (work/read, seeds from READ_SEED_OFFSET), each asked its colour or its shape (one question), 16 a step,
@@ -406,13 +419,7 @@ def read_stage(args, start: str, finetune):
     several objects asked any of the chosen kinds (one question a picture). Off a long tower warm-up the language
     model learns here to read a lone object (notes/default-model.md: 96 % of shapes after 250 steps of 16 off a
     3,000-step warm-up); shape questions alone make it forget colour. Skipped on a rerun once init_read exists."""
-    if os.path.exists(os.path.join(args.work, "init_read")):
-        return "init_read"
-    root = os.path.abspath(os.path.join(args.work, "read"))
-    data = make_pictures(root, 0, TRAIN_SEED_BASE + args.seed * 1_000_000 + READ_SEED_OFFSET - EASY_SEED_OFFSET,
-                         turns=(1, 1), chitchat=0.0, scale=TRAIN_SCALE, easy=args.read_stage,
-                         easy_objects=args.read_objects, easy_kinds=args.read_kinds or None, log=None)
-    return _stage(args, start, "init_read", data, finetune, cwd=root)
+    return _read(args, start, finetune, "init_read", "read", args.read_stage, args.read_objects, args.read_kinds or None)
 
 
 def scene_read_stage(args, start: str, finetune):
@@ -421,13 +428,7 @@ def scene_read_stage(args, start: str, finetune):
     (counts most: every scene allows one), 16 a step, one epoch, from work/`start` -> "init_read_scenes". Off the
     lone-object read it took the full task's counts from 41.7 to 59.2 % on the first 100 held-out pictures (run X,
     notes/default-model-runs.md, 2026-12-07). Skipped on a rerun once init_read_scenes exists."""
-    if os.path.exists(os.path.join(args.work, "init_read_scenes")):
-        return "init_read_scenes"
-    root = os.path.abspath(os.path.join(args.work, "read_scenes"))
-    data = make_pictures(root, 0, TRAIN_SEED_BASE + args.seed * 1_000_000 + READ_SEED_OFFSET - EASY_SEED_OFFSET,
-                         turns=(1, 1), chitchat=0.0, scale=TRAIN_SCALE, easy=args.read_scenes,
-                         easy_objects=(1, 4), easy_kinds=(1, 2, 3), log=None)
-    return _stage(args, start, "init_read_scenes", data, finetune, cwd=root)
+    return _read(args, start, finetune, "init_read_scenes", "read_scenes", args.read_scenes, (1, 4), (1, 2, 3))
 
 
 def tower_stages(args) -> str:

@@ -42,8 +42,12 @@ class FakeModel:
     def encode_img(self, image, hd=24):
         return image
 
+    @staticmethod
+    def item(images):  # the ITEMS id a call's picture belongs to
+        return {"a.png": "one", "b.png": "three"}.get(os.path.basename(images[0]), "hello") if images else "hello"
+
     def chat(self, tok, q, images, history=None, **kw):
-        item = {"a.png": "one", "b.png": "three"}.get(os.path.basename(images[0]), "hello") if images else "hello"
+        item = self.item(images)
         self.calls.append((item, q, list(images), len(history)))
         got = ANSWERS[item][len(history)]
         return got, history + [(q, got)]
@@ -74,7 +78,7 @@ class ByQuestion(FakeModel):
     """Answers by the question, so a question gets the same answer with or without history."""
 
     def chat(self, tok, q, images, history=None, **kw):
-        item = {"a.png": "one", "b.png": "three"}.get(os.path.basename(images[0]), "hello") if images else "hello"
+        item = self.item(images)
         self.calls.append((item, q, list(images), len(history)))
         turns = [t["value"] for t in next(i for i in ITEMS if i["id"] == item)["conversations"][0::2]]
         got = ANSWERS[item][turns.index(q)]
