@@ -352,6 +352,37 @@ def span(text: str, cast=int, least=1, most=None) -> tuple:
     return lo, hi
 
 
+def count(text: str, cast=int, least=0) -> int:
+    """A number of things (pictures, steps, ...), at least `least`: the argparse type of the count flags, so that
+    -5 pictures end the run at parsing with the value named, not deep in a stage."""
+    try:
+        n = cast(text)
+    except ValueError:
+        n = None
+    if n is None or not least <= n < float("inf"):  # NaN fails both
+        raise argparse.ArgumentTypeError(f"expected a {'number' if cast is float else 'whole number'} >= {least}, "
+                                         f"got {text!r}")
+    return n
+
+
+def positive(text: str) -> int:
+    """A size or a step (a width, a batch, checkpoints kept): a whole number >= 1."""
+    return count(text, least=1)
+
+
+def above_zero(text: str) -> float:
+    """A rate or a number of epochs: a number > 0."""
+    x = count(text, cast=float)
+    if x == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return x
+
+
+def share(text: str) -> float:
+    """A share or a weight (of --pictures, of a loss): a number >= 0."""
+    return count(text, cast=float)
+
+
 def objects(text: str) -> tuple:
     """span of objects in a picture: the task draws 1-4."""
     return span(text, most=4)
@@ -472,72 +503,72 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="train_default", description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=os.path.join(os.getcwd(), "default_train"), help="working directory")
     ap.add_argument("--out", default=PACKAGE_DIR, help="where the fp16 model is written")
-    ap.add_argument("--pictures", type=int, default=4000, help="training pictures")
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--max_steps", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=1, help="pictures per micro-batch")
-    ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--hd_num", type=int, default=9)
+    ap.add_argument("--pictures", type=count, default=4000, help="training pictures")
+    ap.add_argument("--epochs", type=above_zero, default=1.0)
+    ap.add_argument("--max_steps", type=count, default=0)
+    ap.add_argument("--batch", type=positive, default=1, help="pictures per micro-batch")
+    ap.add_argument("--accum", type=positive, default=2, help="micro-batches per optimizer step")
+    ap.add_argument("--lr", type=above_zero, default=1e-3)
+    ap.add_argument("--hd_num", type=positive, default=9)
     ap.add_argument("--vit_pos", choices=("noise", "sincos"), default="noise", help="the ViT position table's "
                     "start: normal(0, 0.02) as every other weight, or a 2-D sine-cosine code (position_table)")
-    ap.add_argument("--chitchat", type=float, default=0.25, help="text-only chit-chat items (greetings, 'What can "
+    ap.add_argument("--chitchat", type=share, default=0.25, help="text-only chit-chat items (greetings, 'What can "
                     "you do?') in the full task, as a share of --pictures")
-    ap.add_argument("--context", type=float, default=0.0, help="text-only items stating a scene in words, as a "
+    ap.add_argument("--context", type=share, default=0.0, help="text-only items stating a scene in words, as a "
                     "share of --pictures (context_items)")
-    ap.add_argument("--describe_last", type=int, default=0, help="1: 'Describe the image.' asked last in each "
+    ap.add_argument("--describe_last", type=int, choices=(0, 1), default=0, help="1: 'Describe the image.' asked last in each "
                     "training conversation (answers cannot be copied from a description in the history); 0: drawn order")
-    ap.add_argument("--easy", type=int, default=800, help="extra small training pictures (200-560 px, --easy_objects objects)")
+    ap.add_argument("--easy", type=count, default=800, help="extra small training pictures (200-560 px, --easy_objects objects)")
     ap.add_argument("--easy_objects", type=objects, default=(1, 1), help="objects in an easy picture: LOW-HIGH")
     ap.add_argument("--easy_kinds", type=kinds, default=(1, 3), help="question kinds asked of easy pictures, e.g. '3' (a shape "
                     "curriculum) or '1,3'; empty: all four")
     ap.add_argument("--questions", type=lambda t: None if t == "all" else span(t), default=(3, 4), help="questions per training picture: LOW-HIGH, or 'all' (every "
                     "question whose answer no earlier turn gives away: grounded_turns)")
-    ap.add_argument("--vit_width", type=int, default=128, help="ViT width "
+    ap.add_argument("--vit_width", type=positive, default=128, help="ViT width "
                     "(heads of 32 channels, MLP 4x)")
-    ap.add_argument("--vit_layers", type=int, default=4)
-    ap.add_argument("--llm_width", type=int, default=CONFIG["hidden_size"], help="InternLM2 width (heads of 32 "
+    ap.add_argument("--vit_layers", type=positive, default=4)
+    ap.add_argument("--llm_width", type=positive, default=CONFIG["hidden_size"], help="InternLM2 width (heads of 32 "
                     "channels over 2 KV heads, MLP 3x)")
-    ap.add_argument("--llm_layers", type=int, default=CONFIG["num_hidden_layers"])
-    ap.add_argument("--save_steps", type=int, default=400, help="checkpoint every N steps")
-    ap.add_argument("--keep", type=int, default=1, help="checkpoints kept (more: a training curve to evaluate)")
-    ap.add_argument("--tower_warmup", type=int, default=500, help="first train the ViT alone this many steps of "
+    ap.add_argument("--llm_layers", type=positive, default=CONFIG["num_hidden_layers"])
+    ap.add_argument("--save_steps", type=positive, default=400, help="checkpoint every N steps")
+    ap.add_argument("--keep", type=positive, default=1, help="checkpoints kept (more: a training curve to evaluate)")
+    ap.add_argument("--tower_warmup", type=count, default=500, help="first train the ViT alone this many steps of "
                     "16 on --tower_pictures pictures tagged as --tower_tags says (ixc25_ms.train.tower_warmup)")
-    ap.add_argument("--tower_dense", type=int, default=2500, help="after --tower_warmup, this many steps of 16 with "
+    ap.add_argument("--tower_dense", type=count, default=2500, help="after --tower_warmup, this many steps of 16 with "
                     "a per-patch loss added (tower_warmup --dense 1, lr 5e-4): shape spread over the object's patches")
-    ap.add_argument("--tower_pair", type=int, default=0, help="after the shape warm-up, this many steps of 16 on "
+    ap.add_argument("--tower_pair", type=count, default=0, help="after the shape warm-up, this many steps of 16 on "
                     "--tower_pictures fresh one-object pictures tagged 'colour shape' (max head and per-patch loss, "
                     "lr 5e-4), meant to add colour to a shape-trained tower (measured: colour added, shape lost; "
                     "notes/default-model.md)")
-    ap.add_argument("--tower_scenes", type=int, default=0, help="after the shape warm-up, this many steps of 16 on "
+    ap.add_argument("--tower_scenes", type=count, default=0, help="after the shape warm-up, this many steps of 16 on "
                     "--tower_pictures fresh scenes of 1-4 objects, every patch asked its own object's shape (max head "
                     "and per-patch loss, lr 5e-4): one-object pictures let the tower spread one shape over all its "
                     "tokens, so among several objects a token showed the picture's shapes, not its object's")
-    ap.add_argument("--tower_colour", type=float, default=0.25, help="add this weight x a per-patch regression "
+    ap.add_argument("--tower_colour", type=share, default=0.25, help="add this weight x a per-patch regression "
                     "of each patch's mean colour to every tower stage (tower_warmup --colour): keeps colour readable "
                     "while shape is taught (measured: colour kept, shape slower; notes/default-model.md)")
-    ap.add_argument("--tower_pictures", type=int, default=16000)
+    ap.add_argument("--tower_pictures", type=positive, default=16000)
     ap.add_argument("--tower_tags", choices=TOWER_TAGS, default="shape", help="the warm-up's pictures and tags: one "
                     "object tagged with its shape, its colour-shape pair, or its colour and its shape as two tags "
                     "(both; measured: colour learnt, shape not, in 2,000 steps: notes/default-model.md), or 1-4 "
                     "objects tagged with their colour-shape pairs (tower_pictures)")
-    ap.add_argument("--language_warmup", type=int, default=16000, help="first train the language model this many "
+    ap.add_argument("--language_warmup", type=count, default=16000, help="first train the language model this many "
                     "text-only conversations (16 a step) on scenes told in words (context_items), then the pictures")
-    ap.add_argument("--read_stage", type=int, default=20000, help="then this many small one-object pictures, each "
+    ap.add_argument("--read_stage", type=count, default=20000, help="then this many small one-object pictures, each "
                     "asked its colour or its shape, 16 a step (read_stage), before the full task")
     ap.add_argument("--read_objects", type=objects, default=(1, 1), help="objects in a read-stage picture: LOW-HIGH "
                     "(1-3: the asked object among others, as the full task asks it)")
     ap.add_argument("--read_kinds", type=kinds, default=(1, 3), help="question kinds the read stage asks, e.g. "
                     "'1,2,3' ('': all four)")
-    ap.add_argument("--read_scenes", type=int, default=0, help="then, after the read stage, this many small scenes of 1-4 "
+    ap.add_argument("--read_scenes", type=count, default=0, help="then, after the read stage, this many small scenes of 1-4 "
                     "objects, each asked one question of kinds 1-3, 16 a step (scene_read_stage): counts and the asked "
                     "object among others before the full task")
     ap.add_argument("--init_tower", default="", help="start the ViT from this checkpoint's vit.* tensors "
                     "(e.g. scripts/tower_shape.py --save_tower)")
-    ap.add_argument("--fix_vit", type=int, default=1, help="1: the ViT is not trained (ixc25-finetune --fix_vit True)")
+    ap.add_argument("--fix_vit", type=int, choices=(0, 1), default=1, help="1: the ViT is not trained (ixc25-finetune --fix_vit True)")
     ap.add_argument("--jit", action="store_true", help="compile the training step (mindspore.jit)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval", type=int, default=0, help="score this many held-out pictures after training")
+    ap.add_argument("--seed", type=count, default=0)
+    ap.add_argument("--eval", type=count, default=0, help="score this many held-out pictures after training")
     return ap
 
 
@@ -555,6 +586,8 @@ def main(argv=None) -> int:
         ap.error(f"--{later[0]} continues a --tower_warmup: give both")
     if args.tower_pair and args.tower_tags != "shape":
         ap.error("--tower_pair follows a shape warm-up: it needs --tower_tags shape")
+    if args.vit_width % 32 or args.llm_width % 64:  # heads of 32 channels; the language model's over 2 KV heads
+        ap.error(f"--vit_width must be a multiple of 32 and --llm_width of 64, got {args.vit_width} and {args.llm_width}")
     CONFIG["vision_config"].update(hidden_size=args.vit_width, intermediate_size=4 * args.vit_width,
                                    num_attention_heads=max(1, args.vit_width // 32), num_hidden_layers=args.vit_layers)
     CONFIG.update(hidden_size=args.llm_width, intermediate_size=3 * args.llm_width,

@@ -199,17 +199,30 @@ def test_a_reused_work_directory_gets_the_new_pictures(tmp_path):
 
 def test_count_flags_refuse_bad_input_in_one_line(capsys):
     """train_default's --questions/--easy_objects/--easy_kinds/--read_objects/--read_kinds: read as spans and kinds
-    (1-4 objects); bad values end the run at argument parsing with the flag and the value named, before any
-    picture is drawn."""
+    (1-4 objects); its counts, sizes, rates and shares as numbers in range (no -5 scenes, no batch of 0, no NaN
+    rate); bad values end the run at argument parsing with the flag and the value named, before any picture is
+    drawn. Widths that the heads of 32 channels do not divide are refused too."""
     import pytest
     assert T.span("1-2") == (1, 2) and T.span("3") == (3, 3) and T.kinds("") == () and T.kinds("1,3") == (1, 3)
     for argv, flag in ((["--easy_objects", "2-1"], "--easy_objects"), (["--easy_kinds", "5"], "--easy_kinds"),
                        (["--questions", "3-x"], "--questions"), (["--read_objects", "0-2"], "--read_objects"),
-                       (["--read_objects", "2-5"], "--read_objects"), (["--read_kinds", "1,x"], "--read_kinds")):
+                       (["--read_objects", "2-5"], "--read_objects"), (["--read_kinds", "1,x"], "--read_kinds"),
+                       (["--read_scenes", "-5"], "--read_scenes"), (["--read_stage", "-1"], "--read_stage"),
+                       (["--easy", "-800"], "--easy"), (["--pictures", "4k"], "--pictures"),
+                       (["--tower_dense", "2.5"], "--tower_dense"), (["--batch", "0"], "--batch"),
+                       (["--keep", "-1"], "--keep"), (["--lr", "0"], "--lr"), (["--epochs", "nan"], "--epochs"),
+                       (["--chitchat", "-0.1"], "--chitchat"), (["--tower_colour", "inf"], "--tower_colour"),
+                       (["--fix_vit", "2"], "--fix_vit")):
         with pytest.raises(SystemExit):
             T.main(argv + ["--work", "/nonexistent/never-made"])
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert flag in err and repr(argv[1]) in err, err
+        assert flag in err and argv[1] in err, err
+    assert T.count("0") == 0 and T.positive("3") == 3 and T.share("0.25") == 0.25 and T.above_zero("1e-3") == 1e-3
+    for argv in (["--vit_width", "100"], ["--llm_width", "96"]):
+        with pytest.raises(SystemExit):
+            T.main(argv + ["--work", "/nonexistent/never-made", "--out", "/nonexistent/m"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert argv[0] in err and argv[1] in err, err
 
 
 def test_a_changed_recipe_must_name_its_out(capsys, tmp_path):
