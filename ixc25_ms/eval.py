@@ -9,6 +9,7 @@ import time
 from typing import Dict, List, Optional
 
 from . import shapes as S
+from .processing import ImageError, load_image
 
 TYPE_NAMES = {1: "colour of the {shape}", 2: "how many {shape}s", 3: "shape of the {colour} one", 4: "describe"}
 
@@ -40,7 +41,7 @@ def objects_in(item: dict) -> Optional[int]:
 def check_items(items, data_path: str) -> None:
     """One-line ValueError naming the item and field for anything evaluate cannot read: each item a dict whose
     "conversations" alternate user/assistant turns with a string "value", its "image" (if any) a path or a
-    list of paths that exist."""
+    list of paths that exist and decode as pictures."""
     if not isinstance(items, list):
         raise ValueError("expected a JSON list of items")
     for k, item in enumerate(items):
@@ -61,6 +62,10 @@ def check_items(items, data_path: str) -> None:
         for p in paths:
             if not os.path.exists(_image_path(p, data_path)):
                 raise ValueError(f"{name}: field 'image': no file {p}")
+            try:  # decoded here, so that a broken picture stops the run before the model loads, not at item 400
+                load_image(_image_path(p, data_path))
+            except ImageError as e:
+                raise ValueError(f"{name}: field 'image': {e}") from None
 
 
 def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Optional[int] = None, log=None,
@@ -186,7 +191,11 @@ def main(argv=None) -> int:
         return 1
     if args.limit:
         items = items[:args.limit]
-    model, tok = ixc25_ms.load(args.model or ixc25_ms.DEFAULT_MODEL, use_jit=True, quantize=args.quantize)
+    try:
+        model, tok = ixc25_ms.load(args.model or ixc25_ms.DEFAULT_MODEL, use_jit=True, quantize=args.quantize)
+    except (ixc25_ms.CheckpointError, ixc25_ms.ConfigError, OSError) as e:
+        print(f"ixc25-eval: error: {e}", file=sys.stderr)
+        return 1
     reference = None
     if args.reference:
         from parity_tests.reference.chat import RefChat

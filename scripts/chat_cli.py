@@ -40,6 +40,13 @@ def main(argv=None, stdin=None, out=None):
         if not os.path.isfile(p):
             print(f"ixc25-chat: error: {p}: no such file", file=sys.stderr)
             return 2
+    from ixc25_ms.processing import ImageError, load_image
+    for p in args.image:  # decoded before the model loads: a broken picture is told at once
+        try:
+            load_image(p)
+        except ImageError as e:
+            print(f"ixc25-chat: error: --image {e}", file=sys.stderr)
+            return 2
     import ixc25_ms
     try:
         model, tok = ixc25_ms.load(args.model or ixc25_ms.DEFAULT_MODEL, dtype=args.dtype, use_jit=args.jit)
@@ -48,7 +55,11 @@ def main(argv=None, stdin=None, out=None):
         return 2
     images = args.image + args.video
     if args.question:
-        _answer(model, tok, args.question, images, [], args, out)
+        try:  # an image or video that cannot be decoded: one line naming it (ImageError and the video reader's)
+            _answer(model, tok, args.question, images, [], args, out)
+        except ValueError as e:
+            print(f"ixc25-chat: error: {e}", file=sys.stderr)
+            return 2
         return 0
     history = []
     print("ixc25-chat: /image PATH adds an image, /reset clears history and images, /quit exits", file=out)

@@ -44,8 +44,19 @@ def main(argv=None) -> int:
         print(f"ixc25-demo: error: {path}: no model.safetensors (make the default model with "
               f"`python scripts/train_default.py`)", file=sys.stderr)
         return 2
+    if args.image:  # a picture that cannot be read stops the demo here, in one line, before the model loads
+        from ixc25_ms.processing import ImageError, load_image
+        try:
+            load_image(args.image)
+        except ImageError as e:
+            print(f"ixc25-demo: error: --image {e}", file=sys.stderr)
+            return 2
     t = time.perf_counter()
-    model, tok = ixc25_ms.load(path, use_jit=args.jit)
+    try:
+        model, tok = ixc25_ms.load(path, use_jit=args.jit)
+    except (ixc25_ms.CheckpointError, ixc25_ms.ConfigError, OSError) as e:
+        print(f"ixc25-demo: error: {e}", file=sys.stderr)
+        return 2
     times["load the model"] = time.perf_counter() - t
     expected = {}
     if args.image:

@@ -177,6 +177,30 @@ def test_demo_answers_about_a_drawn_picture(tmp_path, capsys):
     assert os.path.isfile(tmp_path / "shapes-70000100.png")
 
 
+def test_demo_and_chat_refuse_an_unreadable_picture_in_one_line(tmp_path, capsys):
+    """ixc25-demo --image and ixc25-chat --image with a file that is not a picture: exit 2 with one line naming
+    the file, before the model loads (the model directory given could not be loaded); ixc25-chat --video with a
+    file that is not a video: the same line once the video is read."""
+    from scripts.chat_cli import main as chat
+    from scripts.demo import main as demo
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"not a png")
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"never read")
+    for run, name in ((lambda: demo(["--image", str(fake), "--model", str(model)]), "ixc25-demo"),
+                      (lambda: chat(["--image", str(fake), "--model", str(model), "hello"]), "ixc25-chat")):
+        assert run() == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"{name}: error: --image") and str(fake) in err and \
+            "not a recognised image" in err, err
+    video = tmp_path / "v.mp4"  # read only once the model is loaded (the default one here): still one line
+    video.write_bytes(b"not a video")
+    assert chat(["--video", str(video), "--max-new-tokens", "2", "hello"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("ixc25-chat: error:") and str(video) in err, err
+
+
 def test_ridge_probe_reads_a_planted_signal_and_not_noise():
     """The probe of scripts/probe_default.py: a label planted as a column per class is read back; labels
     unrelated to the features are read at about chance."""

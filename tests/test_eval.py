@@ -117,6 +117,25 @@ def test_bad_data_file_refused_in_one_line(tmp_path, capsys, items, says):
     assert len(err.splitlines()) == 1 and str(path) in err and says in err, err
 
 
+def test_unreadable_picture_or_model_refused_in_one_line(tmp_path, capsys):
+    """A picture file that is not a picture (named in the data) stops the run before the model loads, naming the
+    item, the field and the file; so does a model directory that cannot be loaded."""
+    (tmp_path / "fake.png").write_bytes(b"not a png")
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([ITEMS[2], {"id": "f", "image": "fake.png", "conversations": ITEMS[0]["conversations"]}]))
+    assert E.main(["--data", str(path), "--model", str(tmp_path / "never-made")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "item 1 (id 'f'): field 'image'" in err and "fake.png" in err and \
+        "not a recognised image" in err, err
+    path.write_text(json.dumps([ITEMS[2]]))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    for model, says in ((tmp_path / "never-made", "not a directory"), (tmp_path / "m", "missing required key")):
+        assert E.main(["--data", str(path), "--model", str(model)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(model) in err and says in err, err
+
+
 def test_cli_on_the_default_model_writes_the_tables_and_json(tmp_path, capsys):
     """The real path: two freshly drawn pictures (seeds never trained on), all four questions each, through
     ixc25-eval on the shipped model; the JSON has one row per question, each scored by shapes.is_correct."""
