@@ -60,6 +60,31 @@ def test_flags_parse_as_transformers(capsys):
         parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--fix_vit", "maybe"])
 
 
+@pytest.mark.parametrize("flags", [["--learning_rate", "-0.0001"], ["--learning_rate", "nan"], ["--lora_dropout", "1"],
+                                   ["--plora_dropout", "-0.1"], ["--use_lora", "--lora_r", "0"], ["--warmup_ratio", "2"],
+                                   ["--lr_scheduler_type", "cosinus"], ["--optim", "adam"], ["--adam_beta2", "1.0"],
+                                   ["--num_train_epochs", "0"], ["--use_backbone_lora", "-4"], ["--save_steps", "0"],
+                                   ["--vit_layer_decay", "0"], ["--save_total_limit", "-1"]])
+def test_out_of_range_flags_refused_at_parsing(capsys, flags):
+    """Numbers out of range and unknown schedule or optimizer names end the run at parsing, in one line naming the
+    flag and the value — not after the model and data have loaded (nor as a NaN step)."""
+    with pytest.raises(SystemExit):
+        parse_args(["--model_name_or_path", "m", "--output_dir", "o"] + flags)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    got = err.rsplit("got ", 1)[-1].strip("'")
+    assert err.startswith("ixc25-finetune: error:") and flags[-2] in err, err
+    assert got == flags[-1] or float(got) == float(flags[-1]) or got == str(float(flags[-1])), err
+
+
+def test_in_range_edge_values_still_parse():
+    """What transformers and PEFT accept stays accepted: epochs unread under --max_steps, --lora_r 0 without
+    --use_lora, --save_steps 0 with no step saving, --save_total_limit 0 (keep all), a rate of 0."""
+    a = parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--num_train_epochs", "0", "--max_steps", "3",
+                    "--lora_r", "0", "--save_strategy", "no", "--save_steps", "0", "--save_total_limit", "0",
+                    "--learning_rate", "0", "--warmup_ratio", "1", "--lora_dropout", "0"])
+    assert (a.max_steps, a.lora_r, a.save_steps, a.save_total_limit, a.learning_rate) == (3, 0, 0, 0, 0)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def _bad_data(root, kind):
     p = os.path.join(root, f"bad_{kind}.json")

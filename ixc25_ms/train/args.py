@@ -152,6 +152,32 @@ def parse_args(argv=None, log=print, quiet_engine: bool = False) -> FinetuneArgs
     for name in ("batch_size", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "hd_num"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    # numbers out of range: told here, not after the model and the data have loaded
+    finite = lambda x: x == x and abs(x) != float("inf")  # noqa: E731
+    at_least = lambda lo: (lambda x: finite(x) and x >= lo, f">= {lo}")  # noqa: E731
+    above = lambda lo: (lambda x: finite(x) and x > lo, f"> {lo}")  # noqa: E731
+    share = lambda top: (lambda x: 0 <= x < top if top == 1 else 0 <= x <= 1, f"in [0, 1{')' if top == 1 else ']'}")  # noqa: E731
+    ranges = {"learning_rate": at_least(0), "weight_decay": at_least(0), "warmup_ratio": share(2), "warmup_steps": at_least(0), "max_grad_norm": at_least(0),
+              "adam_epsilon": above(0), "adam_beta1": share(1), "adam_beta2": share(1), "lora_dropout": share(1),
+              "plora_dropout": share(1), "use_backbone_lora": at_least(0), "vit_layer_decay": above(0),
+              "llm_lr_scale": at_least(0), "logging_steps": above(0), "zero_stage": at_least(0),
+              "resolution": at_least(1)}
+    if args.max_steps <= 0:  # else the epochs are not read (transformers)
+        ranges["num_train_epochs"] = above(0)
+    if args.use_lora:
+        ranges["lora_r"] = at_least(1)
+    if args.save_strategy == "steps":
+        ranges["save_steps"] = above(0)
+    for name, (ok, want) in ranges.items():
+        if not ok(getattr(args, name)):
+            p.error(f"--{name} must be {want}, got {getattr(args, name)}")
+    if args.save_total_limit is not None and args.save_total_limit < 0:
+        p.error(f"--save_total_limit must be >= 0 (0: keep all), got {args.save_total_limit}")
+    from .optim import SCHEDULES
+    if args.lr_scheduler_type not in SCHEDULES:
+        p.error(f"--lr_scheduler_type must be one of {', '.join(SCHEDULES)}, got {args.lr_scheduler_type!r}")
+    if args.optim not in ("adamw_torch", "adamw", "sgd"):
+        p.error(f"--optim must be adamw_torch or sgd, got {args.optim!r}")
     if args.sampling not in ("permutation", "official"):
         p.error(f"--sampling must be 'permutation' or 'official', got {args.sampling!r}")
     if args.save_strategy not in ("steps", "epoch", "no"):
