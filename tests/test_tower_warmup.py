@@ -204,6 +204,23 @@ def test_the_warmed_tower_learns_colour(tmp_path):
     assert rows[-1]["accuracy"] >= 0.9, rows  # its training pictures, six colours: chance 1/6
 
 
+def test_a_truncated_picture_or_a_missing_model_stops_in_one_line(tmp_path):
+    """A picture whose header reads but whose pixels are cut off is found when its step draws it, and named (file,
+    item, field); a --model directory that does not exist is named too: exit 2, one line, no traceback."""
+    data = pictures(tmp_path, 1, lambda c, s: [s])
+    png = (tmp_path / "images" / "0.png").read_bytes()
+    (tmp_path / "images" / "0.png").write_bytes(png[:200])  # the IHDR header whole, the pixels cut
+    cfg = tiny_config()
+    init = checkpoint(tmp_path, cfg)
+    cut = f"item 0: field 'image': {str(tmp_path / 'images' / '0.png')!r}: cannot decode"
+    for model, says in ((init, cut), (str(tmp_path / "never-made"), "never-made")):
+        r = subprocess.run([sys.executable, "-m", "ixc25_ms.train.tower_warmup", "--model", model, "--data", data,
+                            "--output_dir", str(tmp_path / "out"), "--steps", "1", "--batch", "1", "--no_jit"],
+                           capture_output=True, text=True, cwd=REPO)
+        err = "\n".join(ln for ln in r.stderr.strip().splitlines() if "WARNING" not in ln)
+        assert r.returncode == 2 and err.count("\n") == 0 and says in err, err
+
+
 @pytest.mark.parametrize("items, field", [
     ("not json", "not JSON"),
     ([{"image": "images/0.png"}], "item 0: field 'tags'"),
@@ -211,9 +228,13 @@ def test_the_warmed_tower_learns_colour(tmp_path):
      "item 1: field 'image': no file"),
     ([{"image": 3, "tags": ["circle"]}], "item 0: field 'image'"),
     ([{"image": "images/0.png", "tags": ["circle"], "mask": "nowhere.png"}], "item 0: field 'mask': no file"),
+    ([{"image": "images/0.png", "tags": ["circle"]}, {"image": "fake.png", "tags": ["square"]}],
+     "item 1: field 'image': 'fake.png': not a readable picture"),
+    ([{"image": "images/0.png", "tags": ["circle"], "mask": "fake.png"}], "item 0: field 'mask': 'fake.png': not a readable"),
 ])
 def test_bad_tag_data_stops_in_one_line(tmp_path, items, field):
     pictures(tmp_path, 1, lambda c, s: [s])
+    (tmp_path / "fake.png").write_bytes(b"not a png")
     bad = tmp_path / "bad.json"
     bad.write_text(items if isinstance(items, str) else json.dumps(items))
     with pytest.raises(W.TagDataError, match=field):

@@ -37,9 +37,10 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 from PIL import Image
 
-from ..config import IXCConfig
+from ..config import ConfigError, IXCConfig
 from ..processing import CLIP_MEAN, CLIP_STD
 from ..vision.clip import CLIPVisionTower
+from ..weights import CheckpointError
 from ..weights.layout import load_state_dict
 from ..weights.safetensors import write_safetensors
 from .optim import Optimizer, lr_lambda
@@ -49,6 +50,16 @@ PREFIX = "vit."  # the tower's tensors in an IXC2.5 checkpoint: vit.vision_tower
 
 class TagDataError(ValueError):
     """Bad tag data: the message names the file, the item and the field."""
+
+
+def _unreadable(path: str) -> Optional[str]:
+    """Why PIL cannot open the picture at `path` (its header only: a file that is no picture), or None."""
+    try:
+        with Image.open(path) as im:
+            im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return f"not a readable picture ({type(e).__name__})"
+    return None
 
 
 def read_tags(path: str) -> Tuple[List[str], List[List[str]], List[str], List[Optional[str]]]:
@@ -73,11 +84,17 @@ def read_tags(path: str) -> Tuple[List[str], List[List[str]], List[str], List[Op
         full = os.path.join(root, it["image"])
         if not os.path.isfile(full):
             raise TagDataError(f"{where}: field 'image': no file {it['image']!r}")
+        why = _unreadable(full)
+        if why:
+            raise TagDataError(f"{where}: field 'image': {it['image']!r}: {why}")
         m = it.get("mask")
         if m is not None:
             if not isinstance(m, str) or not os.path.isfile(os.path.join(root, m)):
                 raise TagDataError(f"{where}: field 'mask': no file {m!r}")
-            m = os.path.join(root, m)
+            m, name = os.path.join(root, m), m
+            why = _unreadable(m)
+            if why:
+                raise TagDataError(f"{where}: field 'mask': {name!r}: {why}")
         images.append(full)
         tags.append(t)
         masks.append(m)
@@ -297,9 +314,15 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
         + (f"; per-patch loss x {dense}" if dense else "") + (f"; per-patch colour x {colour}" if colour else "")
         + (f"; heads alone for {head_steps}" if head_steps else ""))
 
+    def view(i):  # a picture whose header read but whose pixels do not (truncated): named, as read_tags does
+        try:
+            return square_view(images[i], cfg.image_size)
+        except (OSError, ValueError) as e:
+            raise TagDataError(f"{data}: item {i}: field 'image': {images[i]!r}: cannot decode ({e})") from None
+
     def load(step):  # this step's picture indices and pixels
         idx = batch_indices(len(images), batch, seed, step)
-        return idx, pixels(np.stack([square_view(images[i], cfg.image_size) for i in idx]))
+        return idx, pixels(np.stack([view(i) for i in idx]))
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="warmup-data")  # decodes step + 1 while step runs
     ahead = pool.submit(load, start + 1)
@@ -355,8 +378,10 @@ def main(argv=None) -> int:
     try:
         warm_up(a.model, a.data, a.output_dir, a.steps, a.batch, a.lr, a.warmup, a.weight_decay, a.seed,
                 a.save_steps, not a.no_jit, a.eval_data, a.dense, a.head_steps, a.colour)
-    except TagDataError as e:
-        print(f"ixc25-tower-warmup: {e}", file=sys.stderr)
+    except (TagDataError, CheckpointError, ConfigError, OSError, ValueError) as e:  # as ixc25-finetune: one line
+        msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+        print(f"ixc25-tower-warmup: {where}{' '.join(msg.split())}", file=sys.stderr)
         return 2
     return 0
 
