@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -295,10 +296,11 @@ def init_checkpoint(dst: str, seed: int, vit_pos: str = "noise", tower: str = ""
 
 
 def finetune_flags(args, data: str = "data.json", out: str = "", batch: int = 0, accum: int = 0, epochs: float = 0,
-                   warmup: int = 100, save: bool = True, max_steps: int = -1) -> list:
+                   warmup: int = 100, save: bool = True, max_steps: int = -1, save_steps: int = 0, keep: int = 0) -> list:
     """ixc25-finetune's command line for a stage of the recipe; unset arguments take the picture stage's values."""
     max_steps = args.max_steps if max_steps < 0 else max_steps
-    saving = ["--save_strategy", "steps", "--save_steps", str(args.save_steps), "--save_total_limit", str(args.keep)]
+    saving = ["--save_strategy", "steps", "--save_steps", str(save_steps or args.save_steps), "--save_total_limit",
+              str(keep or args.keep)]
     return ["--data_path", data, "--output_dir", out or os.path.join(args.work, "run"), "--overwrite_output_dir",
             "--fix_vit", str(bool(args.fix_vit)), "--fix_sampler", "False", "--use_lora", "False", "--hd_num", str(args.hd_num),
             "--max_length", "4096", "--batch_size", "1", "--per_device_train_batch_size", str(batch or args.batch),
@@ -399,13 +401,22 @@ def kinds(text: str) -> tuple:
     return out
 
 
+STAGE_SAVE_STEPS = 100  # a stage before the full task keeps its last checkpoint every this many steps of 16
+
+
 def _stage(args, start: str, name: str, data: str, finetune, cwd: str = "") -> str:
-    """One short stage before the full task: ixc25-finetune from work/`start` on `data`, 16 a step, one epoch, 50
-    warmup steps, no checkpoints, run from `cwd` (where the data's picture paths are relative) -> work/`name`
-    (written as name.run, renamed at the end). Returns `name`, or None when ixc25-finetune failed."""
+    """One stage before the full task: ixc25-finetune from work/`start` on `data`, 16 a step, one epoch, 50 warmup
+    steps, run from `cwd` (where the data's picture paths are relative) -> work/`name` (written as name.run,
+    renamed at the end). It keeps its last checkpoint every STAGE_SAVE_STEPS steps, and a stage killed part way
+    resumes from it on a rerun (--resume_from_checkpoint: the weights of an unbroken run); the checkpoint folders
+    are removed before the rename. Returns `name`, or None when ixc25-finetune failed."""
+    from ixc25_ms.train.checkpointing import checkpoints
     dst = os.path.abspath(os.path.join(args.work, name))
     run, model = dst + ".run", os.path.abspath(os.path.join(args.work, start))  # absolute before the chdir below
-    flags = finetune_flags(args, data=data, out=run, batch=16, accum=1, epochs=1, warmup=50, save=False, max_steps=0)
+    flags = finetune_flags(args, data=data, out=run, batch=16, accum=1, epochs=1, warmup=50, max_steps=0,
+                           save_steps=STAGE_SAVE_STEPS, keep=1)
+    if checkpoints(run):
+        flags += ["--resume_from_checkpoint", "True"]
     here = os.getcwd()
     os.chdir(cwd or here)
     try:
@@ -413,6 +424,8 @@ def _stage(args, start: str, name: str, data: str, finetune, cwd: str = "") -> s
             return None
     finally:
         os.chdir(here)
+    for d in checkpoints(run):
+        shutil.rmtree(d)
     os.replace(run, dst)
     return name
 

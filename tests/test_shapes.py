@@ -294,6 +294,53 @@ def test_language_warmup_trains_the_language_model_on_scenes_told_in_words(tmp_p
     assert T.language_warmup(args, "init", refuse) == "init_lang"
 
 
+def test_a_stage_killed_part_way_resumes_to_the_weights_of_an_unbroken_one(tmp_path, monkeypatch, capsys):
+    """A stage before the full task (here the language warm-up, 48 conversations: 3 steps of 16) keeps its last
+    checkpoint every STAGE_SAVE_STEPS steps; killed after its first checkpoint, a rerun resumes from it
+    (--resume_from_checkpoint) and ends with the weights of an unbroken run, bit for bit, its checkpoint folders
+    removed; the unbroken run's output holds none either."""
+    import os
+    import shutil
+    import pytest
+    from ixc25_ms.train import trainer as TR
+    from ixc25_ms.train.checkpointing import checkpoints
+    from ixc25_ms.train.cli import main as finetune
+    from ixc25_ms.weights.layout import load_state_dict
+    monkeypatch.setattr(T, "STAGE_SAVE_STEPS", 1)
+    init = str(tmp_path / "init")
+    T.init_checkpoint(init, 0)
+    runs = {}
+    for name in ("unbroken", "killed"):
+        work = str(tmp_path / name)
+        shutil.copytree(init, os.path.join(work, "init"))
+        args = T.parser().parse_args(["--work", work, "--out", os.path.join(work, "model"), "--language_warmup", "48"])
+        if name == "killed":
+            real, calls = TR.rotate, []
+
+            def kill_after_first_checkpoint(*a, **k):
+                real(*a, **k)
+                calls.append(1)
+                raise KeyboardInterrupt("killed")
+            monkeypatch.setattr(TR, "rotate", kill_after_first_checkpoint)
+            with pytest.raises(KeyboardInterrupt):
+                T.language_warmup(args, "init", finetune)
+            monkeypatch.setattr(TR, "rotate", real)
+            assert [os.path.basename(d) for d in checkpoints(os.path.join(work, "init_lang.run"))] == ["checkpoint-1"]
+            seen = []
+            capsys.readouterr()
+            T.language_warmup(args, "init", lambda argv: seen.append(argv) or finetune(argv))
+            assert seen[0][-2:] == ["--resume_from_checkpoint", "True"]
+            assert "checkpoint-1 at step 1" in capsys.readouterr().out  # two steps left, not three
+        else:
+            assert T.language_warmup(args, "init", finetune) == "init_lang"
+        out = os.path.join(work, "init_lang")
+        assert not checkpoints(out) and not os.path.exists(out + ".run")
+        runs[name] = load_state_dict(out)
+    assert set(runs["unbroken"]) == set(runs["killed"])
+    assert all(np.array_equal(runs["unbroken"][k], runs["killed"][k]) for k in runs["unbroken"])
+    assert not np.array_equal(runs["unbroken"]["output.weight"], load_state_dict(init)["output.weight"])
+
+
 def test_read_stage_asks_lone_objects_their_colour_or_shape(tmp_path, monkeypatch):
     """train_default's --read_stage: ixc25-finetune on that many small one-object pictures (the stage's own seed
     range, stored at the training scale), each asked "What colour is the {shape}?" or "What shape is the {colour}
