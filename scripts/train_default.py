@@ -55,10 +55,28 @@ LANGUAGE_SEED_OFFSET = 30_000_000  # language warm-up item j: seed BASE + this +
 READ_SEED_OFFSET = 50_000_000  # read-stage picture j: seed BASE + this + j
 
 
-TOWER_TAGS = ("shape", "pair", "both", "pairs", "shapes")
+TOWER_TAGS = ("shape", "pair", "both", "pairs", "shapes", "centres")
 
 
-def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape", view: int = 560) -> str:
+def centre_cells(where, scene, values, view: int, patch: int):
+    """The mask `where` (an 'L' image of `scene` scaled so its longer side is `view`, as the warm-up's square_view
+    scales the picture) with object i's centre patch set to values[i]: the one patch of the warm-up's square view
+    (the picture centred on a `view` square, a grid of `patch`) that holds the object's centre, so each object
+    marks one token whatever its size (a later object's cell covers an earlier one's). A cell cut by the picture's
+    edge keeps only its inside part, under half a patch when the centre lies in the edge patch: no centre label
+    there."""
+    a = np.array(where)
+    h, w = a.shape
+    sx, sy, ox, oy = w / scene.width, h / scene.height, (view - w) // 2, (view - h) // 2  # square_view's placement
+    for o, v in zip(scene.objects, values):
+        x0 = int((o.cx * sx + ox) // patch) * patch - ox  # the cell's corner, in the mask's pixels
+        y0 = int((o.cy * sy + oy) // patch) * patch - oy
+        a[max(0, y0): y0 + patch, max(0, x0): x0 + patch] = v
+    from PIL import Image
+    return Image.fromarray(a)
+
+
+def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape", view: int = 560, patch: int = 28) -> str:
     """n pictures for the tower warm-up (ixc25_ms.train.tower_warmup) under root/images and root/tags.json, picture
     j drawn from seed seed_base + j, with a mask of where each tag lies (root/masks: value k marks the item's k-th
     tag, 0 the background). tags "shape": one object (200-560 px, shapes.one_object_scene) tagged with its shape;
@@ -67,22 +85,26 @@ def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape", view:
     "pairs": 1-4 objects (shapes.random_scene, 200-1200 px) tagged with every "colour shape" pair they show;
     "shapes": such scenes tagged with every shape they show, each object's mask marking its own shape (so the
     per-patch loss asks each token for its own object's shape, not the picture's), stored as the warm-up sees
-    them (longer side `view` px: square_view then scales by 1, the same pixels, a smaller file)."""
+    them (longer side `view` px: square_view then scales by 1, the same pixels, a smaller file); "centres": such
+    scenes, each object's region marked with its shape and the one patch holding its centre (centre_cells, a grid
+    of `patch` in the warm-up's view) with "{shape} centre", so the per-patch loss marks one token per object: what
+    a count needs (the picture's tags: its shapes and their centres)."""
     from ixc25_ms import shapes as S
     if tags not in TOWER_TAGS:
         raise ValueError(f"tower tags must be one of {', '.join(TOWER_TAGS)}, got {tags!r}")
     for sub in ("images", "masks"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     def tag(o):  # the tag the mask marks
-        return o.shape if tags in ("shape", "both", "shapes") else f"{o.colour} {o.shape}"
+        return o.shape if tags in ("shape", "both", "shapes", "centres") else f"{o.colour} {o.shape}"
 
     def all_tags(o):  # every tag the object gives its picture
-        return {tag(o), o.colour} if tags == "both" else {tag(o)}
+        return {tag(o), o.colour} if tags == "both" else {tag(o), f"{o.shape} centre"} if tags == "centres" \
+            else {tag(o)}
 
     items = []
     for j in range(n):
         path, mask = os.path.join("images", f"{seed_base + j}.png"), os.path.join("masks", f"{seed_base + j}.png")
-        if tags in ("pairs", "shapes"):
+        if tags in ("pairs", "shapes", "centres"):
             rng = np.random.default_rng(seed_base + j)
             scene = S.random_scene(rng)
             im = S.render(scene, rng)
@@ -90,10 +112,12 @@ def tower_pictures(root: str, n: int, seed_base: int, tags: str = "shape", view:
             scene, im = S.one_object_scene(seed_base + j)
         names = sorted(set().union(*map(all_tags, scene.objects)))
         where = S.region_map(scene, [1 + names.index(tag(o)) for o in scene.objects])
-        if tags == "shapes" and max(im.size) > view:  # square_view's own scaling, done once here
+        if (tags == "shapes" and max(im.size) > view) or tags == "centres":  # square_view's own scaling, done here
             from PIL import Image
             from ixc25_ms.train.tower_warmup import fit
             im, where = fit(im, view, Image.BICUBIC), fit(where, view, Image.NEAREST)
+        if tags == "centres":
+            where = centre_cells(where, scene, [1 + names.index(f"{o.shape} centre") for o in scene.objects], view, patch)
         save_png(im, os.path.join(root, path))
         save_png(where, os.path.join(root, mask))
         items.append({"image": path, "tags": names, "mask": mask})
@@ -486,7 +510,7 @@ def tower_stages(args) -> str:
     base = TRAIN_SEED_BASE + args.seed * 1_000_000
     work = lambda d: os.path.join(args.work, d)
     pictures = {"tower": (TOWER_SEED_OFFSET, args.tower_tags), "tower_pair": (PAIR_SEED_OFFSET, "pair"),
-                "tower_scenes": (SCENE_SEED_OFFSET, "shapes")}
+                "tower_scenes": (SCENE_SEED_OFFSET, args.tower_scene_tags)}
     stages = [("init_warm", args.tower_warmup, 1e-3, 50, 0.0, "tower")]
     if args.tower_dense:  # then the max and the per-patch loss together, at half the rate
         stages.append(("init_dense", args.tower_dense, 5e-4, 30, 1.0, "tower"))
@@ -499,9 +523,10 @@ def tower_stages(args) -> str:
         if not os.path.exists(work(name)):  # a finished stage is not redone on a rerun, nor its pictures drawn
             if sub not in drawn:  # (training tags.json, 300 held-out) under work/sub, work/sub_heldout
                 offset, kind = pictures[sub]
-                view = CONFIG["vision_config"]["image_size"]
-                drawn[sub] = (tower_pictures(work(sub), args.tower_pictures, base + offset, kind, view),
-                              tower_pictures(work(sub + "_heldout"), 300, EVAL_SEED_BASE + TOWER_SEED_OFFSET, kind, view))
+                view, patch = CONFIG["vision_config"]["image_size"], CONFIG["vision_config"]["patch_size"]
+                drawn[sub] = (tower_pictures(work(sub), args.tower_pictures, base + offset, kind, view, patch),
+                              tower_pictures(work(sub + "_heldout"), 300, EVAL_SEED_BASE + TOWER_SEED_OFFSET, kind, view,
+                                             patch))
             tags, held = drawn[sub]
             warm_up(work(start), tags, work(name), steps=steps, batch=16, lr=lr, warmup=warmup, seed=args.seed + i,
                     use_jit=args.jit, eval_data=held, dense=dense, colour=args.tower_colour)
@@ -557,6 +582,9 @@ def parser() -> argparse.ArgumentParser:
                     "--tower_pictures fresh scenes of 1-4 objects, every patch asked its own object's shape (max head "
                     "and per-patch loss, lr 5e-4): one-object pictures let the tower spread one shape over all its "
                     "tokens, so among several objects a token showed the picture's shapes, not its object's")
+    ap.add_argument("--tower_scene_tags", choices=("shapes", "centres"), default="shapes", help="what the "
+                    "--tower_scenes stage asks of each patch: its own object's shape, or also, on the one patch that "
+                    "holds an object's centre, '{shape} centre' (a token per object, for counts; tower_pictures)")
     ap.add_argument("--tower_colour", type=share, default=0.25, help="add this weight x a per-patch regression "
                     "of each patch's mean colour to every tower stage (tower_warmup --colour): keeps colour readable "
                     "while shape is taught (measured: colour kept, shape slower; notes/default-model.md)")
@@ -597,6 +625,8 @@ def main(argv=None) -> int:
     later = [f for f in ("tower_dense", "tower_pair", "tower_scenes") if getattr(args, f)]
     if later and not args.tower_warmup:
         ap.error(f"--{later[0]} continues a --tower_warmup: give both")
+    if args.tower_scene_tags != "shapes" and not args.tower_scenes:
+        ap.error(f"--tower_scene_tags {args.tower_scene_tags} tags the --tower_scenes stage: give both")
     if args.tower_pair and args.tower_tags != "shape":
         ap.error("--tower_pair follows a shape warm-up: it needs --tower_tags shape")
     if args.vit_width % 32 or args.llm_width % 64:  # heads of 32 channels; the language model's over 2 KV heads

@@ -423,9 +423,54 @@ def test_recipe_scene_tags_give_each_patch_its_own_objects_shape(tmp_path):
     assert any(len(set(np.unique(row)) - {len(vocab)}) > 1 for row in labels)  # two shapes' patches in one picture
 
 
+def test_recipe_centre_tags_mark_one_patch_per_object_where_its_centre_lies(tmp_path):
+    """--tower_scene_tags centres: the scenes of "shapes" (the same seeds, the same pixels in the warm-up's square
+    view), each object's region still its shape's, and the one patch of the view's 20 x 20 grid that holds the
+    object's centre (the centre scaled and placed as square_view places the picture, computed here from the scene)
+    labelled "{shape} centre": per picture, the centre patches of a shape number its count (objects whose centre
+    patches coincide or whose centre patch a later object covers are left out of the count here; the edge of the
+    picture cuts none of these); no centre label elsewhere."""
+    n, seed = 24, 70_810_000
+    shapes_json = T.tower_pictures(str(tmp_path / "s"), n, seed, "shapes")
+    tags_json = T.tower_pictures(str(tmp_path / "c"), n, seed, "centres")
+    images, tags, vocab, masks = W.read_tags(tags_json)
+    assert set(vocab) <= set(S.SHAPES) | {f"{x} centre" for x in S.SHAPES}
+    labels = W.patch_labels(images, masks, tags, vocab, 560, 28)
+    s_images, s_tags, sv, s_masks = W.read_tags(shapes_json)
+    plain = W.patch_labels(s_images, s_masks, s_tags, sv, 560, 28)
+    checked = 0
+    for j, (path, t, row) in enumerate(zip(images, tags, labels)):
+        rng = np.random.default_rng(seed + j)
+        scene = S.random_scene(rng)
+        im = S.render(scene, rng)
+        assert sorted(t) == sorted({o.shape for o in scene.objects} | {f"{o.shape} centre" for o in scene.objects})
+        with Image.open(path) as saved:  # stored at the view's scale: the same square view as the drawn picture
+            assert np.array_equal(W.square_view(saved, 560), W.square_view(im, 560))
+        s_ = 560 / max(scene.width, scene.height)
+        w, h = round(scene.width * s_), round(scene.height * s_)
+        cells = [int((o.cy * h / scene.height + (560 - h) // 2) // 28) * 20 +
+                 int((o.cx * w / scene.width + (560 - w) // 2) // 28) for o in scene.objects]
+        for k, o in enumerate(scene.objects):  # each centre patch holds its object's centre label, unless covered
+            later = cells[k] in cells[k + 1:]
+            if not later:
+                assert vocab[row[cells[k]]] == f"{o.shape} centre", (j, k)
+        centre = {i for i, v in enumerate(row) if v < len(vocab) and vocab[v].endswith("centre")}
+        assert centre == set(cells), j
+        if len(set(cells)) == len(cells):
+            for x in S.SHAPES:
+                assert sum(vocab[row[i]] == f"{x} centre" for i in centre) == scene.count(x)
+            checked += 1
+        # off the centre patches the labels are those of "shapes"
+        others = [i for i in range(400) if i not in centre]
+        assert [vocab[row[i]] if row[i] < len(vocab) else None for i in others] == \
+            [sv[plain[j][i]] if plain[j][i] < len(sv) else None for i in others]
+    assert checked >= 20 and any(len(scene_tags) > 2 for scene_tags in tags)
+
+
 def test_recipe_scene_stage_follows_the_shape_warmup(tmp_path, monkeypatch):
     """--tower_scenes N: after init_dense, N steps of warm_up (per-patch loss on, lr 5e-4) on fresh scene pictures
-    (SCENE_SEED_OFFSET) -> init_scenes; without a --tower_warmup it stops at argument parsing."""
+    (SCENE_SEED_OFFSET) -> init_scenes; without a --tower_warmup it stops at argument parsing; --tower_scene_tags
+    centres tags the same scenes' centres too, and without --tower_scenes stops at parsing."""
     import shutil
     calls = []
 
@@ -446,4 +491,16 @@ def test_recipe_scene_stage_follows_the_shape_warmup(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         T.main(["--tower_warmup", "0", "--tower_dense", "0", "--tower_scenes", "2", "--work",
                 os.path.join(work, "x"), "--out", os.path.join(work, "m")])
+    assert not os.path.exists(os.path.join(work, "x"))
+    # --tower_scene_tags centres: the same stage on the same scenes, each object's centre patch tagged too
+    shutil.rmtree(os.path.join(work, "init_scenes"))
+    args = T.parser().parse_args(["--work", work, "--out", os.path.join(work, "m"), "--tower_warmup", "2",
+                                  "--tower_dense", "2", "--tower_scenes", "3", "--tower_pictures", "4",
+                                  "--tower_scene_tags", "centres"])
+    assert T.tower_stages(args) == "init_scenes"
+    assert calls[-1] == ("init_dense", "init_scenes", 3, 1.0, 5e-4, "tower_scenes")
+    _, centre_tags, _, _ = W.read_tags(os.path.join(work, "tower_scenes", "tags.json"))
+    assert sorted(centre_tags[1]) == sorted(set(tags[1]) | {f"{x} centre" for x in tags[1]})
+    with pytest.raises(SystemExit):
+        T.main(["--tower_scene_tags", "centres", "--work", os.path.join(work, "x"), "--out", os.path.join(work, "m")])
     assert not os.path.exists(os.path.join(work, "x"))
