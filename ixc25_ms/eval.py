@@ -181,6 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("--alone", action="store_true", help="ask every question in a chat of its own (the picture, no "
                     "history) instead of after the item's earlier turns")
     args = ap.parse_args(argv)
+    if args.limit < 0 or (args.hd_num is not None and args.hd_num < 1):
+        ap.error(f"--limit must be >= 0 and --hd_num >= 1, got {args.limit} and {args.hd_num}")
     import ixc25_ms
     try:
         with open(args.data, encoding="utf-8") as f:

@@ -24,12 +24,23 @@ def pick_questions(scene, rng, n: int = 3):
     return [(S.question(t, s), S.answer(scene, t, s)) for t, s in out]
 
 
+def seed_type(text: str) -> int:
+    """--seed: a whole number >= 0 (numpy's generators take no negative seed)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return n
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ixc25-demo", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded default model)")
     ap.add_argument("--image", default=None, help="a picture of your own (default: a freshly drawn one)")
     ap.add_argument("--question", action="append", default=[], help="ask this instead (repeatable)")
-    ap.add_argument("--seed", type=int, default=None, help="seed of the drawn picture (default: random, printed)")
+    ap.add_argument("--seed", type=seed_type, default=None, help="seed of the drawn picture (default: random, printed)")
     ap.add_argument("--out", default=os.path.join(os.getcwd(), "demo_out"), help="where the drawn picture is saved")
     ap.add_argument("--no-jit", dest="jit", action="store_false", help="run eagerly (PyNative)")
     args = ap.parse_args(argv)

@@ -194,6 +194,10 @@ def test_demo_and_chat_refuse_an_unreadable_picture_in_one_line(tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith(f"{name}: error: --image") and str(fake) in err and \
             "not a recognised image" in err, err
+    with pytest.raises(SystemExit):  # a seed numpy cannot take: at parsing, naming the flag and the value
+        demo(["--seed", "-5", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--seed" in err and "'-5'" in err, err
     video = tmp_path / "v.mp4"  # read only once the model is loaded (the default one here): still one line
     video.write_bytes(b"not a video")
     assert chat(["--video", str(video), "--max-new-tokens", "2", "hello"]) == 2

@@ -128,6 +128,11 @@ def test_unreadable_picture_or_model_refused_in_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "item 1 (id 'f'): field 'image'" in err and "fake.png" in err and \
         "not a recognised image" in err, err
     path.write_text(json.dumps([ITEMS[2]]))
+    for flags in (["--limit", "-3"], ["--hd_num", "0"]):
+        with pytest.raises(SystemExit):
+            E.main(["--data", str(path)] + flags)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert flags[0] in err and flags[1] in err, err
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     for model, says in ((tmp_path / "never-made", "not a directory"), (tmp_path / "m", "missing required key")):
