@@ -167,8 +167,9 @@ def test_cli_on_the_default_model_writes_the_tables_and_json(tmp_path, capsys):
 def test_cli_alone_flag_reaches_evaluate(tmp_path, monkeypatch, capsys):
     """ixc25-eval --alone: the flag reaches evaluate, and the JSON says the questions were asked alone."""
     import ixc25_ms
-    for n in ("a.png", "b.png"):
-        (tmp_path / n).write_bytes(b"")
+    from PIL import Image
+    for n in ("a.png", "b.png"):  # real pictures: the data check decodes each one
+        Image.new("RGB", (8, 8), (240, 240, 232)).save(tmp_path / n)
     (tmp_path / "data.json").write_text(json.dumps(ITEMS))
     m = ByQuestion()
     monkeypatch.setattr(ixc25_ms, "load", lambda *a, **k: (m, None))
