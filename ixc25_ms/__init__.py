@@ -7,6 +7,7 @@ from .config import ConfigError, IXCConfig, VisionConfig  # noqa: E402
 from .weights import CheckpointError  # noqa: E402
 
 __version__ = "0.1.0"
+LOAD_ERRORS = (CheckpointError, ConfigError, OSError)  # what `load` raises on a directory it cannot read: one line each
 # the embedded default model: a tiny IXC2.5 trained by ixc25-finetune on drawn shapes (scripts/train_default.py)
 DEFAULT_MODEL = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "default_model")
 

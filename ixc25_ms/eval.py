@@ -60,10 +60,11 @@ def check_items(items, data_path: str) -> None:
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise ValueError(f"{name}: field 'image' must be a path or a list of paths")
         for p in paths:
-            if not os.path.exists(_image_path(p, data_path)):
+            full = _image_path(p, data_path)
+            if not os.path.exists(full):
                 raise ValueError(f"{name}: field 'image': no file {p}")
             try:  # decoded here, so that a broken picture stops the run before the model loads, not at item 400
-                load_image(_image_path(p, data_path))
+                load_image(full)
             except ImageError as e:
                 raise ValueError(f"{name}: field 'image': {e}") from None
 
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
         items = items[:args.limit]
     try:
         model, tok = ixc25_ms.load(args.model or ixc25_ms.DEFAULT_MODEL, use_jit=True, quantize=args.quantize)
-    except (ixc25_ms.CheckpointError, ixc25_ms.ConfigError, OSError) as e:
+    except ixc25_ms.LOAD_ERRORS as e:
         print(f"ixc25-eval: error: {e}", file=sys.stderr)
         return 1
     reference = None

@@ -50,7 +50,7 @@ def main(argv=None, stdin=None, out=None):
     import ixc25_ms
     try:
         model, tok = ixc25_ms.load(args.model or ixc25_ms.DEFAULT_MODEL, dtype=args.dtype, use_jit=args.jit)
-    except (ixc25_ms.CheckpointError, ixc25_ms.ConfigError, OSError) as e:
+    except ixc25_ms.LOAD_ERRORS as e:
         print(f"ixc25-chat: error: {e}", file=sys.stderr)
         return 2
     images = args.image + args.video

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     try:
         model, tok = ixc25_ms.load(path, use_jit=args.jit)
-    except (ixc25_ms.CheckpointError, ixc25_ms.ConfigError, OSError) as e:
+    except ixc25_ms.LOAD_ERRORS as e:
         print(f"ixc25-demo: error: {e}", file=sys.stderr)
         return 2
     times["load the model"] = time.perf_counter() - t

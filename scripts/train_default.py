@@ -320,18 +320,17 @@ def init_checkpoint(dst: str, seed: int, vit_pos: str = "noise", tower: str = ""
 
 
 def finetune_flags(args, data: str = "data.json", out: str = "", batch: int = 0, accum: int = 0, epochs: float = 0,
-                   warmup: int = 100, save: bool = True, max_steps: int = -1, save_steps: int = 0, keep: int = 0) -> list:
+                   warmup: int = 100, max_steps: int = -1, save_steps: int = 0, keep: int = 0) -> list:
     """ixc25-finetune's command line for a stage of the recipe; unset arguments take the picture stage's values."""
     max_steps = args.max_steps if max_steps < 0 else max_steps
-    saving = ["--save_strategy", "steps", "--save_steps", str(save_steps or args.save_steps), "--save_total_limit",
-              str(keep or args.keep)]
     return ["--data_path", data, "--output_dir", out or os.path.join(args.work, "run"), "--overwrite_output_dir",
             "--fix_vit", str(bool(args.fix_vit)), "--fix_sampler", "False", "--use_lora", "False", "--hd_num", str(args.hd_num),
             "--max_length", "4096", "--batch_size", "1", "--per_device_train_batch_size", str(batch or args.batch),
             "--gradient_accumulation_steps", str(accum or args.accum), "--num_train_epochs", str(epochs or args.epochs),
             "--learning_rate", str(args.lr), "--weight_decay", "0.05", "--adam_beta2", "0.98", "--warmup_steps", str(warmup),
             "--lr_scheduler_type", "cosine", "--max_grad_norm", "1.0", "--plora_dropout", "0.0", "--logging_steps",
-            "50"] + (saving if save else ["--save_strategy", "no"]) + ["--seed", str(args.seed)] + (
+            "50", "--save_strategy", "steps", "--save_steps", str(save_steps or args.save_steps), "--save_total_limit",
+            str(keep or args.keep), "--seed", str(args.seed)] + (
             ["--max_steps", str(max_steps)] if max_steps else []) + (["--torch_compile", "True"] if args.jit else [])
 
 

@@ -156,10 +156,12 @@ def parse_args(argv=None, log=print, quiet_engine: bool = False) -> FinetuneArgs
     finite = lambda x: x == x and abs(x) != float("inf")  # noqa: E731
     at_least = lambda lo: (lambda x: finite(x) and x >= lo, f">= {lo}")  # noqa: E731
     above = lambda lo: (lambda x: finite(x) and x > lo, f"> {lo}")  # noqa: E731
-    share = lambda top: (lambda x: 0 <= x < top if top == 1 else 0 <= x <= 1, f"in [0, 1{')' if top == 1 else ']'}")  # noqa: E731
-    ranges = {"learning_rate": at_least(0), "weight_decay": at_least(0), "warmup_ratio": share(2), "warmup_steps": at_least(0), "max_grad_norm": at_least(0),
-              "adam_epsilon": above(0), "adam_beta1": share(1), "adam_beta2": share(1), "lora_dropout": share(1),
-              "plora_dropout": share(1), "use_backbone_lora": at_least(0), "vit_layer_decay": above(0),
+    unit = (lambda x: 0 <= x <= 1, "in [0, 1]")
+    below_one = (lambda x: 0 <= x < 1, "in [0, 1)")  # dropouts (MindSpore's takes p < 1) and Adam's betas
+    ranges = {"learning_rate": at_least(0), "weight_decay": at_least(0), "warmup_ratio": unit,
+              "warmup_steps": at_least(0), "max_grad_norm": at_least(0), "adam_epsilon": above(0),
+              "adam_beta1": below_one, "adam_beta2": below_one, "lora_dropout": below_one,
+              "plora_dropout": below_one, "use_backbone_lora": at_least(0), "vit_layer_decay": above(0),
               "llm_lr_scale": at_least(0), "logging_steps": above(0), "zero_stage": at_least(0),
               "resolution": at_least(1)}
     if args.max_steps <= 0:  # else the epochs are not read (transformers)
