@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from ixc25_ms.train.args import above_zero, count, numbers_as_values, positive, share
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = os.path.join(os.path.dirname(HERE), "ixc25_ms", "default_model")
 # The architecture: every IXC2.5 part at toy width. CLIP-style ViT at 560 px with 28-px patches (a 20x20 grid:
@@ -377,37 +379,6 @@ def span(text: str, cast=int, least=1, most=None) -> tuple:
     return lo, hi
 
 
-def count(text: str, cast=int, least=0) -> int:
-    """A number of things (pictures, steps, ...), at least `least`: the argparse type of the count flags, so that
-    -5 pictures end the run at parsing with the value named, not deep in a stage."""
-    try:
-        n = cast(text)
-    except ValueError:
-        n = None
-    if n is None or not least <= n < float("inf"):  # NaN fails both
-        raise argparse.ArgumentTypeError(f"expected a {'number' if cast is float else 'whole number'} >= {least}, "
-                                         f"got {text!r}")
-    return n
-
-
-def positive(text: str) -> int:
-    """A size or a step (a width, a batch, checkpoints kept): a whole number >= 1."""
-    return count(text, least=1)
-
-
-def above_zero(text: str) -> float:
-    """A rate or a number of epochs: a number > 0."""
-    x = count(text, cast=float)
-    if x == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return x
-
-
-def share(text: str) -> float:
-    """A share or a weight (of --pictures, of a loss): a number >= 0."""
-    return count(text, cast=float)
-
-
 def objects(text: str) -> tuple:
     """span of objects in a picture: the task draws 1-4."""
     return span(text, most=4)
@@ -537,7 +508,7 @@ RUN_FLAGS = {"work", "out", "jit", "save_steps", "keep", "eval"}  # flags that d
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="train_default", description=__doc__.split("\n")[0])
+    ap = numbers_as_values(argparse.ArgumentParser(prog="train_default", description=__doc__.split("\n")[0]))
     ap.add_argument("--work", default=os.path.join(os.getcwd(), "default_train"), help="working directory")
     ap.add_argument("--out", default=PACKAGE_DIR, help="where the fp16 model is written")
     ap.add_argument("--pictures", type=count, default=4000, help="training pictures")

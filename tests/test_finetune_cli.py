@@ -64,7 +64,8 @@ def test_flags_parse_as_transformers(capsys):
                                    ["--plora_dropout", "-0.1"], ["--use_lora", "--lora_r", "0"], ["--warmup_ratio", "2"],
                                    ["--lr_scheduler_type", "cosinus"], ["--optim", "adam"], ["--adam_beta2", "1.0"],
                                    ["--num_train_epochs", "0"], ["--use_backbone_lora", "-4"], ["--save_steps", "0"],
-                                   ["--vit_layer_decay", "0"], ["--save_total_limit", "-1"]])
+                                   ["--vit_layer_decay", "0"], ["--save_total_limit", "-1"],
+                                   ["--learning_rate", "-1e-4"], ["--weight_decay", "-5E-2"]])
 def test_out_of_range_flags_refused_at_parsing(capsys, flags):
     """Numbers out of range and unknown schedule or optimizer names end the run at parsing, in one line naming the
     flag and the value — not after the model and data have loaded (nor as a NaN step)."""

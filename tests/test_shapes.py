@@ -212,7 +212,8 @@ def test_count_flags_refuse_bad_input_in_one_line(capsys):
                        (["--tower_dense", "2.5"], "--tower_dense"), (["--batch", "0"], "--batch"),
                        (["--keep", "-1"], "--keep"), (["--lr", "0"], "--lr"), (["--epochs", "nan"], "--epochs"),
                        (["--chitchat", "-0.1"], "--chitchat"), (["--tower_colour", "inf"], "--tower_colour"),
-                       (["--fix_vit", "2"], "--fix_vit")):
+                       (["--fix_vit", "2"], "--fix_vit"), (["--lr", "-1e-4"], "--lr"),
+                       (["--tower_colour", "-.5"], "--tower_colour")):
         with pytest.raises(SystemExit):
             T.main(argv + ["--work", "/nonexistent/never-made"])
         err = capsys.readouterr().err.strip().splitlines()[-1]

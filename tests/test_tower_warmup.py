@@ -221,6 +221,22 @@ def test_a_truncated_picture_or_a_missing_model_stops_in_one_line(tmp_path):
         assert r.returncode == 2 and err.count("\n") == 0 and says in err, err
 
 
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--batch", "-2"), ("--lr", "-1e-3"), ("--lr", "nan"),
+                                         ("--warmup", "-1"), ("--weight_decay", "inf"), ("--save_steps", "0"),
+                                         ("--head_steps", "1.5"), ("--dense", "-.5"), ("--colour", "nan"),
+                                         ("--seed", "-1")])
+def test_numbers_out_of_range_refused_at_parsing(capsys, flag, value):
+    """Counts, sizes, rates and loss weights out of range end the run at parsing in one line naming the flag and
+    the value (negatives in any notation, -1e-3 included), before the model or the data is read: the model and the
+    data named here do not exist."""
+    with pytest.raises(SystemExit) as e:
+        W.main(["--model", "/nonexistent/m", "--data", "/nonexistent/t.json", "--output_dir", "/nonexistent/o",
+                flag, value])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith("ixc25-tower-warmup: error:"), err
+    assert flag in err and repr(value) in err and "nonexistent" not in err, err
+
+
 @pytest.mark.parametrize("items, field", [
     ("not json", "not JSON"),
     ([{"image": "images/0.png"}], "item 0: field 'tags'"),

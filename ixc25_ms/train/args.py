@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+import re
 from typing import List, Optional
 
 DEFAULT_TARGETS = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
@@ -112,6 +113,50 @@ HELP = {
 }
 
 
+# argparse reads "-1e-4" as an option (its negative-number pattern has no exponent): "--lr -1e-4" then fails with
+# "expected one argument" instead of reaching the range check that names the flag and the value
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")
+
+
+def numbers_as_values(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Let `p` take negative numbers in any notation ("-1e-4", "-.5", "-inf") as option values."""
+    p._negative_number_matcher = NEGATIVE_NUMBER  # the pattern argparse consults (CPython 3.8-3.13)
+    return p
+
+
+# argparse types of counts, sizes, rates and shares (train_default, ixc25-tower-warmup): a value out of range ends
+# the run at parsing, the flag and the value named
+def count(text: str, cast=int, least=0) -> int:
+    """A number of things (pictures, steps, ...), at least `least`: the argparse type of the count flags, so that
+    -5 pictures end the run at parsing with the value named, not deep in a stage."""
+    try:
+        n = cast(text)
+    except ValueError:
+        n = None
+    if n is None or not least <= n < float("inf"):  # NaN fails both
+        raise argparse.ArgumentTypeError(f"expected a {'number' if cast is float else 'whole number'} >= {least}, "
+                                         f"got {text!r}")
+    return n
+
+
+def positive(text: str) -> int:
+    """A size or a step (a width, a batch, checkpoints kept): a whole number >= 1."""
+    return count(text, least=1)
+
+
+def above_zero(text: str) -> float:
+    """A rate or a number of epochs: a number > 0."""
+    x = count(text, cast=float)
+    if x == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return x
+
+
+def share(text: str) -> float:
+    """A share or a weight (of --pictures, of a loss): a number >= 0."""
+    return count(text, cast=float)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ixc25-finetune", description="Fine-tune InternLM-XComposer-2.5 on MindSpore "
                                 "with the official finetune.py command line.")
@@ -133,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=typ, **kw)
     for name in ENGINE_FLAGS:
         p.add_argument(f"--{name}", dest=f"engine_{name}", default=None, help=argparse.SUPPRESS)
+    numbers_as_values(p)
     return p
 
 

@@ -43,6 +43,7 @@ from ..vision.clip import CLIPVisionTower
 from ..weights import CheckpointError
 from ..weights.layout import load_state_dict
 from ..weights.safetensors import write_safetensors
+from .args import above_zero, count, numbers_as_values, positive, share
 from .optim import Optimizer, lr_lambda
 
 PREFIX = "vit."  # the tower's tensors in an IXC2.5 checkpoint: vit.vision_tower.vision_model....
@@ -356,23 +357,23 @@ def warm_up(model: str, data: str, output_dir: str, steps: int = 500, batch: int
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="ixc25-tower-warmup", description=__doc__.split("\n")[0])
+    ap = numbers_as_values(argparse.ArgumentParser(prog="ixc25-tower-warmup", description=__doc__.split("\n")[0]))
     ap.add_argument("--model", required=True, help="IXC2.5 checkpoint directory (official layout)")
     ap.add_argument("--data", required=True, help="tags.json: [{'image': path, 'tags': [tag, ...], 'mask': optional path}, ...]")
     ap.add_argument("--output_dir", required=True)
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--weight_decay", type=float, default=0.05)
-    ap.add_argument("--save_steps", type=int, default=100, help="resume point every N steps")
-    ap.add_argument("--head_steps", type=int, default=0, help="the first N steps train the heads only, the tower held")
+    ap.add_argument("--steps", type=positive, default=500)
+    ap.add_argument("--batch", type=positive, default=16)
+    ap.add_argument("--lr", type=above_zero, default=1e-3)
+    ap.add_argument("--warmup", type=count, default=50)
+    ap.add_argument("--weight_decay", type=share, default=0.05)
+    ap.add_argument("--save_steps", type=positive, default=100, help="resume point every N steps")
+    ap.add_argument("--head_steps", type=count, default=0, help="the first N steps train the heads only, the tower held")
     ap.add_argument("--eval_data", default="", help="held-out tags.json scored at the end")
-    ap.add_argument("--dense", type=float, default=0.0, help="add this weight x a per-patch loss (every patch "
+    ap.add_argument("--dense", type=share, default=0.0, help="add this weight x a per-patch loss (every patch "
                     "classified as the tag whose region holds it, or background); needs a 'mask' in every item")
-    ap.add_argument("--colour", type=float, default=0.0, help="add this weight x a per-patch regression of each "
+    ap.add_argument("--colour", type=share, default=0.0, help="add this weight x a per-patch regression of each "
                     "patch's mean colour off its features (keeps colour readable while the tags teach shape)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=count, default=0)
     ap.add_argument("--no_jit", action="store_true", help="run the step eagerly (PyNative)")
     a = ap.parse_args(argv)
     try:
