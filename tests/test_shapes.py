@@ -4,6 +4,7 @@ import math
 import numpy as np
 
 from ixc25_ms import shapes as S
+from scripts import default_data as D
 from scripts import train_default as T
 
 
@@ -56,7 +57,7 @@ def test_training_turns_never_give_an_answer_away():
     for seed in range(400):
         rng = np.random.default_rng(seed)
         sc = S.random_scene(rng)
-        turns = T.grounded_turns(sc, rng)
+        turns = D.grounded_turns(sc, rng)
         valid = set(S.valid_questions(sc))
         assert all(t in valid for t in turns) and len(set(turns)) == len(turns)
         assert sorted(s for t, s in turns if t == 2) == sorted(S.SHAPES)
