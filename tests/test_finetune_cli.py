@@ -60,6 +60,30 @@ def test_flags_parse_as_transformers(capsys):
         parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--fix_vit", "maybe"])
 
 
+def test_a_community_lora_command_line_parses(capsys):
+    """A LoRA command line as IXC2.5 fine-tuning projects write it (the official flags plus transformers'
+    evaluation and naming flags, some bare, some with '='): every flag parses, the training ones are read, the
+    evaluation ones are accepted with a line saying that nothing is evaluated during training."""
+    cmd = ("--model_name_or_path m --data_path data.txt --given_num True --bf16 True --fix_vit True --fix_sampler True "
+           "--use_lora True --hd_num 18 --output_dir out --num_train_epochs 6 --batch_size 2 "
+           "--per_device_train_batch_size 1 --per_device_eval_batch_size 1 --gradient_accumulation_steps 8 "
+           "--eval_strategy steps --eval_steps 10 --load_best_model_at_end --save_strategy steps --save_steps 6 "
+           "--save_total_limit 1 --overwrite_output_dir --learning_rate 1e-4 --weight_decay 0.1 --adam_beta2 0.95 "
+           "--warmup_ratio 0.01 --lr_scheduler_type cosine --logging_steps 1 --report_to none --max_length 1024 "
+           "--deepspeed ds_config_zero2.json --gradient_checkpointing True --run_name ixc --tf32 "
+           "--ddp_find_unused_parameters=False").split()
+    a = parse_args(cmd)
+    assert (a.use_lora, a.fix_vit, a.hd_num, a.num_train_epochs, a.batch_size, a.gradient_accumulation_steps) == \
+        (True, True, 18, 6, 2, 8)
+    assert (a.save_strategy, a.save_steps, a.learning_rate, a.lr_scheduler_type, a.max_length) == \
+        ("steps", 6, 1e-4, "cosine", 1024)
+    out = capsys.readouterr().out
+    for flag in ("--eval_strategy", "--eval_steps", "--load_best_model_at_end", "--run_name", "--tf32"):
+        assert f"{flag} accepted: no" in out or f"{flag} accepted: reporting" in out, (flag, out)
+    with pytest.raises(SystemExit):  # a flag neither transformers nor the official script has is still refused
+        parse_args(cmd + ["--query_max_len", "4096"])
+
+
 @pytest.mark.parametrize("flags", [["--learning_rate", "-0.0001"], ["--learning_rate", "nan"], ["--lora_dropout", "1"],
                                    ["--plora_dropout", "-0.1"], ["--use_lora", "--lora_r", "0"], ["--warmup_ratio", "2"],
                                    ["--lr_scheduler_type", "cosinus"], ["--optim", "adam"], ["--adam_beta2", "1.0"],

@@ -20,7 +20,14 @@ ENGINE_FLAGS = {
     "ddp_find_unused_parameters": "parameters outside the graph are skipped by the optimizer, as torch does",
     "dataloader_num_workers": "samples are prepared in the training process",
     "tf32": "no TF32 on this backend",
+    "eval_strategy": "no evaluation during training (transformers' later name of --evaluation_strategy)",
+    "eval_steps": "no evaluation during training",
+    "load_best_model_at_end": "no evaluation during training, so no best checkpoint: the last step's weights are "
+                              "the output",
+    "run_name": "reporting goes to trainer_state.json and the progress bar",
+    "logging_dir": "reporting goes to trainer_state.json and the progress bar",
 }
+ENGINE_BOOLS = {"tf32", "ddp_find_unused_parameters", "load_best_model_at_end"}  # "--flag" alone means True
 
 
 def str2bool(v) -> bool:
@@ -177,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
             typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
             p.add_argument(flag, type=typ, **kw)
     for name in ENGINE_FLAGS:
-        p.add_argument(f"--{name}", dest=f"engine_{name}", default=None, help=argparse.SUPPRESS)
+        bare = dict(nargs="?", const="True") if name in ENGINE_BOOLS else {}
+        p.add_argument(f"--{name}", dest=f"engine_{name}", default=None, help=argparse.SUPPRESS, **bare)
     numbers_as_values(p)
     return p
 
