@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 
 from . import shapes as S
 from .processing import ImageError, load_image
+from .prompt import IMAGE_TAG
 
 TYPE_NAMES = {1: "colour of the {shape}", 2: "how many {shape}s", 3: "shape of the {colour} one", 4: "describe"}
 
@@ -27,23 +28,31 @@ def _images(item: dict) -> list:
     return [] if image is None else [image] if isinstance(image, str) else image
 
 
+def kind_of(question: str):
+    """(type, subject) of a user turn asking one of the four questions, its `<ImageHere>` placeholders aside (the
+    official format may mark where the picture goes); None for any other turn."""
+    return S.question_type(question.replace(IMAGE_TAG, ""))
+
+
 def objects_in(item: dict) -> Optional[int]:
     """How many objects the item's picture holds, read off the expected answer of its "Describe the image."
     turn (which names every object); None when no turn describes it."""
     conv = item.get("conversations", [])
     for q_turn, a_turn in zip(conv[0::2], conv[1::2]):
-        qt = S.question_type(q_turn["value"])
+        qt = kind_of(q_turn["value"])
         if qt is not None and qt[0] == 4:
             return sum(S.facts(a_turn["value"]).values()) or None
     return None
 
 
-def check_items(items, data_path: str) -> None:
+def check_items(items, data_path: str, alone: bool = False) -> None:
     """One-line ValueError naming the item and field for anything evaluate cannot read: each item a dict whose
     "conversations" alternate user/assistant turns with a string "value", its "image" (if any) a path or a
-    list of paths that exist and decode as pictures."""
-    if not isinstance(items, list):
-        raise ValueError("expected a JSON list of items")
+    list of paths that exist and decode as pictures, as many `<ImageHere>` placeholders in the chat up to each
+    turn (that turn alone with `alone`) as it has pictures (or none for one picture: it goes first, as chat
+    puts it); and at least one question of the four kinds in the file, else nothing would be scored."""
+    if not isinstance(items, list) or not items:
+        raise ValueError("expected a JSON list of items" + (", got an empty one" if items == [] else ""))
     for k, item in enumerate(items):
         name = f"item {k}" + (f" (id {item['id']!r})" if isinstance(item, dict) and "id" in item else "")
         if not isinstance(item, dict):
@@ -67,6 +76,17 @@ def check_items(items, data_path: str) -> None:
                 load_image(full)
             except ImageError as e:
                 raise ValueError(f"{name}: field 'image': {e}") from None
+        tags = 0
+        for j in range(0, len(conv), 2):  # the user turns: chat sees the earlier ones as history
+            here = conv[j]["value"].count(IMAGE_TAG)
+            tags = here if alone else tags + here
+            if tags != len(paths) and not (tags == 0 and len(paths) == 1):
+                raise ValueError(f"{name}: conversations[{j}]: {tags} {IMAGE_TAG} placeholder(s) in the chat so "
+                                 f"far for {len(paths)} picture(s) in field 'image'")
+    if not any(kind_of(t["value"]) for item in items for t in item["conversations"][0::2]):
+        words = "; ".join(repr(q) for q in S.QUESTIONS.values())
+        raise ValueError(f"no user turn asks one of the four questions in their exact words ({words}): "
+                         "nothing to score")
 
 
 def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Optional[int] = None, log=None,
@@ -128,7 +148,7 @@ def _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference, a
             ref = None if reference is None else reference.chat(q, images, history, hd_num or 24)
             got, history = model.chat(tokenizer, q, images, history=history, do_sample=False, num_beams=1,
                                       max_new_tokens=48, **kw)
-            qt = S.question_type(q)
+            qt = kind_of(q)
             ok = None if qt is None else S.is_correct(qt[0], qt[1], expected, got)
             rows.append({"id": item.get("id", k), "question": q, "expected": expected, "answer": got,
                          "type": None if qt is None else qt[0], "correct": ok, "objects": n_objects,
@@ -137,7 +157,7 @@ def _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference, a
             log(f"[eval] {k + 1}/{len(items)} items, {time.perf_counter() - t0:.0f} s")
     counts, by = _tally(rows)
     acc = {t: (c["correct"] / c["total"] if c["total"] else None) for t, c in counts.items()}
-    out = {"items": len(items), "alone": alone, "counts": counts, "accuracy": acc, "by_objects": by,
+    out = {"items": len(items), "alone": alone, "counts": counts, "unscored": sum(r["type"] is None for r in rows), "accuracy": acc, "by_objects": by,
            "seconds": time.perf_counter() - t0, "answers": rows}
     if reference is not None:
         same = [r["same_as_reference"] for r in rows]
@@ -154,6 +174,8 @@ def table(res: dict) -> str:
         c = counts[t]
         acc = "-" if c["total"] == 0 else f"{100 * c['correct'] / c['total']:.1f} %"
         lines.append(f"| {t} | {S.QUESTIONS[t]} | {c['correct']} | {c['total']} | {acc} |")
+    if res.get("unscored"):  # chit-chat and any other turn: asked (history goes on), not scored
+        lines.append(f"\n{res['unscored']} other turn(s) asked, none of the four questions: not scored")
     by = {int(t): {int(n): c for n, c in v.items()} for t, v in res.get("by_objects", {}).items()}
     ns = sorted({n for v in by.values() for n in v})
     if ns:  # the same by objects in the picture (items that say it: a "Describe the image." turn)
@@ -188,7 +210,7 @@ def main(argv=None) -> int:
     try:
         with open(args.data, encoding="utf-8") as f:
             items = json.load(f)
-        check_items(items, args.data)
+        check_items(items, args.data, args.alone)
     except (OSError, ValueError) as e:
         print(f"ixc25-eval: error: {args.data}: {e}", file=sys.stderr)
         return 1

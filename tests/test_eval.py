@@ -72,6 +72,20 @@ def test_scores_per_kind_and_per_objects_in_the_picture(tmp_path):
     assert "| 4 | Describe the image. | 1 | 2 | 50.0 % |" in text
     assert "| type | 1 object | 3 objects |" in text and "| 4 | 1 / 1 = 100.0 % | 0 / 1 = 0.0 % |" in text
     assert "| 2 | - | 0 / 1 = 0.0 % |" in text
+    assert res["unscored"] == 1 and "1 other turn(s) asked, none of the four questions: not scored" in text
+
+
+def test_image_placeholders_are_not_part_of_the_question(tmp_path):
+    """The official format may mark the picture's place with <ImageHere> (and give "image" as a list): the turn is
+    still scored as the question it asks, and the model is asked the turn as written."""
+    items = [{"id": "one", "image": ["a.png"], "conversations": _turns(
+        ("<ImageHere>What colour is the circle?", "The circle is red."),
+        ("Describe the image.", "A red circle."))}]
+    m = FakeModel()
+    res = E.evaluate(m, None, items, str(tmp_path / "data.json"))
+    assert [c[1] for c in m.calls] == ["<ImageHere>What colour is the circle?", "Describe the image."]
+    assert res["counts"][1] == {"correct": 1, "total": 1} and res["counts"][4] == {"correct": 1, "total": 1}
+    assert res["unscored"] == 0 and E.objects_in(items[0]) == 1
 
 
 class ByQuestion(FakeModel):
@@ -108,6 +122,10 @@ def test_alone_asks_every_question_without_history(tmp_path):
      "item 1: conversations[0] needs a string field 'value'"),
     ([{"id": "p", "image": "missing.png", "conversations": ITEMS[0]["conversations"]}],
      "item 0 (id 'p'): field 'image': no file missing.png"),
+    ([], "expected a JSON list of items, got an empty one"),
+    ([ITEMS[2]], "no user turn asks one of the four questions in their exact words"),
+    ([{"id": "t", "conversations": _turns(("<ImageHere>What colour is the circle?", "The circle is red."))}],
+     "item 0 (id 't'): conversations[0]: 1 <ImageHere> placeholder(s) in the chat so far for 0 picture(s)"),
 ])
 def test_bad_data_file_refused_in_one_line(tmp_path, capsys, items, says):
     path = tmp_path / "bad.json"
@@ -115,6 +133,21 @@ def test_bad_data_file_refused_in_one_line(tmp_path, capsys, items, says):
     assert E.main(["--data", str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err and says in err, err
+
+
+def test_placeholders_counted_over_the_history(tmp_path):
+    """Chat sees the earlier questions as history, so an <ImageHere> in every turn of a one-picture item gives the
+    second turn two placeholders for one picture (chat refuses that prompt): refused before the model loads, the
+    item and turn named; asked --alone, each turn has its one placeholder and passes."""
+    from PIL import Image
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "a.png")
+    items = [{"id": "every", "image": "a.png", "conversations": _turns(
+        ("<ImageHere>What colour is the circle?", "The circle is red."),
+        ("<ImageHere>Describe the image.", "A red circle."))}]
+    with pytest.raises(ValueError, match=r"item 0 \(id 'every'\): conversations\[2\]: 2 <ImageHere> placeholder\(s\) "
+                                         r"in the chat so far for 1 picture"):
+        E.check_items(items, str(tmp_path / "data.json"))
+    E.check_items(items, str(tmp_path / "data.json"), alone=True)
 
 
 def test_unreadable_picture_or_model_refused_in_one_line(tmp_path, capsys):
@@ -127,7 +160,7 @@ def test_unreadable_picture_or_model_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "item 1 (id 'f'): field 'image'" in err and "fake.png" in err and \
         "not a recognised image" in err, err
-    path.write_text(json.dumps([ITEMS[2]]))
+    path.write_text(json.dumps([ITEMS[2], {"conversations": _turns(("Describe the image.", "A red circle."))}]))
     for flags in (["--limit", "-3"], ["--hd_num", "0"]):
         with pytest.raises(SystemExit):
             E.main(["--data", str(path)] + flags)
