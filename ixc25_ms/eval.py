@@ -157,8 +157,8 @@ def _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference, a
             log(f"[eval] {k + 1}/{len(items)} items, {time.perf_counter() - t0:.0f} s")
     counts, by = _tally(rows)
     acc = {t: (c["correct"] / c["total"] if c["total"] else None) for t, c in counts.items()}
-    out = {"items": len(items), "alone": alone, "counts": counts, "unscored": sum(r["type"] is None for r in rows), "accuracy": acc, "by_objects": by,
-           "seconds": time.perf_counter() - t0, "answers": rows}
+    out = {"items": len(items), "alone": alone, "counts": counts, "unscored": sum(r["type"] is None for r in rows),
+           "accuracy": acc, "by_objects": by, "seconds": time.perf_counter() - t0, "answers": rows}
     if reference is not None:
         same = [r["same_as_reference"] for r in rows]
         out["same_as_reference"] = {"identical": sum(same), "total": len(same)}

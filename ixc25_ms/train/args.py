@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
 import re
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 DEFAULT_TARGETS = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
@@ -127,7 +127,7 @@ NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$"
 
 def numbers_as_values(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Let `p` take negative numbers in any notation ("-1e-4", "-.5", "-inf") as option values."""
-    p._negative_number_matcher = NEGATIVE_NUMBER  # the pattern argparse consults (CPython 3.8-3.13)
+    p._negative_number_matcher = NEGATIVE_NUMBER  # the pattern CPython's argparse consults
     return p
 
 
