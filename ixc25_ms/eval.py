@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -90,14 +91,17 @@ def check_items(items, data_path: str, alone: bool = False) -> None:
 
 
 def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Optional[int] = None, log=None,
-             reference=None, alone: bool = False) -> dict:
+             reference=None, alone: bool = False, progress: Optional[str] = None, key: Optional[dict] = None) -> dict:
     """Chats through every item (one question per turn, earlier turns as history, greedy) and scores each
     answer against the item's own reference answer with shapes.is_correct. Returns counts, accuracy per type,
     the same by objects in the picture (objects_in; "by_objects": type -> objects -> counts) and every answer.
     `reference`: a PyTorch RefChat (parity_tests.reference.chat) asked the same turns with the same history: the
     answers' identity is recorded too. `alone`: every question asked in a chat of its own (the picture, no
     history), which tells what the model reads off the picture from what it copies or mistakes from earlier
-    answers; the objects in the picture are still read off the item's description."""
+    answers; the objects in the picture are still read off the item's description.
+    `progress`: a file where each item's answers are appended as it is done; a run killed part way and started
+    again with the same items, settings and `key` (what else names the run: the model, its quantisation) skips
+    the items it holds; a file of another run is started afresh. The caller removes it once the result is kept."""
     rows = []  # one per question, with the item's object count
     t0 = time.perf_counter()
     encode = model.encode_img
@@ -113,9 +117,54 @@ def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Option
         return memo[key]
     model.encode_img = encode_once
     try:
-        return _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference, alone)
+        run_key = dict(key or {}, hd_num=hd_num, alone=alone, reference=reference is not None,
+                       items=hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest())
+        done = _resume(progress, run_key, log)
+        with open(progress, "a" if done else "w", encoding="utf-8") if progress else _Nothing() as f:
+            if not done and progress:
+                f.write(json.dumps({"key": run_key}) + "\n")
+            return _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference, alone, done, f)
     finally:
         del model.encode_img
+
+
+class _Nothing:
+    """A progress file that keeps nothing (no `progress` given)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, text):
+        pass
+
+    def flush(self):
+        pass
+
+
+def _resume(progress: Optional[str], run_key: dict, log) -> Dict[int, List[dict]]:
+    """Item index -> its answer rows, from a progress file of the same run (its first line holds the run's key);
+    {} when there is none or it belongs to another run. A line cut off by a kill ends the reading."""
+    if not progress or not os.path.exists(progress):
+        return {}
+    done = {}
+    with open(progress, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    try:
+        if json.loads(lines[0]).get("key") != run_key:
+            if log:
+                log(f"[eval] {progress} is another run's progress: starting afresh")
+            return {}
+        for line in lines[1:]:
+            rec = json.loads(line)
+            done[int(rec["item"])] = rec["rows"]
+    except (ValueError, KeyError, TypeError, AttributeError):  # the cut-off last line, or not ours at all
+        pass
+    if log and done:
+        log(f"[eval] resuming: {len(done)} items already answered in {progress}")
+    return done
 
 
 def _tally(rows: List[dict]):
@@ -134,8 +183,12 @@ def _tally(rows: List[dict]):
     return counts, {t: dict(sorted(v.items())) for t, v in sorted(by.items())}
 
 
-def _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference, alone) -> dict:
+def _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference, alone, done, progress) -> dict:
     for k, item in enumerate(items):
+        if k in done:
+            rows += done[k]
+            continue
+        first = len(rows)
         images = [_image_path(p, data_path) for p in _images(item)]
         history = []
         n_objects = objects_in(item)
@@ -153,12 +206,15 @@ def _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference, a
             rows.append({"id": item.get("id", k), "question": q, "expected": expected, "answer": got,
                          "type": None if qt is None else qt[0], "correct": ok, "objects": n_objects,
                          **({} if ref is None else {"reference": ref, "same_as_reference": ref == got})})
+        progress.write(json.dumps({"item": k, "rows": rows[first:]}) + "\n")
+        progress.flush()
         if log and (k + 1) % 50 == 0:
             log(f"[eval] {k + 1}/{len(items)} items, {time.perf_counter() - t0:.0f} s")
     counts, by = _tally(rows)
     acc = {t: (c["correct"] / c["total"] if c["total"] else None) for t, c in counts.items()}
     out = {"items": len(items), "alone": alone, "counts": counts, "unscored": sum(r["type"] is None for r in rows),
-           "accuracy": acc, "by_objects": by, "seconds": time.perf_counter() - t0, "answers": rows}
+           "accuracy": acc, "by_objects": by, "seconds": time.perf_counter() - t0, "resumed_items": len(done),
+           "answers": rows}
     if reference is not None:
         same = [r["same_as_reference"] for r in rows]
         out["same_as_reference"] = {"identical": sum(same), "total": len(same)}
@@ -193,7 +249,8 @@ def main(argv=None) -> int:
                                  "every question of the data file asked in a chat turn, answers checked.")
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded default model)")
     ap.add_argument("--data", required=True, help="JSON list of items in the official conversation format")
-    ap.add_argument("--json", default=None, help="write the results (with every answer) here")
+    ap.add_argument("--json", default=None, help="write the results (with every answer) here; answers are kept in "
+                    "JSON.progress.jsonl as they come, and a killed run started again goes on from there")
     ap.add_argument("--hd_num", type=int, default=None, help="HD crops cap (default: chat's)")
     ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N items")
     ap.add_argument("--quantize", choices=("int8", "fp16"), default=None, help="weight-only quantised LLM "
@@ -206,6 +263,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.limit < 0 or (args.hd_num is not None and args.hd_num < 1):
         ap.error(f"--limit must be >= 0 and --hd_num >= 1, got {args.limit} and {args.hd_num}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):  # told now, not after the run
+        print(f"ixc25-eval: error: --json {args.json}: no such directory", file=sys.stderr)
+        return 1
     import ixc25_ms
     try:
         with open(args.data, encoding="utf-8") as f:
@@ -228,8 +288,13 @@ def main(argv=None) -> int:
         from .weights.layout import load_state_dict
         reference = RefChat(model.cfg, load_state_dict(args.model or ixc25_ms.DEFAULT_MODEL), tok,
                             lambda image, hd: preprocess_image(image, hd_num=hd, crop=model.vit.resolution))
+    model_dir = os.path.abspath(args.model or ixc25_ms.DEFAULT_MODEL)
+    files = [os.path.join(model_dir, n) for n in sorted(os.listdir(model_dir))]
+    key = {"model": model_dir, "quantize": args.quantize,  # the same directory with other weights is another run
+           "files": [[os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)] for f in files if os.path.isfile(f)]}
+    progress = args.json + ".progress.jsonl" if args.json else None
     res = evaluate(model, tok, items, args.data, args.hd_num, None if args.quiet else
-                   (lambda m: print(m, file=sys.stderr)), reference, args.alone)
+                   (lambda m: print(m, file=sys.stderr)), reference, args.alone, progress, key)
     print(table(res))
     if reference is not None:
         s = res["same_as_reference"]
@@ -240,6 +305,7 @@ def main(argv=None) -> int:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)
         os.replace(tmp, args.json)
+        os.remove(progress)
     return 0
 
 

@@ -88,6 +88,52 @@ def test_image_placeholders_are_not_part_of_the_question(tmp_path):
     assert res["unscored"] == 0 and E.objects_in(items[0]) == 1
 
 
+class Killed(Exception):
+    pass
+
+
+class DiesAt(FakeModel):
+    """A FakeModel killed when it is first asked about item `at` (by its ITEMS index)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = ITEMS[at]["id"]
+
+    def chat(self, tok, q, images, history=None, **kw):
+        if self.item(images) == self.at:
+            raise Killed
+        return super().chat(tok, q, images, history, **kw)
+
+
+def test_a_killed_evaluation_resumes_from_its_progress_file(tmp_path):
+    """Answers are appended to the progress file item by item; a run killed at the third item, started again
+    with the same items and settings, asks only that item and gives the unbroken run's result. A progress file
+    of another run (--alone here), or one whose last line a kill cut off, costs nothing but its items."""
+    data, prog = str(tmp_path / "data.json"), str(tmp_path / "p.jsonl")
+    whole = E.evaluate(FakeModel(), None, ITEMS, data)
+    with pytest.raises(Killed):
+        E.evaluate(DiesAt(2), None, ITEMS, data, progress=prog, key={"model": "m"})
+    assert len(open(prog).read().splitlines()) == 3  # the run's key, items 0 and 1
+    m = FakeModel()
+    res = E.evaluate(m, None, ITEMS, data, progress=prog, key={"model": "m"})
+    assert [c[0] for c in m.calls] == ["hello"] and res["resumed_items"] == 2
+    assert res["answers"] == whole["answers"] and res["counts"] == whole["counts"]
+    assert res["by_objects"] == whole["by_objects"] and res["unscored"] == whole["unscored"]
+    for key, alone, asked in (({"model": "other"}, False, 6), ({"model": "m"}, True, 6)):
+        m = ByQuestion()
+        E.evaluate(m, None, ITEMS, data, progress=prog, key={"model": "m"})  # a finished file of the same run
+        m = ByQuestion()
+        E.evaluate(m, None, ITEMS, data, alone=alone, progress=prog, key=key)
+        assert len(m.calls) == asked
+    with pytest.raises(Killed):
+        E.evaluate(DiesAt(2), None, ITEMS, data, progress=prog, key={"model": "m"})
+    text = open(prog).read()
+    open(prog, "w").write(text[:-7])  # item 1's line cut off part way
+    m = FakeModel()
+    assert E.evaluate(m, None, ITEMS, data, progress=prog, key={"model": "m"})["answers"] == whole["answers"]
+    assert [c[0] for c in m.calls] == ["three"] * 3 + ["hello"]
+
+
 class ByQuestion(FakeModel):
     """Answers by the question, so a question gets the same answer with or without history."""
 
@@ -166,6 +212,9 @@ def test_unreadable_picture_or_model_refused_in_one_line(tmp_path, capsys):
             E.main(["--data", str(path)] + flags)
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert flags[0] in err and flags[1] in err, err
+    assert E.main(["--data", str(path), "--json", str(tmp_path / "no-dir" / "r.json")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--json" in err and "no-dir" in err and "no such directory" in err, err
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     for model, says in ((tmp_path / "never-made", "not a directory"), (tmp_path / "m", "missing required key")):
@@ -194,7 +243,7 @@ def test_cli_on_the_default_model_writes_the_tables_and_json(tmp_path, capsys):
     for r in res["answers"]:
         assert r["objects"] == 2 and r["correct"] == S.is_correct(r["type"], S.question_type(r["question"])[1],
                                                                    r["expected"], r["answer"])
-    assert "| type | 2 objects |" in printed
+    assert "| type | 2 objects |" in printed and not os.path.exists(str(out) + ".progress.jsonl")
 
 
 def test_cli_alone_flag_reaches_evaluate(tmp_path, monkeypatch, capsys):
