@@ -41,6 +41,7 @@ def main(argv=None, stdin=None, out=None):
             print(f"ixc25-chat: error: {p}: no such file", file=sys.stderr)
             return 2
     from ixc25_ms.processing import ImageError, load_image
+    from ixc25_ms.video import is_video_path
     for p in args.image:  # decoded before the model loads: a broken picture is told at once
         try:
             load_image(p)
@@ -81,14 +82,20 @@ def main(argv=None, stdin=None, out=None):
             path = line[len("/image"):].strip()
             if not os.path.isfile(path):
                 print(f"(no such file: {path})", file=out)
-            else:
-                images.append(path)
-                print(f"(image added: {path}; {len(images)} in all)", file=out)
+                continue
+            if not is_video_path(path):  # a picture is decoded now: one that is not is never added
+                try:
+                    load_image(path)
+                except ImageError as e:
+                    print(f"(not added: {e})", file=out)
+                    continue
+            images.append(path)
+            print(f"(image added: {path}; {len(images)} in all)", file=out)
             continue
         try:
             response = _answer(model, tok, line, images, history, args, out)
-        except ValueError as e:
-            print(f"(error: {e})", file=out)
+        except ValueError as e:  # e.g. a video that does not decode: it stays until /reset
+            print(f"(error: {e}; /reset clears history and images)", file=out)
             continue
         history.append((line, response))
 

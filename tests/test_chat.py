@@ -154,10 +154,14 @@ def test_cli_one_shot_and_interactive(golden_model, tmp_path):
                 out=out) == 0
     assert out.getvalue().strip() == golden_model[2]["response"].strip()
     out = io.StringIO()
-    script = io.StringIO(f"/image {IMG}\nhello\n/reset\nhi again\n/image /no/such.png\n/quit\n")
+    (tmp_path / "fake.png").write_text("not a picture")
+    script = io.StringIO(f"/image {IMG}\nhello\n/reset\n/image {tmp_path / 'fake.png'}\nhi again\n"
+                         "/image /no/such.png\n/quit\n")
     assert main(["--model", GOLDEN, "--max-new-tokens", "2"], stdin=script, out=out) == 0
     text = out.getvalue()
     assert "image added" in text and "history and images cleared" in text and "no such file" in text
+    # a file that is no picture is refused at /image (named), so the next question is answered, not an error
+    assert "(not added: " in text and "fake.png" in text and "(error" not in text and text.count("image added") == 1
     assert main(["--model", str(tmp_path / "missing")]) == 2
 
 
