@@ -24,6 +24,13 @@ def pick_questions(scene, rng, n: int = 3):
     return [(S.question(t, s), S.answer(scene, t, s)) for t, s in out]
 
 
+def truth(S, scene, q: str):
+    """The drawing's answer to a question of your own, when it is one of the four the picture allows (one object
+    of the asked shape or colour); None otherwise (the answer is then shown, not judged)."""
+    qt = S.question_type(q)
+    return S.answer(scene, *qt) if qt is not None and qt in S.valid_questions(scene) else None
+
+
 def seed_type(text: str) -> int:
     """--seed: a whole number >= 0 (numpy's generators take no negative seed)."""
     try:
@@ -69,7 +76,6 @@ def main(argv=None) -> int:
         print(f"ixc25-demo: error: {e}", file=sys.stderr)
         return 2
     times["load the model"] = time.perf_counter() - t
-    expected = {}
     if args.image:
         image, questions = args.image, [(q, None) for q in (args.question or ["Describe the image."])]
         print(f"picture: {image}")
@@ -80,7 +86,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         image = os.path.join(args.out, f"shapes-{seed}.png")
         S.render(scene, rng).save(image)
-        questions = [(q, None) for q in args.question] or pick_questions(scene, rng)
+        questions = [(q, truth(S, scene, q)) for q in args.question] or pick_questions(scene, rng)
         print(f"picture: {image} (drawn with seed {seed}, {scene.width}x{scene.height} px; repeat with --seed {seed})")
         print(f"  it shows: {S.describe(scene)}")
     print(f"model: {path}\n")

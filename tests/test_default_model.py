@@ -175,6 +175,15 @@ def test_demo_answers_about_a_drawn_picture(tmp_path, capsys):
     assert "seed 70000100" in out and out.count("assistant:") >= 2 and "timings:" in out
     assert "(right:" in out or "(wrong:" in out
     assert os.path.isfile(tmp_path / "shapes-70000100.png")
+    # questions of your own about the drawn picture are judged against the drawing when they are of the four kinds
+    scene = S.random_scene(np.random.default_rng(70000100))  # the demo's drawing of that seed
+    absent = next(c for c in S.COLOURS if not scene.with_colour(c))
+    assert main(["--seed", "70000100", "--out", str(tmp_path), "--question", "How many circles are there?",
+                 "--question", f"What shape is the {absent} one?", "--question", "Hello!"]) == 0
+    out = capsys.readouterr().out
+    n = scene.count("circle")
+    said = "There is 1 circle." if n == 1 else f"There are {n} circles."
+    assert out.count("the drawing says") == 1 and f'the drawing says "{said}"' in out, out
 
 
 def test_demo_and_chat_refuse_an_unreadable_picture_in_one_line(tmp_path, capsys):
