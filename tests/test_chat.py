@@ -62,7 +62,7 @@ def _layout(model, query, images, **kw):
 
 def test_prompt_rules(golden_model):
     model, tok, case, exp = golden_model
-    sot, eot = tok.convert_tokens_to_ids("[UNUSED_TOKEN_146]"), tok.convert_tokens_to_ids("[UNUSED_TOKEN_145]")
+    sot = tok.convert_tokens_to_ids("[UNUSED_TOKEN_146]")
     emb_table = model.model.tok_embeddings.weight.asnumpy()
     # no image: one BOS, then the turn
     e, m, n = _layout(model, "hi", [])

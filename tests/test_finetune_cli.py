@@ -300,7 +300,6 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(work, tmp_path, mo
     from ixc25_ms.train import checkpointing
     monkeypatch.chdir(work["root"])
     real = checkpointing.write_safetensors
-    calls = {"n": 0}
 
     def flaky(path, *a, **k):  # the second checkpoint hits a full disk halfway through writing its weights
         if "checkpoint-4" in str(path):

@@ -118,7 +118,7 @@ def test_loss_and_gradients_equal_the_pytorch_reference(tmp_path, single, dense,
     if colour:  # every patch's features -> its mean normalised RGB, squared error averaged over patches and channels
         cw = torch.from_numpy(net.colour_w.asnumpy()).requires_grad_()
         cb = torch.zeros(3, requires_grad=True)
-        b, g = x.shape[0], SIDE // 28
+        g = SIDE // 28
         rgb = torch.stack([x[:, :, i * 28:(i + 1) * 28, j * 28:(j + 1) * 28].mean((2, 3))
                            for i in range(g) for j in range(g)], 1)  # (B, P, 3), row by row
         ref_loss = ref_loss + colour * F.mse_loss(f @ cw.T + cb, rgb)
