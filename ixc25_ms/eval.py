@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from typing import Dict, List, Optional
 
 from . import shapes as S
@@ -29,18 +30,12 @@ def _images(item: dict) -> list:
     return [] if image is None else [image] if isinstance(image, str) else image
 
 
-def kind_of(question: str):
-    """(type, subject) of a user turn asking one of the four questions, its `<ImageHere>` placeholders aside (the
-    official format may mark where the picture goes); None for any other turn."""
-    return S.question_type(question.replace(IMAGE_TAG, ""))
-
-
 def objects_in(item: dict) -> Optional[int]:
     """How many objects the item's picture holds, read off the expected answer of its "Describe the image."
     turn (which names every object); None when no turn describes it."""
     conv = item.get("conversations", [])
     for q_turn, a_turn in zip(conv[0::2], conv[1::2]):
-        qt = kind_of(q_turn["value"])
+        qt = S.question_type(q_turn["value"])
         if qt is not None and qt[0] == 4:
             return sum(S.facts(a_turn["value"]).values()) or None
     return None
@@ -58,36 +53,47 @@ def check_items(items, data_path: str, alone: bool = False) -> None:
         name = f"item {k}" + (f" (id {item['id']!r})" if isinstance(item, dict) and "id" in item else "")
         if not isinstance(item, dict):
             raise ValueError(f"{name}: expected an object, got {type(item).__name__}")
-        conv = item.get("conversations")
-        if not isinstance(conv, list) or not conv:
-            raise ValueError(f"{name}: field 'conversations' must be a non-empty list of turns")
-        for j, turn in enumerate(conv):
-            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-                raise ValueError(f"{name}: conversations[{j}] needs a string field 'value'")
-        if len(conv) % 2:
-            raise ValueError(f"{name}: field 'conversations' has {len(conv)} turns; expected user/assistant pairs")
+        _check_turns(name, item.get("conversations"))
         paths = _images(item)
-        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-            raise ValueError(f"{name}: field 'image' must be a path or a list of paths")
-        for p in paths:
-            full = _image_path(p, data_path)
-            if not os.path.exists(full):
-                raise ValueError(f"{name}: field 'image': no file {p}")
-            try:  # decoded here, so that a broken picture stops the run before the model loads, not at item 400
-                load_image(full)
-            except ImageError as e:
-                raise ValueError(f"{name}: field 'image': {e}") from None
-        tags = 0
-        for j in range(0, len(conv), 2):  # the user turns: chat sees the earlier ones as history
-            here = conv[j]["value"].count(IMAGE_TAG)
-            tags = here if alone else tags + here
-            if tags != len(paths) and not (tags == 0 and len(paths) == 1):
-                raise ValueError(f"{name}: conversations[{j}]: {tags} {IMAGE_TAG} placeholder(s) in the chat so "
-                                 f"far for {len(paths)} picture(s) in field 'image'")
-    if not any(kind_of(t["value"]) for item in items for t in item["conversations"][0::2]):
+        _check_pictures(name, paths, data_path)
+        _check_placeholders(name, item["conversations"], len(paths), alone)
+    if not any(S.question_type(t["value"]) for item in items for t in item["conversations"][0::2]):
         words = "; ".join(repr(q) for q in S.QUESTIONS.values())
         raise ValueError(f"no user turn asks one of the four questions in their exact words ({words}): "
                          "nothing to score")
+
+
+def _check_turns(name: str, conv) -> None:
+    if not isinstance(conv, list) or not conv:
+        raise ValueError(f"{name}: field 'conversations' must be a non-empty list of turns")
+    for j, turn in enumerate(conv):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise ValueError(f"{name}: conversations[{j}] needs a string field 'value'")
+    if len(conv) % 2:
+        raise ValueError(f"{name}: field 'conversations' has {len(conv)} turns; expected user/assistant pairs")
+
+
+def _check_pictures(name: str, paths, data_path: str) -> None:
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ValueError(f"{name}: field 'image' must be a path or a list of paths")
+    for p in paths:
+        full = _image_path(p, data_path)
+        if not os.path.exists(full):
+            raise ValueError(f"{name}: field 'image': no file {p}")
+        try:  # decoded here, so that a broken picture stops the run before the model loads, not at item 400
+            load_image(full)
+        except ImageError as e:
+            raise ValueError(f"{name}: field 'image': {e}") from None
+
+
+def _check_placeholders(name: str, conv: list, pictures: int, alone: bool) -> None:
+    tags = 0
+    for j in range(0, len(conv), 2):  # the user turns: chat sees the earlier ones as history
+        here = conv[j]["value"].count(IMAGE_TAG)
+        tags = here if alone else tags + here
+        if tags != pictures and not (tags == 0 and pictures == 1):
+            raise ValueError(f"{name}: conversations[{j}]: {tags} {IMAGE_TAG} placeholder(s) in the chat so "
+                             f"far for {pictures} picture(s) in field 'image'")
 
 
 def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Optional[int] = None, log=None,
@@ -120,28 +126,12 @@ def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Option
         run_key = dict(key or {}, hd_num=hd_num, alone=alone, reference=reference is not None,
                        items=hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest())
         done = _resume(progress, run_key, log)
-        with open(progress, "a" if done else "w", encoding="utf-8") if progress else _Nothing() as f:
+        with open(progress, "a" if done else "w", encoding="utf-8") if progress else nullcontext() as f:
             if not done and progress:
                 f.write(json.dumps({"key": run_key}) + "\n")
             return _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference, alone, done, f)
     finally:
         del model.encode_img
-
-
-class _Nothing:
-    """A progress file that keeps nothing (no `progress` given)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def write(self, text):
-        pass
-
-    def flush(self):
-        pass
 
 
 def _resume(progress: Optional[str], run_key: dict, log) -> Dict[int, List[dict]]:
@@ -201,13 +191,14 @@ def _run(model, tokenizer, items, data_path, hd_num, log, rows, t0, reference, a
             ref = None if reference is None else reference.chat(q, images, history, hd_num or 24)
             got, history = model.chat(tokenizer, q, images, history=history, do_sample=False, num_beams=1,
                                       max_new_tokens=48, **kw)
-            qt = kind_of(q)
+            qt = S.question_type(q)
             ok = None if qt is None else S.is_correct(qt[0], qt[1], expected, got)
             rows.append({"id": item.get("id", k), "question": q, "expected": expected, "answer": got,
                          "type": None if qt is None else qt[0], "correct": ok, "objects": n_objects,
                          **({} if ref is None else {"reference": ref, "same_as_reference": ref == got})})
-        progress.write(json.dumps({"item": k, "rows": rows[first:]}) + "\n")
-        progress.flush()
+        if progress is not None:
+            progress.write(json.dumps({"item": k, "rows": rows[first:]}) + "\n")
+            progress.flush()
         if log and (k + 1) % 50 == 0:
             log(f"[eval] {k + 1}/{len(items)} items, {time.perf_counter() - t0:.0f} s")
     counts, by = _tally(rows)

@@ -9,6 +9,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .prompt import IMAGE_TAG
+
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (214, 38, 38), "green": (38, 158, 62), "blue": (42, 86, 214),
     "yellow": (236, 204, 36), "purple": (138, 58, 176), "orange": (246, 134, 28)}
@@ -214,7 +216,9 @@ _ITEM = re.compile(r"\b(a|an|one|two|three|four|five|six|\d+)\s+(" + "|".join(CO
 
 
 def question_type(q: str) -> Optional[Tuple[int, str]]:
-    """(type, subject) of one of the four questions, exactly as worded; None otherwise."""
+    """(type, subject) of one of the four questions, exactly as worded, `<ImageHere>` placeholders aside (the
+    official format may mark where the picture goes); None otherwise."""
+    q = q.replace(IMAGE_TAG, "")
     for t, pattern in QUESTIONS.items():
         rx = "^" + re.escape(pattern).replace(r"\{shape\}", "(circle|square|triangle)").replace(
             r"\{colour\}", "(" + "|".join(COLOURS) + ")") + "$"

@@ -178,7 +178,7 @@ def test_demo_answers_about_a_drawn_picture(tmp_path, capsys):
     # questions of your own about the drawn picture are judged against the drawing when they are of the four kinds
     scene = S.random_scene(np.random.default_rng(70000100))  # the demo's drawing of that seed
     absent = next(c for c in S.COLOURS if not scene.with_colour(c))
-    assert main(["--seed", "70000100", "--out", str(tmp_path), "--question", "How many circles are there?",
+    assert main(["--seed", "70000100", "--out", str(tmp_path), "--question", "<ImageHere>How many circles are there?",
                  "--question", f"What shape is the {absent} one?", "--question", "Hello!"]) == 0
     out = capsys.readouterr().out
     n = scene.count("circle")

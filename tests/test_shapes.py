@@ -39,6 +39,12 @@ def test_checker_by_hand():
     assert S.is_correct(4, "", want, "Two blue squares and a red circle.")
     assert not S.is_correct(4, "", want, "A red circle and a blue square.")
     assert not S.is_correct(4, "", want, "A red circle, two blue squares and a green triangle.")
+    # the questions in their exact words, wherever the official format's image placeholder sits
+    assert S.question_type("What colour is the circle?") == (1, "circle")
+    assert S.question_type("<ImageHere>How many squares are there?") == (2, "square")
+    assert S.question_type("What shape is the orange one?<ImageHere>") == (3, "orange")
+    assert S.question_type("<ImageHere>\nDescribe the image.") == (4, "")
+    assert S.question_type("What colour is the circle") is None and S.question_type("Describe the picture.") is None
 
 
 def test_described_as_drawn():
