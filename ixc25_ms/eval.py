@@ -252,8 +252,10 @@ def main(argv=None) -> int:
     ap.add_argument("--alone", action="store_true", help="ask every question in a chat of its own (the picture, no "
                     "history) instead of after the item's earlier turns")
     args = ap.parse_args(argv)
-    if args.limit < 0 or (args.hd_num is not None and args.hd_num < 1):
-        ap.error(f"--limit must be >= 0 and --hd_num >= 1, got {args.limit} and {args.hd_num}")
+    if args.limit < 0:
+        ap.error(f"--limit must be >= 0, got {args.limit}")
+    if args.hd_num is not None and args.hd_num < 1:
+        ap.error(f"--hd_num must be >= 1, got {args.hd_num}")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):  # told now, not after the run
         print(f"ixc25-eval: error: --json {args.json}: no such directory", file=sys.stderr)
         return 1
@@ -262,7 +264,14 @@ def main(argv=None) -> int:
         with open(args.data, encoding="utf-8") as f:
             items = json.load(f)
         check_items(items, args.data, args.alone)
-    except (OSError, ValueError) as e:
+    except json.JSONDecodeError as e:
+        print(f"ixc25-eval: error: {args.data}: not valid JSON: line {e.lineno} column {e.colno} ({e.msg})",
+              file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"ixc25-eval: error: {args.data}: cannot read ({e.strerror or e})", file=sys.stderr)
+        return 1
+    except ValueError as e:
         print(f"ixc25-eval: error: {args.data}: {e}", file=sys.stderr)
         return 1
     if args.limit:

@@ -211,7 +211,12 @@ def test_unreadable_picture_or_model_refused_in_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit):
             E.main(["--data", str(path)] + flags)
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert flags[0] in err and flags[1] in err, err
+        assert flags[0] in err and flags[1] in err and ("--hd_num" in err) == (flags[0] == "--hd_num"), err
+    (tmp_path / "cut.json").write_text('[{"conversations": [')  # a file cut short; one never written
+    for data, says in (("cut.json", "not valid JSON: line 1 column 21"), ("none.json", "cannot read (No such file")):
+        assert E.main(["--data", str(tmp_path / data)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"ixc25-eval: error: {tmp_path / data}: {says}"), err
     assert E.main(["--data", str(path), "--json", str(tmp_path / "no-dir" / "r.json")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--json" in err and "no-dir" in err and "no such directory" in err, err
