@@ -40,3 +40,17 @@ def test_bench_quick(tmp_path, capsys):
         want = 100 * (len(st) / sum(st)) / bound
         assert abs(res["contenders"][n]["decode_pct_of_bound_paired_chunks"][0] - want) < 1e-9 * want
     assert "ms-jit" in capsys.readouterr().out
+
+
+def test_bench_tower_contenders_compute_the_same_loss(capsys):
+    """scripts/bench_tower.py at a toy width: both contenders run in their own process on the same seeded case,
+    their losses agree (main fails otherwise) and the ratio printed is the one of the printed step times."""
+    import re
+    from scripts.bench_tower import main as bench_tower
+    assert bench_tower(["--width", "64", "--layers", "1", "--batch", "2", "--steps", "1", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", out)]
+    assert len(losses) == 2 and abs(losses[0] - losses[1]) < 1e-5 * losses[1], out
+    ms_s, pt_s, ratio = (float(x) for x in re.search(
+        r"ms-jit ([\d.]+) s, torch-ref ([\d.]+) s a step; speed vs torch-ref ([\d.]+)x", out).groups())
+    assert abs(ratio - pt_s / ms_s) <= ratio * 5e-5 * (1 / pt_s + 1 / ms_s) + 5e-4, out  # printed rounded
