@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 
 from . import shapes as S
 from .processing import ImageError, load_image
-from .prompt import IMAGE_TAG
+from .prompt import placeholder_mismatch
 
 TYPE_NAMES = {1: "colour of the {shape}", 2: "how many {shape}s", 3: "shape of the {colour} one", 4: "describe"}
 
@@ -87,13 +87,9 @@ def _check_pictures(name: str, paths, data_path: str) -> None:
 
 
 def _check_placeholders(name: str, conv: list, pictures: int, alone: bool) -> None:
-    tags = 0
-    for j in range(0, len(conv), 2):  # the user turns: chat sees the earlier ones as history
-        here = conv[j]["value"].count(IMAGE_TAG)
-        tags = here if alone else tags + here
-        if tags != pictures and not (tags == 0 and pictures == 1):
-            raise ValueError(f"{name}: conversations[{j}]: {tags} {IMAGE_TAG} placeholder(s) in the chat so "
-                             f"far for {pictures} picture(s) in field 'image'")
+    bad = placeholder_mismatch([t["value"] for t in conv[0::2]], pictures, alone)
+    if bad:
+        raise ValueError(f"{name}: conversations[{2 * bad[0]}]: {bad[1]} in field 'image'")
 
 
 def evaluate(model, tokenizer, items: List[dict], data_path: str, hd_num: Optional[int] = None, log=None,

@@ -93,6 +93,19 @@ def _read_role(ids, start: int, tokenizer):
     return _TURN_ROLES.get(text.split("\n")[0].strip(), OTHER), n
 
 
+def placeholder_mismatch(questions: Sequence[str], n_images: int, alone: bool = False):
+    """(index, why) of the first of these user turns, asked in order with `n_images` pictures, that chat would
+    refuse, or None. Chat counts the `<ImageHere>` tags of the chat so far (the earlier questions come back as
+    history; each turn alone with `alone`): they must equal the pictures, or be none for one picture (it then
+    goes first)."""
+    tags = 0
+    for k, q in enumerate(questions):
+        tags = q.count(IMAGE_TAG) + (0 if alone else tags)
+        if tags != n_images and not (tags == 0 and n_images == 1):
+            return k, f"{tags} {IMAGE_TAG} placeholder(s) in the chat so far for {n_images} picture(s)"
+    return None
+
+
 def interleave(tokenizer, text: str, n_images: int, image_tokens: Callable[[int], int], max_length: int,
                bos_on_empty_first: bool) -> Prompt:
     """Splits `text` at `<ImageHere>` into text segments and image slots, the official way.

@@ -57,6 +57,10 @@ def main(argv=None) -> int:
     import ixc25_ms
     from ixc25_ms import shapes as S
     times["import mindspore + ixc25_ms"] = time.perf_counter() - t
+    from ixc25_ms.prompt import placeholder_mismatch
+    bad = placeholder_mismatch(args.question, 1)  # asked in one chat about one picture
+    if bad:
+        ap.error(f"--question {args.question[bad[0]]!r}: {bad[1]} (one picture; the earlier questions are history)")
     path = args.model or ixc25_ms.DEFAULT_MODEL
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         print(f"ixc25-demo: error: {path}: no model.safetensors (make the default model with "

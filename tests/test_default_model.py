@@ -207,6 +207,15 @@ def test_demo_and_chat_refuse_an_unreadable_picture_in_one_line(tmp_path, capsys
         demo(["--seed", "-5", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--seed" in err and "'-5'" in err, err
+    # questions whose <ImageHere> placeholders chat would refuse for the one picture (two in a turn; one in each of
+    # two turns, the first coming back as history): one line naming the question, before the model loads
+    for qs, bad in ((["<ImageHere><ImageHere>What colour is the circle?"], 0),
+                    (["<ImageHere>Describe the image.", "<ImageHere>How many circles are there?"], 1)):
+        with pytest.raises(SystemExit):
+            demo([a for q in qs for a in ("--question", q)] + ["--model", str(model), "--out", str(tmp_path)])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("ixc25-demo: error: --question") and repr(qs[bad]) in err and \
+            "2 <ImageHere> placeholder(s) in the chat so far for 1 picture(s)" in err, err
     video = tmp_path / "v.mp4"  # read only once the model is loaded (the default one here): still one line
     video.write_bytes(b"not a video")
     assert chat(["--video", str(video), "--max-new-tokens", "2", "hello"]) == 2

@@ -196,6 +196,21 @@ def test_placeholders_counted_over_the_history(tmp_path):
     E.check_items(items, str(tmp_path / "data.json"), alone=True)
 
 
+def test_placeholder_count_over_a_chat():
+    """prompt.placeholder_mismatch, which ixc25-eval and ixc25-demo check questions with before the model loads:
+    the tags of the chat so far against the pictures (none allowed for one picture: it goes first)."""
+    from ixc25_ms.prompt import placeholder_mismatch as check
+    tag = "<ImageHere>"
+    assert check(["Describe the image.", f"{tag}How many circles are there?"], 1) is None  # 0 then 1 tag
+    assert check([f"{tag}Describe the image.", "What colour is the circle?"], 1) is None  # 1, 1 (history)
+    assert check([f"{tag}Describe the image.", f"{tag}Describe the image."], 1) == (
+        1, f"2 {tag} placeholder(s) in the chat so far for 1 picture(s)")
+    assert check([f"{tag}Describe the image.", f"{tag}Describe the image."], 1, alone=True) is None
+    assert check([f"{tag}{tag}Compare them.", "Which is larger?"], 2) is None
+    assert check(["Compare them."], 2)[0] == 0 and check(["Hello!"], 0) is None
+    assert check([f"Hello {tag}"], 0) == (0, f"1 {tag} placeholder(s) in the chat so far for 0 picture(s)")
+
+
 def test_unreadable_picture_or_model_refused_in_one_line(tmp_path, capsys):
     """A picture file that is not a picture (named in the data) stops the run before the model loads, naming the
     item, the field and the file; so does a model directory that cannot be loaded."""
