@@ -34,25 +34,14 @@ def vision_config(width: int, layers: int) -> dict:
 
 
 def case(width: int, layers: int, batch: int, seed: int = 0):
-    """Seeded tower weights (official names), head weights, pixels (B,3,R,R), one-hot tags and per-patch labels."""
+    """Seeded tower weights (official names: ixc25_ms.testing.synthetic_state's vit.* tensors), head weights,
+    pixels (B,3,R,R), one-hot tags and per-patch labels."""
+    from ixc25_ms.config import IXCConfig
+    from ixc25_ms.testing import QUICK_CFG, synthetic_state
+    cfg = IXCConfig.from_dict(dict(QUICK_CFG, vision_config=vision_config(width, layers)))
+    state = {k: v for k, v in synthetic_state(cfg, seed).items() if k.startswith(PREFIX)}
     rng = np.random.default_rng(seed)
     c, g = width, VIEW // PATCH
-    shapes = {PREFIX + "embeddings.patch_embedding.weight": (c, 3, PATCH, PATCH),
-              PREFIX + "embeddings.class_embedding": (c,),
-              PREFIX + "embeddings.position_embedding.weight": (g * g + 1, c)}
-    for n in ("pre_layrnorm", "post_layernorm"):
-        shapes.update({PREFIX + n + ".weight": (c,), PREFIX + n + ".bias": (c,)})
-    for i in range(layers):
-        p = f"{PREFIX}encoder.layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes.update({p + f"self_attn.{n}.weight": (c, c), p + f"self_attn.{n}.bias": (c,)})
-        for n in ("layer_norm1", "layer_norm2"):
-            shapes.update({p + n + ".weight": (c,), p + n + ".bias": (c,)})
-        shapes.update({p + "mlp.fc1.weight": (4 * c, c), p + "mlp.fc1.bias": (4 * c,),
-                       p + "mlp.fc2.weight": (c, 4 * c), p + "mlp.fc2.bias": (c,)})
-    state = {k: (1.0 + rng.standard_normal(s) * 0.02 if k.endswith("norm1.weight") or k.endswith("norm2.weight")
-                 or "layrnorm.weight" in k or "layernorm.weight" in k else rng.standard_normal(s) * 0.02
-                 ).astype(np.float32) for k, s in shapes.items()}
     heads = {"head.weight": (TAGS, c), "head.bias": (TAGS,), "dense.weight": (TAGS + 1, c),
              "dense.bias": (TAGS + 1,), "colour.weight": (3, c), "colour.bias": (3,)}
     heads = {k: (rng.standard_normal(s) * 0.02).astype(np.float32) for k, s in heads.items()}
