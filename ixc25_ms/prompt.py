@@ -93,6 +93,12 @@ def _read_role(ids, start: int, tokenizer):
     return _TURN_ROLES.get(text.split("\n")[0].strip(), OTHER), n
 
 
+def tags_fit(tags: int, n_images: int) -> bool:
+    """The official rule for a prompt's `<ImageHere>` tags: one per picture, or none for one picture (it then goes
+    first)."""
+    return tags == n_images or (tags == 0 and n_images == 1)
+
+
 def placeholder_mismatch(questions: Sequence[str], n_images: int, alone: bool = False):
     """(index, why) of the first of these user turns, asked in order with `n_images` pictures, that chat would
     refuse, or None. Chat counts the `<ImageHere>` tags of the chat so far (the earlier questions come back as
@@ -101,7 +107,7 @@ def placeholder_mismatch(questions: Sequence[str], n_images: int, alone: bool = 
     tags = 0
     for k, q in enumerate(questions):
         tags = q.count(IMAGE_TAG) + (0 if alone else tags)
-        if tags != n_images and not (tags == 0 and n_images == 1):
+        if not tags_fit(tags, n_images):
             return k, f"{tags} {IMAGE_TAG} placeholder(s) in the chat so far for {n_images} picture(s)"
     return None
 
@@ -115,11 +121,11 @@ def interleave(tokenizer, text: str, n_images: int, image_tokens: Callable[[int]
     is tokenized even when empty ([BOS]); without it (training's interleav_wrap) empty parts are skipped and BOS
     goes to the first non-empty one. `image_tokens(i)` gives image i's token count (chat encodes the image
     there). Parts stop being appended once the running length exceeds max_length (the caller truncates)."""
+    if not tags_fit(text.count(IMAGE_TAG), n_images):
+        raise ValueError(f"the prompt has {text.count(IMAGE_TAG)} {IMAGE_TAG} tag(s) for {n_images} image(s)")
     if n_images == 1 and IMAGE_TAG not in text:
         text = IMAGE_TAG + text
     parts = text.split(IMAGE_TAG)
-    if len(parts) != n_images + 1:
-        raise ValueError(f"the prompt has {len(parts) - 1} {IMAGE_TAG} tag(s) for {n_images} image(s)")
     prompt = Prompt(eot_id=_piece(tokenizer, EOT), sot_id=_piece(tokenizer, SOT))
     total, need_bos = 0, True
     for i, part in enumerate(parts):

@@ -48,13 +48,19 @@ def main(argv=None, stdin=None, out=None):
         except ImageError as e:
             print(f"ixc25-chat: error: --image {e}", file=sys.stderr)
             return 2
+    images = args.image + args.video
+    if args.question and images:  # a question chat would refuse is told before the model loads
+        from ixc25_ms.prompt import placeholder_mismatch
+        bad = placeholder_mismatch([args.question], len(images))
+        if bad:
+            print(f"ixc25-chat: error: the question: {bad[1]}", file=sys.stderr)
+            return 2
     import ixc25_ms
     try:
         model, tok = ixc25_ms.load(args.model or ixc25_ms.DEFAULT_MODEL, dtype=args.dtype, use_jit=args.jit)
     except ixc25_ms.LOAD_ERRORS as e:
         print(f"ixc25-chat: error: {e}", file=sys.stderr)
         return 2
-    images = args.image + args.video
     if args.question:
         try:  # an image or video that cannot be decoded: one line naming it (ImageError and the video reader's)
             _answer(model, tok, args.question, images, [], args, out)

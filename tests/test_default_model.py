@@ -216,6 +216,15 @@ def test_demo_and_chat_refuse_an_unreadable_picture_in_one_line(tmp_path, capsys
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("ixc25-demo: error: --question") and repr(qs[bad]) in err and \
             "2 <ImageHere> placeholder(s) in the chat so far for 1 picture(s)" in err, err
+    from PIL import Image  # ixc25-chat asked once likewise: a real picture, a model directory that is never read
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(good)
+    for imgs, q, tags, n in (([good], "<ImageHere><ImageHere>What colour is the circle?", 2, 1),
+                             ([good, good], "<ImageHere>Compare them.", 1, 2)):
+        assert chat([a for i in imgs for a in ("--image", str(i))] + ["--model", str(model), q]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"ixc25-chat: error: the question: {tags} <ImageHere> placeholder(s) in the chat so far for "
+                       f"{n} picture(s)"), err
     video = tmp_path / "v.mp4"  # read only once the model is loaded (the default one here): still one line
     video.write_bytes(b"not a video")
     assert chat(["--video", str(video), "--max-new-tokens", "2", "hello"]) == 2
