@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Tuple, Union
+from typing import Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
