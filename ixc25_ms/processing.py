@@ -129,23 +129,21 @@ def hd_plan(width: int, height: int, hd_num: int = 24, crop: int = PATCH, upscal
     if isinstance(hd_num, bool) or not isinstance(hd_num, (int, np.integer)) or hd_num < 1:
         raise ImageError(f"hd_num must be an integer >= 1, got {hd_num!r}")
     crop = check_crop(crop)
-    size = f"{width}x{height}"  # as given, for the messages
-    if width < height:
-        width, height = height, width
-    ratio = width / height
+    long, short = max(width, height), min(width, height)  # landscape axes; messages name the size as given
+    ratio = long / short
     scale = 1
     while scale * math.ceil(scale / ratio) <= hd_num:
         scale += 1
     scale -= 1
-    scale = min(math.ceil(width * upscale / crop), scale)  # width * 1.0 is exact: inference unchanged
+    scale = min(math.ceil(long * upscale / crop), scale)  # long * 1.0 is exact: inference unchanged
     new_w = int(scale * crop)
     new_h = int(new_w / ratio)
     if new_h < 1:
-        raise ImageError(f"image {size} is too elongated for hd_num={hd_num}: its short side would "
+        raise ImageError(f"image {width}x{height} is too elongated for hd_num={hd_num}: its short side would "
                          f"resize to 0 px (aspect ratio {ratio:.1f} > {new_w})")
     crops = (new_w // crop) * math.ceil(new_h / crop)
     if crops > hd_num:
-        raise ImageError(f"image {size} would need {crops} crops, more than hd_num={hd_num}")
+        raise ImageError(f"image {width}x{height} would need {crops} crops, more than hd_num={hd_num}")
     return new_w, new_h
 
 

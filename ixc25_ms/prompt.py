@@ -121,9 +121,10 @@ def interleave(tokenizer, text: str, n_images: int, image_tokens: Callable[[int]
     is tokenized even when empty ([BOS]); without it (training's interleav_wrap) empty parts are skipped and BOS
     goes to the first non-empty one. `image_tokens(i)` gives image i's token count (chat encodes the image
     there). Parts stop being appended once the running length exceeds max_length (the caller truncates)."""
-    if not tags_fit(text.count(IMAGE_TAG), n_images):
-        raise ValueError(f"the prompt has {text.count(IMAGE_TAG)} {IMAGE_TAG} tag(s) for {n_images} image(s)")
-    if n_images == 1 and IMAGE_TAG not in text:
+    tags = text.count(IMAGE_TAG)
+    if not tags_fit(tags, n_images):
+        raise ValueError(f"the prompt has {tags} {IMAGE_TAG} tag(s) for {n_images} image(s)")
+    if tags == 0 and n_images == 1:
         text = IMAGE_TAG + text
     parts = text.split(IMAGE_TAG)
     prompt = Prompt(eot_id=_piece(tokenizer, EOT), sot_id=_piece(tokenizer, SOT))
