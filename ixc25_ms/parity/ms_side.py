@@ -57,10 +57,10 @@ def encode_with_rows(model, image, hd_num: int, prefix: str, save) -> object:
     if model.use_jit:  # the rows from one eager pass of the tower, then the compiled path
         with capture(taps, save):
             vit(Tensor(views.astype(np_dtype(vit.compute_dtype))))
-        emb, layout = encode_pixels(*args, use_jit=True, return_layout=True)
+        emb, layout = encode_pixels(*args, use_jit=True, return_layout=True, dedupe=False)
     else:
         with capture(taps, save):
-            emb, layout = encode_pixels(*args, use_jit=False, return_layout=True)
+            emb, layout = encode_pixels(*args, use_jit=False, return_layout=True, dedupe=False)
     save(prefix + "vit_out_with_GN", layout)
     save(prefix + "img_embeds", emb)
     return emb

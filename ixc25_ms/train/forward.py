@@ -73,9 +73,10 @@ def vit_is_frozen(trainable_names) -> bool:
 
 
 def forward_inputs(model, batch: Batch, label_bucket: int = LABEL_BUCKET, vit_frozen: bool = False,
-                   use_jit: bool = False):
+                   use_jit: bool = False, dedupe: bool = True):
     """The host arrays of a Batch as the Tensors TrainForward takes (one pass; nothing read back later).
-    vit_frozen: the views are replaced by the frozen ViT's features (TrainForward(vit_frozen=True))."""
+    vit_frozen: the views are replaced by the frozen ViT's features (TrainForward(vit_frozen=True)), equal views
+    run once unless dedupe=False (a trained tower sees every view: its LoRA dropout draws a mask per view)."""
     b, l = batch.ids.shape
     dt = model.compute_dtype
     lab = batch.labels[:, 1:]
@@ -92,9 +93,14 @@ def forward_inputs(model, batch: Batch, label_bucket: int = LABEL_BUCKET, vit_fr
     label_w[:n] = 1.0
     _, cos, sin, mask, _ = model.sequence_inputs(b, l, None, batch.attention_mask, rope_len=batch.length or l)
     im = batch.im_mask[..., None]
-    views = None if batch.views is None else Tensor(batch.views.astype(np_dtype(dt)))
-    if vit_frozen and views is not None:  # outside any gradient, one view per call (jit: one graph)
-        views = tower_features(model.vit, views, use_jit, views_per_call=1)
+    if batch.views is None:
+        views = None
+    elif vit_frozen:  # outside any gradient, one view per call (jit: one graph); a view equal to an earlier one
+        # (a 1x1 crop grid's global view is its crop) runs once: the same features bit for bit
+        views = tower_features(model.vit, batch.views.astype(np_dtype(dt)), use_jit, views_per_call=1,
+                               dedupe=dedupe)
+    else:
+        views = Tensor(batch.views.astype(np_dtype(dt)))
     return (Tensor(batch.ids.astype(np.int32)), Tensor(batch.image_rows.astype(np.int32)), Tensor(im),
             Tensor(im.astype(np_dtype(dt))), views, cos, sin, mask, Tensor(label_pos), Tensor(label_ids),
             Tensor(label_w))

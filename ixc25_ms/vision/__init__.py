@@ -7,6 +7,7 @@ from .tower import IXC_GEOMETRY, TowerSpec, ViewGeometry  # noqa: F401
 _LAZY = {
     "CLIPVisionTower": "clip", "TimmViTTower": "vit", "TowerCell": "cells",
     "merge_2x2": "layout", "global_local_layout": "layout", "expected_tokens": "layout", "split_views": "layout",
+    "unique_views": "layout",
     "crop_grid": "layout", "build_vision_proj": "projector", "encode_pixels": "encode",
 }
 

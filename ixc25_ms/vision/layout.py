@@ -1,6 +1,8 @@
 """The IXC HD layout for any tower geometry: [global view, crops] split, 2x2 merge, global-local GN layout, counts."""
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import numpy as np
 from mindspore import Tensor, ops
 
@@ -81,3 +83,29 @@ def split_views(pixel_values: np.ndarray, geom: ViewGeometry = IXC_GEOMETRY) -> 
     h, w = H // r, W // r
     crops = pv.reshape(1, 3, h, r, w, r).transpose(0, 2, 4, 1, 3, 5).reshape(h * w, 3, r, r)
     return np.ascontiguousarray(np.concatenate([global_view(pv, r), crops], axis=0))
+
+
+def unique_views(views: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(V,3,R,R) views -> (the distinct ones in first-seen order, index (V,) of each view among them), or (views,
+    None) when no two are equal. A picture whose crop grid is 1x1 has a global view equal to its crop bit for bit
+    (the bicubic resize of an R x R picture to R x R is the identity), so the tower need not see it twice: its
+    features for a view do not depend on the others in the call. Equal means every element equal (array_equal);
+    a sample of each view's pixels only picks the candidates."""
+    n = len(views)
+    if n < 2:
+        return views, None
+    buckets, keep = {}, []
+    index = np.empty(n, np.int64)
+    for i in range(n):
+        key = views[i, :, ::37, ::37].tobytes()  # ~700 values a view at 560 px: a cheap key, confirmed in full
+        for j in buckets.setdefault(key, []):
+            if np.array_equal(views[keep[j]], views[i]):
+                index[i] = j
+                break
+        else:
+            buckets[key].append(len(keep))
+            index[i] = len(keep)
+            keep.append(i)
+    if len(keep) == n:
+        return views, None
+    return views[keep], index
