@@ -1,7 +1,6 @@
 """The training forward on MindSpore: ViT -> layout table -> projector -> embeddings -> LLM -> cross-entropy."""
 from __future__ import annotations
 
-
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
