@@ -47,9 +47,8 @@ def test_unique_views_confirms_every_element():
 
 
 @pytest.fixture(scope="module")
-def model():
-    m, _ = ixc25_ms.load(ixc25_ms.DEFAULT_MODEL)
-    return m
+def loaded():
+    return ixc25_ms.load(ixc25_ms.DEFAULT_MODEL)  # (model, tokenizer)
 
 
 def _count_views(monkeypatch):
@@ -63,11 +62,11 @@ def _count_views(monkeypatch):
     return seen
 
 
-def test_encode_pixels_runs_the_tower_once_for_a_one_crop_picture(model, monkeypatch):
+def test_encode_pixels_runs_the_tower_once_for_a_one_crop_picture(loaded, monkeypatch):
     """The shipped model's tower (560 px), one view a call as chat runs it on CPU: the image embeddings with the
     equal view run once are those of running both, bit for bit; a picture of 2 crops runs all 3 views."""
     seen = _count_views(monkeypatch)
-    m = model
+    m = loaded[0]
     args = (m.vit, m.vision_proj, m.plora_glb_GN, m.plora_sub_GN)
     for size, views in (((300, 200), (1, 2)), ((900, 300), (3, 3))):
         pv = preprocess_image(_picture(size, 2), hd_num=9)
@@ -78,14 +77,14 @@ def test_encode_pixels_runs_the_tower_once_for_a_one_crop_picture(model, monkeyp
         assert once.shape == every.shape and once.tobytes() == every.tobytes(), size
 
 
-def test_frozen_tower_training_inputs_run_equal_views_once(model, monkeypatch, tmp_path):
+def test_frozen_tower_training_inputs_run_equal_views_once(loaded, monkeypatch, tmp_path):
     """ixc25-finetune's frozen-tower path (fix_vit): a micro-batch of two small pictures (1x1 crop grids in the
     training transform) and a wide one (2x1) runs 1 + 1 + 3 views through the tower, not 2 + 2 + 3, and hands
     the step the same features bit for bit as running every view."""
     from ixc25_ms.train.batch import Collator
     from ixc25_ms.train.data import parse_item
     from ixc25_ms.train.forward import forward_inputs
-    _, tok = ixc25_ms.load(ixc25_ms.DEFAULT_MODEL)
+    model, tok = loaded
     items = []
     for k, size in enumerate(((300, 200), (200, 330), (700, 300))):
         _picture(size, 10 + k).save(tmp_path / f"{k}.png")

@@ -91,14 +91,10 @@ def forward_inputs(model, batch: Batch, label_bucket: int = LABEL_BUCKET, vit_fr
     label_w[:n] = 1.0
     _, cos, sin, mask, _ = model.sequence_inputs(b, l, None, batch.attention_mask, rope_len=batch.length or l)
     im = batch.im_mask[..., None]
-    if batch.views is None:
-        views = None
-    elif vit_frozen:  # outside any gradient, one view per call (jit: one graph); a view equal to an earlier one
-        # (a 1x1 crop grid's global view is its crop) runs once: the same features bit for bit
-        views = tower_features(model.vit, batch.views.astype(np_dtype(dt)), use_jit, views_per_call=1,
-                               dedupe=dedupe)
-    else:
-        views = Tensor(batch.views.astype(np_dtype(dt)))
+    views = None if batch.views is None else batch.views.astype(np_dtype(dt))
+    if views is not None:  # a frozen tower runs here, outside any gradient, one view per call (jit: one graph);
+        # a view equal to an earlier one (a 1x1 crop grid's global view is its crop) runs once: the same bits
+        views = tower_features(model.vit, views, use_jit, 1, dedupe) if vit_frozen else Tensor(views)
     return (Tensor(batch.ids.astype(np.int32)), Tensor(batch.image_rows.astype(np.int32)), Tensor(im),
             Tensor(im.astype(np_dtype(dt))), views, cos, sin, mask, Tensor(label_pos), Tensor(label_ids),
             Tensor(label_w))
