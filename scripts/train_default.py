@@ -2,10 +2,11 @@
 
 One command, fixed seed: generate the training pictures and conversations (official JSON format), train a small
 sentencepiece tokenizer on their text (with the official turn markers), write a randomly initialised
-official-layout checkpoint of the tiny architecture below, warm its ViT alone (ixc25-tower-warmup), then train
-with `ixc25-finetune` (the project's own training path) in three stages: scenes told in words, one-object
-pictures, the full task (the ViT frozen); then write the fp16 checkpoint with its provenance into
-`ixc25_ms/default_model/`. The defaults are the shipped recipe (~3 hours on 2 cores; notes/default-model.md);
+official-layout checkpoint of the tiny architecture below, warm its ViT alone (ixc25-tower-warmup: one-object
+pictures, then scenes of 1-4 objects), then train with `ixc25-finetune` (the project's own training path) in four
+stages: scenes told in words, one-object pictures, small scenes, the full task (the ViT frozen); then write the
+fp16 checkpoint with its provenance into `ixc25_ms/default_model/`. The defaults are the shipped recipe (~3 1/2-4
+hours on 2 cores; notes/default-model.md);
 a finished stage is kept and a killed run, run again, goes on from there. `--eval N` also scores N held-out
 pictures (another seed range) with ixc25-eval.
 """
@@ -341,7 +342,7 @@ def parser() -> argparse.ArgumentParser:
                     "--tower_pictures fresh one-object pictures tagged 'colour shape' (max head and per-patch loss, "
                     "lr 5e-4), meant to add colour to a shape-trained tower (measured: colour added, shape lost; "
                     "notes/default-model.md)")
-    ap.add_argument("--tower_scenes", type=count, default=0, help="after the shape warm-up, this many steps of 16 on "
+    ap.add_argument("--tower_scenes", type=count, default=3000, help="after the shape warm-up, this many steps of 16 on "
                     "--tower_pictures fresh scenes of 1-4 objects, every patch asked its own object's shape (max head "
                     "and per-patch loss, lr 5e-4): one-object pictures let the tower spread one shape over all its "
                     "tokens, so among several objects a token showed the picture's shapes, not its object's")
@@ -364,7 +365,7 @@ def parser() -> argparse.ArgumentParser:
                     "(1-3: the asked object among others, as the full task asks it)")
     ap.add_argument("--read_kinds", type=kinds, default=(1, 3), help="question kinds the read stage asks, e.g. "
                     "'1,2,3' ('': all four)")
-    ap.add_argument("--read_scenes", type=count, default=0, help="then, after the read stage, this many small scenes of 1-4 "
+    ap.add_argument("--read_scenes", type=count, default=8000, help="then, after the read stage, this many small scenes of 1-4 "
                     "objects, each asked one question of kinds 1-3, 16 a step (scene_read_stage): counts and the asked "
                     "object among others before the full task")
     ap.add_argument("--init_tower", default="", help="start the ViT from this checkpoint's vit.* tensors "

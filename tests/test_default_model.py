@@ -80,7 +80,8 @@ def test_answers_fresh_pictures_better_than_without_looking(model):
     """Pictures drawn here with seeds the training never used: answers about the real picture are right more
     often than the same model's answers when shown a blank picture (its image-blind prior). A broken tower,
     HD transform or layout makes the picture carry nothing and the two scores equal. The model is weak
-    (held-out accuracy per question kind in notes/default-model.md), so the bar is the blind baseline."""
+    (held-out accuracy per question kind in notes/default-model.md), so the bar is the blind baseline (shipped
+    model, 2026-12-08: 40 of 56 right, 21 of 56 blind)."""
     m, tok = model
     right, total, wrong = _score(m, tok, FRESH_SEEDS, blank=False)
     blind, total_b, _ = _score(m, tok, FRESH_SEEDS, blank=True)
@@ -149,18 +150,18 @@ def _one_kind(m, tok, kind: int, seeds, blank: bool = False):
 
 def test_names_colours_of_fresh_pictures(model):
     """'What colour is the {shape}?' about fresh pictures (one chat turn each, no history): right well above
-    the 1-in-6 of guessing. Measured for the shipped model (2026-12-06): 31 of these 51 questions right, and 2
-    of 51 when each picture is replaced by a blank one; the bar is 40 %, so a broken tower, transform or layout
+    the 1-in-6 of guessing. Measured for the shipped model (2026-12-08): 40 of these 51 questions right, and 5
+    of 51 when each picture is replaced by a blank one; the bar is 55 %, so a broken tower, transform or layout
     (answers at the blind rate) fails."""
     m, tok = model
     right, total, wrong = _one_kind(m, tok, 1, range(70_000_200, 70_000_260))
     assert total >= 30
-    assert right >= 0.4 * total, f"{right} of {total}; wrong: {wrong[:8]}"
+    assert right >= 0.55 * total, f"{right} of {total}; wrong: {wrong[:8]}"
 
 
 def test_names_shapes_of_fresh_pictures(model):
     """'What shape is the {colour} one?' about fresh pictures (one chat turn each, no history): right well above
-    the rate when each picture is replaced by a blank one. Measured for the shipped model (2026-12-06): 34 of
+    the rate when each picture is replaced by a blank one. Measured for the shipped model (2026-12-08): 32 of
     these 52 right, and 14 of 52 blank (its prior); the bar is 45 %, so answers at the blind rate fail."""
     m, tok = model
     right, total, wrong = _one_kind(m, tok, 3, range(70_000_300, 70_000_360))
@@ -249,28 +250,30 @@ def test_ridge_probe_reads_a_planted_signal_and_not_noise():
 def test_tower_shows_colour_to_a_linear_probe(model):
     """The image embeddings the language model receives carry the colour of a one-object picture: a ridge probe
     on pooled tokens reads it far above the 1-in-6 of chance, and its shape above the 1-in-3 (shipped model,
-    2026-12-06: colour 80 %, shape 95 % on 40 held-out pictures of 160). A tower, transform or projector that
+    2026-12-08: colour 92.5 %, shape 97.5 % on 40 held-out pictures of 160). A tower, transform or projector that
     loses the picture reads at chance."""
     from scripts.probe_default import probe
     m, _ = model
     r = probe(m, n=160)
-    assert r["colour"] >= 0.6 and r["shape"] >= 0.75, r
+    assert r["colour"] >= 0.75 and r["shape"] >= 0.85, r
 
 
 def test_patch_probe_reads_colour_off_the_objects_own_token(model):
     """probe_default --patch: the ViT's features at the patch a one-object picture's object covers most carry its
-    colour and its shape to a ridge probe (shipped model, 2026-12-06: colour 72.5 %, shape 100 % of 40 held-out
-    pictures of 160; the model shipped before, whose tower was not warmed: colour 82.5 %, shape at chance)."""
+    colour and its shape to a ridge probe (shipped model, 2026-12-08: colour 82.5 %, shape 97.5 % of 40 held-out
+    pictures of 160; the 64 x 3 model of 2026-12-04, whose tower was not warmed: colour 82.5 %, shape at chance)."""
     from scripts.probe_default import probe
     m, _ = model
     r = probe(m, n=160, patch=True)
-    assert r["colour"] >= 0.6 and r["shape"] >= 0.8, r
+    assert r["colour"] >= 0.7 and r["shape"] >= 0.85, r
 
 
-def test_patch_probe_of_two_objects_reads_each_objects_own_colour(model):
+def test_patch_probe_of_two_objects_reads_each_objects_own_colour_and_shape(model):
     """probe_default --patch --objects 2: one row per object, its own colour and shape; each object's token shows
-    its own colour (shipped model, 2026-12-06: 71.2 % of 80 scored tokens of 160 pictures; its shape 50.0 %, the
-    tower warmed on lone objects spreads a picture's shapes over its tokens: notes/default-model.md)."""
+    its own colour and its own shape (shipped model, 2026-12-08: 75.0 % and 72.5 % of the 40 scored tokens of these
+    80 pictures; chance 1/6 and 1/3). The model shipped before it, whose tower saw lone objects only, spread a
+    picture's shapes over its tokens (its own shape 50.0 % of 80 scored tokens of 160 pictures): the scene stage
+    (--tower_scenes) is what this checks (notes/default-model.md)."""
     from ixc25_ms import shapes as S
     from scripts.probe_default import PROBE_SEED_BASE, patch_features, probe
     m, _ = model
@@ -282,7 +285,7 @@ def test_patch_probe_of_two_objects_reads_each_objects_own_colour(model):
         assert [list(S.COLOURS)[c] for c in colour[2 * i:2 * i + 2]] == [o.colour for o in scene.objects]
         assert [S.SHAPES[k] for k in shape[2 * i:2 * i + 2]] == [o.shape for o in scene.objects]
     r = probe(m, n=80, patch=True, objects=2, sides=(200, 1200))
-    assert r["train"] == 120 and r["colour"] >= 0.55, r
+    assert r["train"] == 120 and r["colour"] >= 0.6 and r["shape"] >= 0.6, r
 
 
 def test_tower_diagnostic_learns_a_planted_colour_signal():

@@ -366,7 +366,7 @@ def test_recipe_tower_stages_end_with_colour_shape_pairs(tmp_path, monkeypatch):
     work = str(tmp_path)
     T.init_checkpoint(os.path.join(work, "init"), 0)
     args = T.parser().parse_args(["--work", work, "--out", os.path.join(work, "m"), "--tower_warmup", "2",
-                                  "--tower_dense", "2", "--tower_pair", "2", "--tower_pictures", "8"])
+                                  "--tower_dense", "2", "--tower_pair", "2", "--tower_pictures", "8", "--tower_scenes", "0"])
     assert T.tower_stages(args) == "init_pair"
     images, tags, _, _ = W.read_tags(os.path.join(work, "tower_pair", "tags.json"))
     assert len(images) == 8
@@ -407,7 +407,7 @@ def test_recipe_tower_colour_reaches_every_tower_stage(tmp_path, monkeypatch):
         work = str(tmp_path / f"w{len(calls)}")
         shutil.copytree(str(tmp_path / "init"), os.path.join(work, "init"))
         args = T.parser().parse_args(["--work", work, "--out", os.path.join(work, "m"), "--tower_warmup", "2",
-                                      "--tower_dense", "2", "--tower_pictures", "4"] + flag)
+                                      "--tower_dense", "2", "--tower_pictures", "4", "--tower_scenes", "0"] + flag)
         assert T.tower_stages(args) == "init_dense"
         assert calls[-2:] == [("init_warm", want, 0.0), ("init_dense", want, 1.0)]
 
@@ -518,5 +518,6 @@ def test_recipe_scene_stage_follows_the_shape_warmup(tmp_path, monkeypatch):
     _, centre_tags, _, _ = W.read_tags(os.path.join(work, "tower_scenes", "tags.json"))
     assert sorted(centre_tags[1]) == sorted(set(tags[1]) | {f"{x} centre" for x in tags[1]})
     with pytest.raises(SystemExit):
-        T.main(["--tower_scene_tags", "centres", "--work", os.path.join(work, "x"), "--out", os.path.join(work, "m")])
+        T.main(["--tower_scene_tags", "centres", "--tower_scenes", "0", "--work", os.path.join(work, "x"), "--out",
+                os.path.join(work, "m")])
     assert not os.path.exists(os.path.join(work, "x"))
